@@ -1,0 +1,11 @@
+"""Dispatch broker (skeleton; being written)."""
+import sys
+
+
+def main(argv=None):
+    print("dispatch broker: not yet", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
