@@ -1,10 +1,1173 @@
-"""Dispatch broker (skeleton; being written)."""
+"""Dispatch broker: an authenticated MCP mailbox that pushes mail and proves delivery by ack.
+
+Several Claude Code sessions talk to one broker through the Dispatch plugin. The broker knows
+who is connected, pushes mail to live receivers, keeps mail for offline ones until a TTL, and
+counts mail as delivered only when the receiver acknowledges it::
+
+    sender plugin ──send(to, body)──▶ tools ──INSERT + COMMIT──▶ SQLite mailbox (WAL, FULL)
+                                        │                              │
+                                        └──wake──▶ Listener queue ◀────┘ (pending, unacked rows)
+                                                       │
+    receiver plugin ◀── notifications/dispatch/mail ───┘ (rides the receiver's pending `listen` call)
+    receiver plugin ──mail.ack(ids)──▶ tools ──UPDATE acked_at──▶ SQLite (no more redelivery)
+
+Run it::
+
+    python3 dispatch_broker.py token add backend          # prints a new token once
+    python3 dispatch_broker.py serve --port 8765          # MCP endpoint at http://127.0.0.1:8765/mcp
+
+State: the SQLite file given by --db, else $STATE_DIRECTORY/dispatch.db (systemd), else
+./dispatch.db. Tokens: --tokens, else $CREDENTIALS_DIRECTORY/tokens (systemd LoadCredential),
+else ./tokens; the file holds SHA-256 hashes only and is re-read on SIGHUP.
+"""
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+import os
+import re
+import secrets
+import signal
+import sqlite3
 import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, TypedDict
+
+import uvicorn
+from mcp.server.auth.middleware.auth_context import get_access_token
+from mcp.server.auth.provider import AccessToken
+from mcp.server.auth.settings import AuthSettings
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
+from mcp.server.transport_security import TransportSecuritySettings
+from mcp_types import CallToolResult, TextContent
+from pydantic import BaseModel, Field
+from starlette.responses import JSONResponse
+
+__version__ = "0.1.0"
+
+log = logging.getLogger("dispatch.broker")
+
+# --------------------------------------------------------------------------------------------
+# Defaults. Each has a flag on `serve` and a row in README's table.
+# --------------------------------------------------------------------------------------------
+
+#: Loopback by default: exposing the broker is a decision (--host 0.0.0.0 plus TLS or a proxy).
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8765
+#: Mail for an offline participant waits this long (72 h: a long weekend), then is purged.
+DEFAULT_TTL = 72 * 3600.0
+#: A body larger than this is refused; mail is for messages, not file transfer.
+DEFAULT_MAX_BODY = 64 * 1024
+#: Pending (unacked) messages one recipient may hold before new mail to it is dropped, loudly.
+DEFAULT_MAX_PENDING = 10_000
+#: A pushed message not acked within this many seconds is pushed again (attempt + 1, same id).
+DEFAULT_ACK_TIMEOUT = 15.0
+#: One push may take this long; a receiver that stopped reading must not hold its listener forever.
+PUSH_TIMEOUT = 5.0
+#: The longest a single `listen` call may stay open; the plugin re-issues it at once.
+MAX_LISTEN_SECONDS = 300.0
+#: How often a pending listen checks that its HTTP client is still there (the 2025-11-25 era
+#: does not cancel the handler when the client goes away). Keeps "not live" under 2 s.
+DISCONNECT_POLL = 0.5
+#: A participant whose listen ended this recently still counts as live for `*` and `who`: the
+#: plugin re-issues listen within milliseconds, and a broadcast must not miss it in that gap.
+LIVE_GRACE = 5.0
+#: How often the background task looks for unacked mail to push again and expired mail to purge.
+HOUSEKEEPING_INTERVAL = 1.0
+#: A link (MCP session) that has made no call for this long is forgotten.
+LINK_IDLE_TIMEOUT = 3600.0
+#: JSON-RPC request bodies larger than this are refused by the SDK before parsing (a 64 KiB body
+#: of control characters is ~6x larger once JSON-escaped).
+MAX_REQUEST_BYTES = 1024 * 1024
+
+#: A participant name: a base (`backend`) or base-suffix (`backend-a8b3c1d2`).
+NAME_RE = re.compile(r"^[a-z0-9]{1,32}(?:-[a-z0-9-]{1,31})?$")
+BASE_RE = re.compile(r"^[a-z0-9]{1,32}$")
+#: Tokens have a fixed, greppable prefix (secret scanners) and a fixed length, so a malformed
+#: token is refused before any lookup.
+TOKEN_PREFIX = "dsp_"
+TOKEN_RE = re.compile(r"^dsp_[0-9a-f]{48}$")
+#: The header a 2026-07-28 client sends to name its link: that era has no Mcp-Session-Id.
+LINK_HEADER = "dispatch-session"
+MAIL_METHOD = "notifications/dispatch/mail"
 
 
-def main(argv=None):
-    print("dispatch broker: not yet", file=sys.stderr)
-    return 2
+# --------------------------------------------------------------------------------------------
+# Exceptions
+# --------------------------------------------------------------------------------------------
+
+
+class DispatchError(Exception):
+    """Base of every error the broker reports to a caller."""
+
+
+class ConfigError(DispatchError):
+    """The command line or a file it names cannot work."""
+
+
+class Refused(DispatchError, ToolError):
+    """A refused tool call; the SDK turns it into an isError result whose text says what and why."""
+
+
+# --------------------------------------------------------------------------------------------
+# Small parsers shared by the CLI and the tools
+# --------------------------------------------------------------------------------------------
+
+
+def parse_duration(text: str) -> float:
+    """'72h', '30m', '10s', '3d', '1.5' (seconds) -> seconds."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (use e.g. 90s, 30m, 72h, 3d)")
+    value, unit = float(match[1]), match[2] or "s"
+    seconds = value * {"s": 1, "m": 60, "h": 3600, "d": 86400}[unit]
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"duration must be positive: {text!r}")
+    return seconds
+
+
+def base_of(name: str) -> str:
+    """The base of a participant name: the part before the first '-'."""
+    return name.split("-", 1)[0]
+
+
+def check_name(name: str) -> str:
+    if not NAME_RE.match(name):
+        raise Refused(
+            f"bad name {name!r}: use a base like 'backend' ([a-z0-9]{{1,32}}) or base-suffix like "
+            "'backend-a8b3c1d2' (suffix [a-z0-9-]{1,31})"
+        )
+    return name
+
+
+# --------------------------------------------------------------------------------------------
+# Schema and SQL: every statement the broker runs, in one place
+# --------------------------------------------------------------------------------------------
+
+#: Ordered schema steps; step N brings the database to PRAGMA user_version N. Never renumber.
+MIGRATIONS: list[tuple[str, str]] = [
+    (
+        "create mailbox, participants and meta",
+        """
+        CREATE TABLE messages (
+            id          TEXT PRIMARY KEY,
+            chat_id     TEXT NOT NULL,
+            sender      TEXT NOT NULL,
+            recipient   TEXT NOT NULL,
+            body        TEXT NOT NULL,
+            sent_at     REAL NOT NULL,
+            expires_at  REAL NOT NULL,
+            attempt     INTEGER NOT NULL DEFAULT 0,
+            pushed_at   REAL,
+            acked_at    REAL
+        );
+        CREATE INDEX messages_pending ON messages (recipient, sent_at) WHERE acked_at IS NULL;
+        CREATE INDEX messages_expiry ON messages (expires_at);
+        CREATE TABLE participants (
+            name        TEXT PRIMARY KEY,
+            base        TEXT NOT NULL,
+            first_seen  REAL NOT NULL,
+            last_seen   REAL NOT NULL
+        );
+        CREATE INDEX participants_base ON participants (base);
+        CREATE TABLE meta (
+            key         TEXT PRIMARY KEY,
+            value       TEXT NOT NULL
+        );
+        """,
+    ),
+]
+
+SQL_INSERT_MESSAGE = """
+INSERT INTO messages (id, chat_id, sender, recipient, body, sent_at, expires_at)
+VALUES (:id, :chat_id, :sender, :recipient, :body, :sent_at, :expires_at)
+"""
+SQL_GET_MESSAGE = """
+SELECT id, chat_id, sender, recipient, body, sent_at, attempt, acked_at, expires_at
+FROM messages
+WHERE id = ?
+"""
+SQL_MARK_PUSHED = """
+UPDATE messages
+SET attempt = attempt + 1, pushed_at = :now
+WHERE id = :id AND acked_at IS NULL
+"""
+SQL_PENDING_FOR = """
+SELECT id, chat_id, sender, recipient, body, sent_at, attempt
+FROM messages
+WHERE recipient = :recipient AND acked_at IS NULL AND expires_at > :now
+ORDER BY sent_at, id
+LIMIT :limit
+"""
+SQL_COUNT_PENDING = """
+SELECT count(*)
+FROM messages
+WHERE recipient = :recipient AND acked_at IS NULL AND expires_at > :now
+"""
+SQL_COUNT_PENDING_FROM = """
+SELECT recipient, count(*)
+FROM messages
+WHERE sender = :sender AND acked_at IS NULL AND expires_at > :now
+GROUP BY recipient
+"""
+SQL_DUE_FOR_REDELIVERY = """
+SELECT id, recipient
+FROM messages
+WHERE acked_at IS NULL AND pushed_at IS NOT NULL AND pushed_at < :cutoff AND expires_at > :now
+ORDER BY sent_at
+"""
+SQL_OWNERS_OF = """
+SELECT id, recipient, acked_at
+FROM messages
+WHERE id IN ({placeholders})
+"""
+SQL_ACK = """
+UPDATE messages
+SET acked_at = :now
+WHERE id = :id AND recipient = :recipient AND acked_at IS NULL
+"""
+SQL_EXPIRED_UNACKED = """
+SELECT id, sender, recipient
+FROM messages
+WHERE expires_at <= :now AND acked_at IS NULL
+"""
+SQL_PURGE_EXPIRED = """
+DELETE FROM messages
+WHERE expires_at <= :now
+"""
+SQL_UPSERT_PARTICIPANT = """
+INSERT INTO participants (name, base, first_seen, last_seen)
+VALUES (:name, :base, :now, :now)
+ON CONFLICT (name) DO UPDATE SET last_seen = excluded.last_seen
+"""
+SQL_PARTICIPANT = """
+SELECT name, base, last_seen
+FROM participants
+WHERE name = ?
+"""
+SQL_PARTICIPANTS = """
+SELECT name, base, last_seen
+FROM participants
+ORDER BY name
+"""
+SQL_PARTICIPANTS_OF_BASE = """
+SELECT name
+FROM participants
+WHERE base = ?
+ORDER BY name
+"""
+SQL_PURGE_PARTICIPANTS = """
+DELETE FROM participants
+WHERE last_seen <= :cutoff
+  AND NOT EXISTS (SELECT 1 FROM messages WHERE recipient = participants.name AND acked_at IS NULL)
+"""
+SQL_GET_META = "SELECT value FROM meta WHERE key = ?"
+SQL_SET_META = "INSERT INTO meta (key, value) VALUES (?, ?)"
+
+
+# --------------------------------------------------------------------------------------------
+# Storage
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Mail:
+    """One message as one recipient sees it."""
+
+    id: str
+    chat_id: str
+    sender: str
+    recipient: str
+    body: str
+    sent_at: float
+    attempt: int
+
+    def params(self) -> dict[str, Any]:
+        """The `notifications/dispatch/mail` params (and an `inbox` entry)."""
+        return {
+            "id": self.id,
+            "chat_id": self.chat_id,
+            "from": self.sender,
+            "to": self.recipient,
+            "body": self.body,
+            "sent_at": iso_time(self.sent_at),
+            "attempt": self.attempt,
+        }
+
+
+def iso_time(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts * 1000) % 1000:03d}Z"
+
+
+class Store:
+    """The SQLite mailbox. One connection, used only from the event loop thread.
+
+    Every tool is an `async def`, so the SDK runs it on the loop thread and Store calls never
+    overlap: no lock is needed. Writes happen inside `transaction()` and are committed (WAL,
+    synchronous=FULL unless told otherwise) before a tool answers, so a `send` that returned
+    survives SIGKILL and power loss.
+    """
+
+    def __init__(self, path: str, *, synchronous: str = "FULL"):
+        self.path = path
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute(f"PRAGMA synchronous={synchronous}")  # a fixed keyword, checked by argparse
+        self.db.execute("PRAGMA busy_timeout=5000")
+        self.migrate()
+
+    @contextlib.contextmanager
+    def transaction(self):
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def migrate(self) -> None:
+        version = self.db.execute("PRAGMA user_version").fetchone()[0]
+        if version > len(MIGRATIONS):
+            raise ConfigError(
+                f"{self.path} has schema version {version}, newer than this broker knows "
+                f"({len(MIGRATIONS)}): upgrade the broker"
+            )
+        for number, (what, script) in enumerate(MIGRATIONS[version:], start=version + 1):
+            with self.transaction() as db:
+                for statement in script.split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute(f"PRAGMA user_version = {number}")  # an int from enumerate
+            log.info("schema step %d: %s", number, what)
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- meta ---------------------------------------------------------------------------------
+
+    def secret(self, key: str) -> bytes:
+        """A random secret kept in the database (created on first use), e.g. the chat-id key."""
+        row = self.db.execute(SQL_GET_META, (key,)).fetchone()
+        if row:
+            return bytes.fromhex(row[0])
+        value = secrets.token_bytes(32)
+        with self.transaction() as db:
+            db.execute(SQL_SET_META, (key, value.hex()))
+        return value
+
+    # -- participants -------------------------------------------------------------------------
+
+    def touch(self, name: str, now: float) -> None:
+        with self.transaction() as db:
+            db.execute(SQL_UPSERT_PARTICIPANT, {"name": name, "base": base_of(name), "now": now})
+
+    def participant(self, name: str) -> tuple[str, str, float] | None:
+        return self.db.execute(SQL_PARTICIPANT, (name,)).fetchone()
+
+    def participants(self) -> list[tuple[str, str, float]]:
+        return self.db.execute(SQL_PARTICIPANTS).fetchall()
+
+    def participants_of_base(self, base: str) -> list[str]:
+        return [row[0] for row in self.db.execute(SQL_PARTICIPANTS_OF_BASE, (base,))]
+
+    # -- messages -----------------------------------------------------------------------------
+
+    def count_pending(self, recipient: str, now: float) -> int:
+        return self.db.execute(SQL_COUNT_PENDING, {"recipient": recipient, "now": now}).fetchone()[0]
+
+    def pending_from(self, sender: str, now: float) -> dict[str, int]:
+        return dict(self.db.execute(SQL_COUNT_PENDING_FROM, {"sender": sender, "now": now}).fetchall())
+
+    def insert(self, rows: list[dict[str, Any]]) -> None:
+        """Commit one message for each recipient, all or none."""
+        with self.transaction() as db:
+            db.executemany(SQL_INSERT_MESSAGE, rows)
+
+    def pending_for(self, recipient: str, now: float, limit: int = -1) -> list[Mail]:
+        rows = self.db.execute(SQL_PENDING_FOR, {"recipient": recipient, "now": now, "limit": limit})
+        return [Mail(*row) for row in rows]
+
+    def mark_pushed(self, message_id: str, now: float) -> Mail | None:
+        """Count one more push attempt; None when the message was acked or purged meanwhile."""
+        with self.transaction() as db:
+            changed = db.execute(SQL_MARK_PUSHED, {"id": message_id, "now": now}).rowcount
+            row = db.execute(SQL_GET_MESSAGE, (message_id,)).fetchone()
+        if not changed or row is None or row[8] <= now:
+            return None
+        return Mail(*row[:7])
+
+    def due_for_redelivery(self, cutoff: float, now: float) -> list[tuple[str, str]]:
+        return self.db.execute(SQL_DUE_FOR_REDELIVERY, {"cutoff": cutoff, "now": now}).fetchall()
+
+    def ack(self, recipient: str, ids: list[str], now: float) -> tuple[int, list[str]]:
+        """Mark the caller's messages delivered. Returns (newly acked, ids owned by others).
+
+        When any id belongs to someone else nothing is acked: the call is refused whole.
+        """
+        owners = {}
+        for start in range(0, len(ids), 500):  # stay under SQLite's bound-parameter limit
+            chunk = ids[start : start + 500]
+            sql = SQL_OWNERS_OF.format(placeholders=",".join("?" * len(chunk)))
+            owners.update({row[0]: row[1] for row in self.db.execute(sql, chunk)})
+        foreign = [i for i in ids if i in owners and owners[i] != recipient]
+        if foreign:
+            return 0, foreign
+        with self.transaction() as db:
+            acked = sum(db.execute(SQL_ACK, {"id": i, "recipient": recipient, "now": now}).rowcount for i in ids)
+        return acked, []
+
+    def purge_expired(self, now: float, participant_ttl: float) -> list[tuple[str, str, str]]:
+        """Delete expired mail (and long-gone participants); return the unacked mail dropped."""
+        with self.transaction() as db:
+            expired = db.execute(SQL_EXPIRED_UNACKED, {"now": now}).fetchall()
+            db.execute(SQL_PURGE_EXPIRED, {"now": now})
+            db.execute(SQL_PURGE_PARTICIPANTS, {"cutoff": now - participant_ttl})
+        return expired
+
+
+# --------------------------------------------------------------------------------------------
+# Tokens and auth
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Token:
+    id: str
+    base: str
+    sha256: str
+    created: str
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def default_tokens_path() -> Path:
+    creds = os.environ.get("CREDENTIALS_DIRECTORY")
+    return Path(creds) / "tokens" if creds else Path("tokens")
+
+
+def read_tokens(path: Path) -> list[Token]:
+    """Parse the tokens file: one `id base sha256 created` line per token, '#' comments."""
+    if not path.exists():
+        return []
+    tokens = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split()
+        if len(parts) != 4 or not BASE_RE.match(parts[1]) or not re.fullmatch(r"[0-9a-f]{64}", parts[2]):
+            raise ConfigError(f"{path}:{number}: expected 'id base sha256 created', got {line!r}")
+        tokens.append(Token(*parts))
+    return tokens
+
+
+def write_tokens(path: Path, tokens: list[Token]) -> None:
+    """Rewrite the tokens file atomically, readable by its owner only."""
+    lines = ["# Dispatch tokens: id base sha256(token) created. Hashes only; see `token add`.\n"]
+    lines += [f"{t.id} {t.base} {t.sha256} {t.created}\n" for t in tokens]
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.writelines(lines)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def mint_token(path: Path, base: str) -> tuple[Token, str]:
+    """Append a new token for `base` and return it with its plaintext (shown once)."""
+    if not BASE_RE.match(base):
+        raise ConfigError(f"bad base {base!r}: use [a-z0-9]{{1,32}}, no hyphen")
+    plaintext = TOKEN_PREFIX + secrets.token_hex(24)
+    token = Token(secrets.token_hex(4), base, hash_token(plaintext), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    write_tokens(path, read_tokens(path) + [token])
+    return token, plaintext
+
+
+class TokenVerifier:
+    """The SDK's `token_verifier`: bearer token -> AccessToken(client_id=token id, claims.base).
+
+    Only hashes are held. The lookup is by hash (which leaks nothing about the token), and the
+    match is confirmed with a constant-time compare. `reload()` runs on SIGHUP.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.by_hash: dict[str, Token] = {}
+        self.reload()
+
+    def reload(self) -> None:
+        tokens = read_tokens(self.path)
+        self.by_hash = {t.sha256: t for t in tokens}
+        log.info("tokens: %d loaded from %s", len(tokens), self.path)
+
+    async def verify_token(self, token: str) -> AccessToken | None:
+        if not TOKEN_RE.match(token):
+            log.warning("auth failure: malformed token")
+            return None
+        digest = hash_token(token)
+        found = self.by_hash.get(digest)
+        if found is None or not hmac.compare_digest(found.sha256, digest):
+            log.warning("auth failure: unknown or revoked token")
+            return None
+        return AccessToken(token=token, client_id=found.id, scopes=[], claims={"base": found.base})
+
+
+# --------------------------------------------------------------------------------------------
+# Chat ids: self-describing and tamper-proof, so replies route from the id alone
+# --------------------------------------------------------------------------------------------
+
+
+class ChatIds:
+    """`<from>~<to>~<nonce>~<mac>`: the two parties are inside the id; the MAC (keyed by a
+    secret kept in the database) proves the broker made it, also after a restart."""
+
+    def __init__(self, key: bytes):
+        self.key = key
+
+    def _mac(self, text: str) -> str:
+        return hmac.new(self.key, text.encode(), hashlib.sha256).hexdigest()[:16]
+
+    def new(self, sender: str, to: str) -> str:
+        text = f"{sender}~{to}~{secrets.token_hex(4)}"
+        return f"{text}~{self._mac(text)}"
+
+    def parties(self, chat_id: str) -> tuple[str, str]:
+        parts = chat_id.split("~")
+        if len(parts) != 4 or not hmac.compare_digest(self._mac("~".join(parts[:3])), parts[3]):
+            raise Refused(f"unknown chat_id {chat_id!r}: use a chat_id from a message you received or sent")
+        return parts[0], parts[1]
+
+
+# --------------------------------------------------------------------------------------------
+# Delivery: listeners, push, redelivery
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Link:
+    """One client connection (an MCP session, or a 2026-07-28 client's Dispatch-Session id)."""
+
+    key: str
+    token_id: str
+    base: str
+    name: str | None = None
+    last_used: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class Listener:
+    """A pending `listen` call: the one stream we can push a participant's mail on."""
+
+    name: str
+    link_key: str
+    push: Any  # async (params) -> None, bound to the listen request's own session and id
+    wake: asyncio.Queue = field(default_factory=asyncio.Queue)
+    queued: set = field(default_factory=set)
+    superseded: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def offer(self, message_id: str) -> None:
+        """Queue one message id for this listener (once, however often it is offered)."""
+        if message_id not in self.queued:
+            self.queued.add(message_id)
+            self.wake.put_nowait(message_id)
+
+
+class Broker:
+    """Routing and delivery. Owns the Store, the links and the live listeners."""
+
+    def __init__(self, store: Store, *, ttl: float, max_body: int, max_pending: int, ack_timeout: float):
+        self.store = store
+        self.ttl = ttl
+        self.max_body = max_body
+        self.max_pending = max_pending
+        self.ack_timeout = ack_timeout
+        self.chats = ChatIds(store.secret("chat_key"))
+        self.links: dict[str, Link] = {}
+        self.owner: dict[str, str] = {}  # participant name -> link key that identified last
+        self.listeners: dict[str, Listener] = {}
+        self.listen_ended: dict[str, float] = {}  # name -> monotonic time its last listen ended
+        self.started = time.time()
+
+    # -- identity -----------------------------------------------------------------------------
+
+    def identify(self, link: Link, name: str) -> None:
+        check_name(name)
+        if base_of(name) != link.base:
+            log.warning("refused identify: token of base %r asked for name %r", link.base, name)
+            raise Refused(f"your token is for base {link.base!r}; it cannot identify as {name!r}")
+        previous = self.owner.get(name)
+        link.name = name
+        self.owner[name] = link.key
+        self.store.touch(name, time.time())
+        if previous and previous != link.key:
+            log.info("identify %s: takes over from an older session", name)
+            listener = self.listeners.get(name)
+            if listener and listener.link_key == previous:
+                listener.superseded.set()
+        else:
+            log.info("identify %s", name)
+
+    def caller(self, link: Link) -> str:
+        """The identified name of this link, refusing links that never identified or were taken over."""
+        if link.name is None:
+            raise Refused("not identified: call identify(name) first")
+        if self.owner.get(link.name) != link.key:
+            raise Refused(f"{link.name} was taken over by a newer session; identify again to take it back")
+        return link.name
+
+    def is_live(self, name: str) -> bool:
+        if name in self.listeners:
+            return True
+        ended = self.listen_ended.get(name)
+        return ended is not None and time.monotonic() - ended < LIVE_GRACE
+
+    # -- sending ------------------------------------------------------------------------------
+
+    def resolve(self, sender: str, to: str) -> list[str]:
+        """Recipients of `to`: a participant, every participant of a base, or every live one ('*')."""
+        if to == "*":
+            names = [n for n, _, _ in self.store.participants() if n != sender and self.is_live(n)]
+            if not names:
+                raise Refused("no live participant to send to: `*` reaches only participants listening now")
+            return names
+        check_name(to)
+        if BASE_RE.match(to):
+            names = [n for n in self.store.participants_of_base(to) if n != sender]
+            if names:
+                return names
+            if self.store.participant(to) is None:
+                raise Refused(f"no participant of base {to!r} is known yet: nobody with that base has connected")
+            return [to]
+        if self.store.participant(to) is None:
+            raise Refused(f"unknown recipient {to!r}: no participant of that name has ever connected (see who())")
+        return [to]
+
+    def send(self, sender: str, to: str, body: str, chat_id: str | None = None) -> dict[str, Any]:
+        size = len(body.encode("utf-8", "surrogatepass"))
+        if size > self.max_body:
+            raise Refused(f"body is {size} bytes; the limit is {self.max_body} bytes")
+        if "\x00" in body or any(0xD800 <= ord(c) <= 0xDFFF for c in body):
+            raise Refused("body contains a NUL or an unpaired surrogate; send valid UTF-8 text")
+        recipients = self.resolve(sender, to)
+        chat_id = chat_id or self.chats.new(sender, to)
+        now = time.time()
+        accepted, dropped = [], {}
+        for name in recipients:
+            pending = self.store.count_pending(name, now)
+            if pending >= self.max_pending:
+                dropped[name] = f"mailbox full ({pending} unacked messages, limit {self.max_pending})"
+            else:
+                accepted.append(name)
+        if not accepted:
+            reasons = "; ".join(f"{n}: {why}" for n, why in dropped.items())
+            raise Refused(f"not sent: {reasons}")
+        rows = [
+            {"id": "m_" + secrets.token_hex(8), "chat_id": chat_id, "sender": sender, "recipient": name,
+             "body": body, "sent_at": now, "expires_at": now + self.ttl}
+            for name in accepted
+        ]
+        self.store.insert(rows)
+        self.store.touch(sender, now)
+        delivered, queued = [], False
+        for row in rows:
+            listener = self.listeners.get(row["recipient"])
+            if listener:
+                listener.offer(row["id"])
+                delivered.append(row["recipient"])
+            else:
+                queued = True
+        log.info("send %s -> %s (%s): %d bytes, delivered_to=%s queued=%s dropped=%s",
+                 sender, to, chat_id, size, delivered, queued, sorted(dropped))
+        return {"chat_id": chat_id, "delivered_to": delivered, "dropped": sorted(dropped),
+                "queued": queued, "reasons": dropped}
+
+    def reply(self, sender: str, chat_id: str, body: str) -> dict[str, Any]:
+        first, second = self.chats.parties(chat_id)
+        if sender == first:
+            to = second
+        elif sender == second or (BASE_RE.match(second) and base_of(sender) == second) or second == "*":
+            to = first
+        else:
+            log.warning("refused reply: %s is not a party of %s", sender, chat_id)
+            raise Refused(f"you ({sender}) are not a party of chat {chat_id}; start a new chat with send()")
+        return self.send(sender, to, body, chat_id=chat_id)
+
+    # -- receiving ----------------------------------------------------------------------------
+
+    async def listen(self, name: str, link_key: str, push, wait_s: float, disconnected) -> str:
+        """Push the participant's mail on this call's stream until wait_s passes, a newer
+        listen supersedes it, or the client goes away. Returns why it ended."""
+        old = self.listeners.get(name)
+        if old:
+            old.superseded.set()
+        listener = Listener(name, link_key, push)
+        self.listeners[name] = listener
+        self.store.touch(name, time.time())
+        for mail in self.store.pending_for(name, time.time()):
+            listener.offer(mail.id)  # redelivered on every new listen until acked
+        deadline = time.monotonic() + wait_s
+        reason = "timeout"
+        try:
+            while True:
+                if listener.superseded.is_set():
+                    reason = "superseded"
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                try:
+                    message_id = await asyncio.wait_for(listener.wake.get(), min(left, DISCONNECT_POLL))
+                except asyncio.TimeoutError:
+                    if await disconnected():
+                        reason = "disconnected"
+                        break
+                    continue
+                listener.queued.discard(message_id)
+                if not await self.push_one(listener, message_id):
+                    reason = "push failed"
+                    break
+        finally:
+            if self.listeners.get(name) is listener:
+                del self.listeners[name]
+                self.listen_ended[name] = time.monotonic()
+            log.info("listen %s ended: %s", name, reason)
+        return reason
+
+    async def push_one(self, listener: Listener, message_id: str) -> bool:
+        mail = self.store.mark_pushed(message_id, time.time())
+        if mail is None:
+            return True  # acked or expired since it was queued: nothing to do
+        try:
+            await asyncio.wait_for(listener.push(mail.params()), PUSH_TIMEOUT)
+        except Exception as exc:  # a dead or stuck stream; the mail stays pending for the next listen
+            log.warning("push %s to %s failed (%s); it stays pending", mail.id, listener.name, type(exc).__name__)
+            return False
+        log.info("push %s to %s (attempt %d)", mail.id, listener.name, mail.attempt)
+        return True
+
+    def ack(self, name: str, ids: list[str]) -> int:
+        acked, foreign = self.store.ack(name, ids, time.time())
+        if foreign:
+            log.warning("refused ack: %s tried to ack %d messages addressed to others", name, len(foreign))
+            raise Refused(f"refused: {len(foreign)} of these ids are not addressed to you ({name}); nothing acked")
+        log.info("ack %s: %d of %d", name, acked, len(ids))
+        return acked
+
+    # -- housekeeping -------------------------------------------------------------------------
+
+    def redeliver_due(self) -> None:
+        now = time.time()
+        for message_id, recipient in self.store.due_for_redelivery(now - self.ack_timeout, now):
+            listener = self.listeners.get(recipient)
+            if listener and message_id not in listener.queued:
+                log.info("redelivery %s to %s: not acked within %.0fs", message_id, recipient, self.ack_timeout)
+                listener.offer(message_id)
+
+    def purge(self) -> None:
+        for message_id, sender, recipient in self.store.purge_expired(time.time(), self.ttl):
+            log.info("expiry %s (%s -> %s): not acked within the TTL", message_id, sender, recipient)
+        idle = time.monotonic() - LINK_IDLE_TIMEOUT
+        for key in [k for k, link in self.links.items() if link.last_used < idle]:
+            link = self.links.pop(key)
+            if link.name and self.owner.get(link.name) == key and link.name not in self.listeners:
+                del self.owner[link.name]
+
+    async def housekeeping(self) -> None:
+        while True:
+            await asyncio.sleep(HOUSEKEEPING_INTERVAL)
+            try:
+                self.redeliver_due()
+                self.purge()
+            except Exception:  # keep the loop alive; the next round retries
+                log.exception("housekeeping failed")
+
+
+# --------------------------------------------------------------------------------------------
+# MCP server and tools
+# --------------------------------------------------------------------------------------------
+
+
+class MailNotification(BaseModel):
+    """notifications/dispatch/mail, sent with related_request_id so it rides the listen call."""
+
+    method: str = MAIL_METHOD
+    params: dict[str, Any]
+
+
+class SendResult(TypedDict):
+    chat_id: str
+    delivered_to: list[str]
+    dropped: list[str]
+    queued: bool
+
+
+class PingResult(TypedDict):
+    ok: bool
+    name: str
+    base: str
+    server_time: str
+    pending: int
+
+
+class AckResult(TypedDict):
+    acked: int
+
+
+class Participant(TypedDict):
+    name: str
+    base: str
+    live: bool
+    last_seen: str
+    pending_for_you: int
+
+
+class WhoResult(TypedDict):
+    participants: list[Participant]
+
+
+class InboxResult(TypedDict):
+    pending: int
+    messages: list[dict[str, Any]]
+
+
+class ListenResult(TypedDict):
+    ended: str
+
+
+INSTRUCTIONS = """Dispatch broker: cross-session messaging between Claude Code agents.
+Call identify(name) first on every connection; then send/reply/listen/inbox/mail.ack/who/ping."""
+
+
+def build_app(broker: Broker, verifier: TokenVerifier, allowed_hosts: list[str]):
+    """The Starlette app: the MCP endpoint at /mcp (bearer auth) and GET /healthz (no auth)."""
+    server = MCPServer(
+        "dispatch",
+        version=__version__,
+        instructions=INSTRUCTIONS,
+        token_verifier=verifier,
+        # Resource-server-only auth: no OAuth routes, just the bearer check before MCP runs.
+        auth=AuthSettings(issuer_url="http://127.0.0.1", resource_server_url=None),
+    )
+
+    def link_of(ctx: Context) -> Link:
+        token = get_access_token()
+        headers = ctx.headers or {}
+        key = headers.get("mcp-session-id") or headers.get(LINK_HEADER)
+        if token is None or not key:
+            raise Refused(f"no session: use a stateful MCP session or send a {LINK_HEADER} header")
+        link = broker.links.get(key)
+        if link is None:
+            link = broker.links[key] = Link(key, token.client_id, (token.claims or {})["base"])
+        elif link.token_id != token.client_id:
+            log.warning("refused: session %s replayed with another token (base %s)", key[:12],
+                        (token.claims or {}).get("base"))
+            raise Refused("this session belongs to another token")
+        link.last_used = time.monotonic()
+        return link
+
+    def send_result(result: dict[str, Any]) -> CallToolResult:
+        text = describe_send(result)
+        structured = {k: result[k] for k in ("chat_id", "delivered_to", "dropped", "queued")}
+        return CallToolResult(content=[TextContent(type="text", text=text)], structured_content=structured)
+
+    Body = Annotated[str, Field(description="The message text (UTF-8, at most 64 KiB by default).")]
+
+    @server.tool()
+    async def identify(
+        name: Annotated[str, Field(description="Participant name: your token's base, or base-suffix, e.g. 'backend-a8b3c1d2'.")],
+        ctx: Context,
+    ) -> PingResult:
+        """Bind this connection to participant `name` (first call on a connection). The name's base
+        must be your token's base. A newer session identifying with a live name takes it over."""
+        link = link_of(ctx)
+        broker.identify(link, name)
+        return ping_result(broker, name)
+
+    @server.tool()
+    async def send(
+        to: Annotated[str, Field(description="A participant name, a base name (all of that base), or '*' (every live participant).")],
+        body: Body,
+        ctx: Context,
+    ) -> Annotated[CallToolResult, SendResult]:
+        """Send a message. Returns chat_id, delivered_to (pushed to a live listener now),
+        queued (stored for an offline recipient) and dropped (will not get it; reason in the text)."""
+        return send_result(broker.send(broker.caller(link_of(ctx)), to, body))
+
+    @server.tool()
+    async def reply(
+        chat_id: Annotated[str, Field(description="The chat_id of a message you received or sent.")],
+        body: Body,
+        ctx: Context,
+    ) -> Annotated[CallToolResult, SendResult]:
+        """Reply into a chat: goes to the other party of `chat_id`. Same result as send."""
+        return send_result(broker.reply(broker.caller(link_of(ctx)), chat_id, body))
+
+    @server.tool()
+    async def ping(ctx: Context) -> PingResult:
+        """Health probe and heartbeat: your name, base, the broker's time and your pending count."""
+        name = broker.caller(link_of(ctx))
+        broker.store.touch(name, time.time())
+        return ping_result(broker, name)
+
+    @server.tool(name="mail.ack")
+    async def mail_ack(
+        ids: Annotated[list[str], Field(description="Message ids you have delivered.", max_length=10_000)],
+        ctx: Context,
+    ) -> AckResult:
+        """Mark messages addressed to you as delivered, so they are not pushed again."""
+        return {"acked": broker.ack(broker.caller(link_of(ctx)), ids)}
+
+    @server.tool()
+    async def listen(
+        wait_s: Annotated[float, Field(description="Seconds to stay open (at most 300).", ge=0, le=MAX_LISTEN_SECONDS)],
+        ctx: Context,
+    ) -> ListenResult:
+        """Receive: while this call is pending, your mail arrives as notifications/dispatch/mail on
+        this call's stream. Returns after wait_s or when a newer listen of yours supersedes it."""
+        link = link_of(ctx)
+        name = broker.caller(link)
+        session, request_id, request = ctx.session, ctx.request_id, ctx.request_context.request
+
+        async def push(params: dict[str, Any]) -> None:
+            await session.send_notification(MailNotification(params=params), related_request_id=request_id)
+
+        async def disconnected() -> bool:
+            return request is not None and await request.is_disconnected()
+
+        return {"ended": await broker.listen(name, link.key, push, wait_s, disconnected)}
+
+    @server.tool()
+    async def who(ctx: Context) -> WhoResult:
+        """List every known participant: name, base, live (listening now), last_seen, and how
+        many of your messages each has not acked yet."""
+        me = broker.caller(link_of(ctx))
+        pending = broker.store.pending_from(me, time.time())
+        return {"participants": [
+            {"name": n, "base": b, "live": broker.is_live(n), "last_seen": iso_time(seen),
+             "pending_for_you": pending.get(n, 0)}
+            for n, b, seen in broker.store.participants()
+        ]}
+
+    @server.tool()
+    async def inbox(
+        ctx: Context,
+        peek: Annotated[bool, Field(description="Only count pending mail.")] = False,
+        limit: Annotated[int, Field(description="At most this many messages.", ge=1, le=1000)] = 50,
+    ) -> InboxResult:
+        """Pull mode: your pending (unacked) mail, oldest first. Ack what you handled with mail.ack."""
+        name = broker.caller(link_of(ctx))
+        now = time.time()
+        count = broker.store.count_pending(name, now)
+        messages = [] if peek else [m.params() for m in broker.store.pending_for(name, now, limit)]
+        return {"pending": count, "messages": messages}
+
+    @server.custom_route("/healthz", methods=["GET"])
+    async def healthz(request):
+        return JSONResponse({"ok": True, "version": __version__, "uptime": round(time.time() - broker.started, 1)})
+
+    security = TransportSecuritySettings(
+        enable_dns_rebinding_protection=True,
+        allowed_hosts=["127.0.0.1:*", "localhost:*", "[::1]:*", "127.0.0.1", "localhost"]
+        + [h for name in allowed_hosts for h in (name, f"{name}:*")],
+        allowed_origins=["http://127.0.0.1:*", "http://localhost:*", "http://[::1]:*"],
+    )
+    return server.streamable_http_app(transport_security=security, max_request_body_size=MAX_REQUEST_BYTES)
+
+
+def ping_result(broker: Broker, name: str) -> dict[str, Any]:
+    now = time.time()
+    return {"ok": True, "name": name, "base": base_of(name), "server_time": iso_time(now),
+            "pending": broker.store.count_pending(name, now)}
+
+
+def describe_send(result: dict[str, Any]) -> str:
+    """The tool result text: exactly what happened, in one or two lines."""
+    parts = [f"chat_id {result['chat_id']}."]
+    if result["delivered_to"]:
+        parts.append(f"Pushed to {', '.join(result['delivered_to'])} (live; delivery is confirmed by their ack).")
+    if result["queued"]:
+        parts.append("Queued for offline recipients; they get it when they next listen.")
+    for name, why in result["reasons"].items():
+        parts.append(f"Dropped for {name}: {why}.")
+    return " ".join(parts)
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+
+def default_db_path() -> str:
+    state = os.environ.get("STATE_DIRECTORY")
+    return str(Path(state.split(":")[0]) / "dispatch.db") if state else "dispatch.db"
+
+
+def configure_logging(verbose: bool) -> None:
+    # journald stamps every line itself; elsewhere a timestamp helps.
+    fmt = "%(levelname)s %(message)s" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s %(levelname)s %(message)s"
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=fmt, stream=sys.stderr)
+    for noisy in ("mcp", "uvicorn.access", "httpx", "sse_starlette"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the broker.
+
+    Example: python3 broker.pyz serve --host 0.0.0.0 --port 8765 --allowed-host dispatch.example.net
+    """
+    tokens_path = Path(args.tokens) if args.tokens else default_tokens_path()
+    if args.dev and not read_tokens(tokens_path):
+        token, plaintext = mint_token(tokens_path, "dev")
+        print_dev_banner(args, plaintext)
+    elif not tokens_path.exists():
+        raise ConfigError(f"no tokens file at {tokens_path}: create one with `token add BASE --tokens {tokens_path}`")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ConfigError("--tls-cert and --tls-key go together")
+    store = Store(args.db or default_db_path(), synchronous=args.synchronous)
+    broker = Broker(store, ttl=args.ttl, max_body=args.max_body, max_pending=args.max_pending,
+                    ack_timeout=args.ack_timeout)
+    verifier = TokenVerifier(tokens_path)
+    broker.purge()  # mail whose TTL passed while the broker was down is never delivered late
+    app = build_app(broker, verifier, args.allowed_host)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=False,
+                            ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key,
+                            timeout_graceful_shutdown=3, lifespan="on")
+    server = uvicorn.Server(config)
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, reload_tokens, verifier)
+        housekeeping = asyncio.create_task(broker.housekeeping())
+        log.info("dispatch broker %s serving on %s://%s:%d/mcp (db %s, ttl %.0fs)", __version__,
+                 "https" if args.tls_cert else "http", args.host, args.port, store.path, args.ttl)
+        try:
+            await server.serve()
+        finally:
+            housekeeping.cancel()
+            store.close()
+            log.info("dispatch broker stopped")
+
+    asyncio.run(run())
+    return 0
+
+
+def reload_tokens(verifier: TokenVerifier) -> None:
+    try:
+        verifier.reload()
+    except ConfigError as exc:  # keep the old set rather than lock everyone out
+        log.error("SIGHUP: tokens not reloaded: %s", exc)
+
+
+def print_dev_banner(args: argparse.Namespace, token: str) -> None:
+    url = f"http://{args.host}:{args.port}/mcp"
+    print(f"""Development token (base 'dev'), shown once: {token}
+
+Connect a Claude Code session:
+  claude mcp add dispatch -e DISPATCH_URL={url} -e DISPATCH_TOKEN={token} -- python3 {Path('dist/plugin.pyz').resolve()}
+  claude --dangerously-load-development-channels server:dispatch
+""", flush=True)
+
+
+def cmd_token_add(args: argparse.Namespace) -> int:
+    """Mint a token for BASE, store its hash, print the token (only time it is shown).
+
+    Example: python3 broker.pyz token add backend --tokens /etc/dispatch/tokens
+    """
+    token, plaintext = mint_token(Path(args.tokens) if args.tokens else default_tokens_path(), args.base)
+    print(plaintext)
+    print(f"token {token.id} for base {token.base} added", file=sys.stderr)
+    return 0
+
+
+def cmd_token_list(args: argparse.Namespace) -> int:
+    """List tokens: id, base, created (never the token itself).
+
+    Example: python3 broker.pyz token list --tokens /etc/dispatch/tokens
+    """
+    for t in read_tokens(Path(args.tokens) if args.tokens else default_tokens_path()):
+        print(f"{t.id}  {t.base:<32}  {t.created}")
+    return 0
+
+
+def cmd_token_revoke(args: argparse.Namespace) -> int:
+    """Remove token ID. A running broker drops it on SIGHUP (systemctl reload dispatch).
+
+    Example: python3 broker.pyz token revoke 1a2b3c4d --tokens /etc/dispatch/tokens
+    """
+    path = Path(args.tokens) if args.tokens else default_tokens_path()
+    tokens = read_tokens(path)
+    kept = [t for t in tokens if t.id != args.id]
+    if len(kept) == len(tokens):
+        raise ConfigError(f"no token with id {args.id!r} in {path}")
+    write_tokens(path, kept)
+    print(f"token {args.id} revoked", file=sys.stderr)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dispatch-broker", description=__doc__.split("\n\n")[0])
+    p.add_argument("--version", action="version", version=__version__)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name, fn, parent=sub):
+        doc = fn.__doc__.strip()
+        c = parent.add_parser(name, help=doc.splitlines()[0], description=doc,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+        c.set_defaults(func=fn)
+        return c
+
+    env = os.environ.get
+    s = command("serve", cmd_serve)
+    s.add_argument("--host", default=env("DISPATCH_HOST", DEFAULT_HOST), help="address to bind (default %(default)s)")
+    s.add_argument("--port", type=int, default=int(env("DISPATCH_PORT", DEFAULT_PORT)), help="TCP port (default %(default)s)")
+    s.add_argument("--db", default=env("DISPATCH_DB"), help="SQLite file (default $STATE_DIRECTORY/dispatch.db or ./dispatch.db)")
+    s.add_argument("--tokens", default=env("DISPATCH_TOKENS"), help="tokens file (default $CREDENTIALS_DIRECTORY/tokens or ./tokens)")
+    s.add_argument("--ttl", type=parse_duration, default=env("DISPATCH_TTL", "72h"), help="how long undelivered mail is kept (default 72h)")
+    s.add_argument("--max-body", type=int, default=int(env("DISPATCH_MAX_BODY", DEFAULT_MAX_BODY)), help="largest body in bytes (default %(default)s)")
+    s.add_argument("--max-pending", type=int, default=int(env("DISPATCH_MAX_PENDING", DEFAULT_MAX_PENDING)), help="unacked messages per recipient (default %(default)s)")
+    s.add_argument("--ack-timeout", type=parse_duration, default=env("DISPATCH_ACK_TIMEOUT", "15s"), help="push again if not acked within (default 15s)")
+    s.add_argument("--synchronous", choices=["FULL", "NORMAL"], default=env("DISPATCH_SYNCHRONOUS", "FULL"), help="SQLite fsync level (default FULL: survives power loss)")
+    s.add_argument("--allowed-host", action="append", default=[h for h in env("DISPATCH_ALLOWED_HOSTS", "").split(",") if h],
+                   help="Host header the broker answers to besides loopback, e.g. dispatch.example.net (repeatable)")
+    s.add_argument("--tls-cert", default=env("DISPATCH_TLS_CERT"), help="PEM certificate: serve HTTPS directly")
+    s.add_argument("--tls-key", default=env("DISPATCH_TLS_KEY"), help="PEM private key for --tls-cert")
+    s.add_argument("--dev", action="store_true", help="mint and print a development token if the tokens file has none")
+    s.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+    t = sub.add_parser("token", help="Manage bearer tokens (hashes in the tokens file).")
+    tsub = t.add_subparsers(dest="token_command", required=True, metavar="ACTION")
+    for name, fn in (("add", cmd_token_add), ("list", cmd_token_list), ("revoke", cmd_token_revoke)):
+        c = command(name, fn, tsub)
+        if name == "add":
+            c.add_argument("base", help="the participant base this token may identify as")
+        if name == "revoke":
+            c.add_argument("id", help="token id from `token list`")
+        c.add_argument("--tokens", default=env("DISPATCH_TOKENS"), help="tokens file (default $CREDENTIALS_DIRECTORY/tokens or ./tokens)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    configure_logging(getattr(args, "verbose", False))
+    if args.command == "serve":
+        signal.signal(signal.SIGTERM, signal.default_int_handler)  # uvicorn installs its own once running
+    try:
+        return args.func(args)
+    except (DispatchError, OSError, sqlite3.Error) as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
 
 
 if __name__ == "__main__":
