@@ -36,7 +36,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, TypedDict
+from typing import Annotated, Any
 
 import uvicorn
 from mcp.server.auth.middleware.auth_context import get_access_token
@@ -48,6 +48,7 @@ from mcp.server.transport_security import TransportSecuritySettings
 from mcp_types import CallToolResult, TextContent
 from pydantic import BaseModel, Field
 from starlette.responses import JSONResponse
+from typing_extensions import TypedDict  # pydantic needs this one on Python < 3.12 for nested dicts
 
 __version__ = "0.1.0"
 
@@ -89,10 +90,11 @@ MAX_REQUEST_BYTES = 1024 * 1024
 #: A participant name: a base (`backend`) or base-suffix (`backend-a8b3c1d2`).
 NAME_RE = re.compile(r"^[a-z0-9]{1,32}(?:-[a-z0-9-]{1,31})?$")
 BASE_RE = re.compile(r"^[a-z0-9]{1,32}$")
-#: Tokens have a fixed, greppable prefix (secret scanners) and a fixed length, so a malformed
-#: token is refused before any lookup.
+#: Tokens read `dsp_<base>_<48 hex>`: a greppable prefix for secret scanners, the base so a
+#: plugin can derive its name without a round trip, and a fixed shape so a malformed token is
+#: refused before any lookup.
 TOKEN_PREFIX = "dsp_"
-TOKEN_RE = re.compile(r"^dsp_[0-9a-f]{48}$")
+TOKEN_RE = re.compile(r"^dsp_([a-z0-9]{1,32})_[0-9a-f]{48}$")
 #: The header a 2026-07-28 client sends to name its link: that era has no Mcp-Session-Id.
 LINK_HEADER = "dispatch-session"
 MAIL_METHOD = "notifications/dispatch/mail"
@@ -487,7 +489,7 @@ def mint_token(path: Path, base: str) -> tuple[Token, str]:
     """Append a new token for `base` and return it with its plaintext (shown once)."""
     if not BASE_RE.match(base):
         raise ConfigError(f"bad base {base!r}: use [a-z0-9]{{1,32}}, no hyphen")
-    plaintext = TOKEN_PREFIX + secrets.token_hex(24)
+    plaintext = f"{TOKEN_PREFIX}{base}_{secrets.token_hex(24)}"
     token = Token(secrets.token_hex(4), base, hash_token(plaintext), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     write_tokens(path, read_tokens(path) + [token])
     return token, plaintext
@@ -511,12 +513,13 @@ class TokenVerifier:
         log.info("tokens: %d loaded from %s", len(tokens), self.path)
 
     async def verify_token(self, token: str) -> AccessToken | None:
-        if not TOKEN_RE.match(token):
+        shape = TOKEN_RE.match(token)
+        if not shape:
             log.warning("auth failure: malformed token")
             return None
         digest = hash_token(token)
         found = self.by_hash.get(digest)
-        if found is None or not hmac.compare_digest(found.sha256, digest):
+        if found is None or not hmac.compare_digest(found.sha256, digest) or found.base != shape[1]:
             log.warning("auth failure: unknown or revoked token")
             return None
         return AccessToken(token=token, client_id=found.id, scopes=[], claims={"base": found.base})

@@ -245,3 +245,121 @@ async def peer(broker: BrokerProcess, base: str, name: str | None = None, mode: 
                 p.listen_task.cancel()
                 with contextlib.suppress(BaseException):
                     await p.listen_task
+
+
+# ---------------------------------------------------------------------------------------------
+# A plugin process driven over stdio exactly as Claude Code drives it
+# ---------------------------------------------------------------------------------------------
+
+import queue  # noqa: E402
+import threading  # noqa: E402
+
+
+class PluginProcess:
+    """The channel (`plugin` with no arguments) as a child process speaking JSON-RPC on stdio."""
+
+    def __init__(self, command: list[str], env: dict[str, str]):
+        self.command = command
+        self.env = env
+        self.messages: queue.Queue = queue.Queue()
+        self.channel: list[dict] = []  # every notifications/claude/channel seen, in order
+        self.next_id = 100
+        self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, env=env)
+        self.started = time.monotonic()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            message = json.loads(line)
+            if message.get("method") == "notifications/claude/channel":
+                self.channel.append(message["params"])
+            else:
+                self.messages.put(message)
+        self.messages.put(None)
+
+    def send(self, message: dict) -> None:
+        self.proc.stdin.write(json.dumps(message).encode() + b"\n")
+        self.proc.stdin.flush()
+
+    def request(self, method: str, params: dict | None = None, timeout: float = 20) -> dict:
+        """Send a request and return its response (the whole JSON-RPC message)."""
+        self.next_id += 1
+        request_id = self.next_id
+        self.send({"jsonrpc": "2.0", "id": request_id, "method": method, **({"params": params} if params is not None else {})})
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                message = self.messages.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if message is None:
+                raise AssertionError(f"plugin exited ({self.proc.poll()}): {self.stderr_text()}")
+            if message.get("id") == request_id:
+                return message
+        raise AssertionError(f"no answer to {method} within {timeout}s")
+
+    def handshake(self) -> dict:
+        """server/discover (refused), initialize at 2025-11-25, initialized — as Claude Code 2.1.330 does."""
+        discover = self.request("server/discover", {})
+        assert discover["error"]["code"] == -32601
+        init = self.request("initialize", {"protocolVersion": "2025-11-25", "capabilities": {},
+                                           "clientInfo": {"name": "claude-code", "version": "2.1.330"}})
+        self.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+        return init["result"]
+
+    def tool(self, name: str, timeout: float = 20, **arguments) -> tuple[str, bool]:
+        """Call a tool: (text, is_error)."""
+        result = self.request("tools/call", {"name": name, "arguments": arguments}, timeout)["result"]
+        return result["content"][0]["text"], result.get("isError", False)
+
+    def wait_channel(self, count: int, timeout: float = 15) -> list[dict]:
+        wait_for(lambda: len(self.channel) >= count, timeout, what=f"{count} channel events (have {len(self.channel)})")
+        return self.channel
+
+    def stderr_text(self) -> str:
+        if self.proc.poll() is None:
+            return ""
+        return self.proc.stderr.read().decode(errors="replace")
+
+    def close(self) -> int:
+        if self.proc.poll() is None:
+            with contextlib.suppress(BrokenPipeError):
+                self.proc.stdin.close()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def plugin_env(broker: BrokerProcess, base: str, name: str | None = None, **extra: str) -> dict[str, str]:
+    """A clean environment for a plugin: no user config, the broker's URL and a token for `base`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DISPATCH_", "CLAUDE_"))}
+    env.update({"DISPATCH_URL": broker.url, "DISPATCH_TOKEN": broker.token(base),
+                "XDG_CONFIG_HOME": str(broker.workdir / "xdg-none")})
+    if name:
+        env["DISPATCH_NAME"] = name
+    env.update(extra)
+    return env
+
+
+@pytest.fixture
+def plugins():
+    """Start plugin processes (source module by default); all are stopped at the end."""
+    started: list[PluginProcess] = []
+
+    def start(env: dict[str, str], command: list[str] | None = None) -> PluginProcess:
+        p = PluginProcess(command or [sys.executable, str(PLUGIN)], env)
+        started.append(p)
+        return p
+
+    yield start
+    for p in started:
+        p.kill()
