@@ -1103,7 +1103,8 @@ def cmd_token_list(args: argparse.Namespace) -> int:
 
 
 def cmd_token_revoke(args: argparse.Namespace) -> int:
-    """Remove token ID. A running broker drops it on SIGHUP (systemctl reload dispatch).
+    """Remove token ID. A running broker drops it when it re-reads the file on SIGHUP; under
+    systemd, `systemctl restart dispatch` (LoadCredential copies the file only at start).
 
     Example: python3 broker.pyz token revoke 1a2b3c4d --tokens /etc/dispatch/tokens
     """
