@@ -29,6 +29,7 @@ import asyncio
 import collections
 import getpass
 import hashlib
+import http.client
 import json
 import logging
 import os
@@ -243,12 +244,19 @@ class OneShot:
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             raise BrokerDown(f"cannot reach {self.config.url}: {reason}") from None
+        except http.client.HTTPException as exc:  # something that is not an HTTP server answered
+            raise BrokerDown(f"no HTTP answer from {self.config.url} ({type(exc).__name__}: {str(exc).strip()[:80]!r}): "
+                             "is it the broker's /mcp URL?") from None
         if not kind.startswith("application/json"):
             raise BrokerDown(f"unexpected {kind or 'untyped'} answer from {self.config.url}")
-        message = json.loads(raw)
-        if "error" in message:
-            raise Refused(message["error"].get("message", "error"))
-        return message["result"]
+        try:
+            message = json.loads(raw)
+            if "error" not in message:
+                return message["result"]
+            reason = message["error"].get("message", "error")
+        except (ValueError, TypeError, KeyError, AttributeError):
+            raise BrokerDown(f"{self.config.url} did not answer with JSON-RPC: is it the broker's /mcp URL?") from None
+        raise Refused(reason)
 
     def call(self, tool: str, **arguments: Any) -> tuple[Any, str]:
         """Call a broker tool: (structured result, text). Raises Refused with the broker's reason."""
@@ -298,10 +306,11 @@ class BrokerLink:
         while True:
             try:
                 await self.connected_session()
-                backoff = 1.0
             except (ConfigError, asyncio.CancelledError):
                 raise
             except Exception as exc:  # any transport failure: tear down, back off, reconnect
+                if self.down_since is None:  # the link was up (a session only ends by raising): start over
+                    backoff = 1.0
                 self.mark_down(exc)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX)
@@ -319,14 +328,17 @@ class BrokerLink:
             self.client, self.down_since = client, None
             self.ready.set()
             log.info("connected to %s as %s", self.config.url, self.config.name)
+            tasks = [asyncio.create_task(self.listen_forever()), asyncio.create_task(self.heartbeat())]
             try:
-                tasks = [asyncio.create_task(self.listen_forever()), asyncio.create_task(self.heartbeat())]
-                done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-                for task in pending:
-                    task.cancel()
+                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
                 for task in done:
                     task.result()  # re-raise why the link ended
             finally:
+                # Also when the SDK cancels us because its transport died: a heartbeat left running
+                # would ping through the next link forever, and its error would go unretrieved.
+                for task in tasks:
+                    task.cancel()
+                    task.add_done_callback(lambda t: t.cancelled() or t.exception())
                 self.client = None
                 self.ready.clear()
 

@@ -182,3 +182,31 @@ def test_stand_in_zipapp_runs_main_and_imports_mcp_with_only_a_python(stand_in_d
 
     # Everything was unpacked into PEX_ROOT; nothing went into HOME.
     assert list((tmp_path / "home").iterdir()) == []
+
+
+@pytest.mark.parametrize("python", each_python())
+def test_real_zipapps_serve_and_exchange_mail_with_only_a_python(dist, python, tmp_path):
+    """broker.pyz serves, and two plugin.pyz channels answer initialize and pass a message."""
+    from conftest import BrokerProcess, PluginProcess, plugin_env
+
+    (tmp_path / "home").mkdir()
+    bare = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path / "home"), "PEX_ROOT": str(tmp_path / "pex-root")}
+    broker = BrokerProcess(tmp_path, command=[str(python), "-I", str(dist.broker)], env=bare).start()
+    plugins = []
+    try:
+        for base in ("alice", "bob"):
+            env = {**bare, **{k: v for k, v in plugin_env(broker, base, f"{base}-pyz").items() if k.startswith("DISPATCH_")}}
+            plugins.append(PluginProcess([str(python), "-I", str(dist.plugin)], env))
+        alice, bob = plugins
+        assert alice.handshake()["protocolVersion"] == "2025-11-25"
+        bob.handshake()
+        bob.tool("ping")  # bob's link is up, so the mail is pushed, not only queued
+        text, is_error = alice.tool("send", to="bob-pyz", body="from a zipapp")
+        assert not is_error, text
+        [event] = bob.wait_channel(1)
+        assert event["content"] == "from a zipapp" and event["meta"]["from"] == "alice-pyz"
+    finally:
+        for p in plugins:
+            p.kill()
+        broker.kill()
+    assert list((tmp_path / "home").iterdir()) == []

@@ -1,0 +1,190 @@
+"""The shell CLI (`dispatch_plugin.py send|who|inbox|ping|doctor`) against a live broker process."""
+
+import os
+import re
+import sys
+
+import pytest
+
+from conftest import NOT_A_BROKER, PLUGIN, closed_url, impostor, plugin_env, run_cli, unknown_token
+
+sys.path.insert(0, str(PLUGIN.parent))
+import dispatch_plugin  # noqa: E402
+
+
+def ok(result) -> str:
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stderr == "", result.stderr
+    return result.stdout
+
+
+def register(broker, name: str) -> dict[str, str]:
+    """The environment of participant `name`, made known to the broker by one ping."""
+    env = plugin_env(broker, "test", name)
+    ok(run_cli(env, "ping"))
+    return env
+
+
+def test_send_queues_mail_that_inbox_prints_once_and_then_acks(shared_broker):
+    reader = register(shared_broker, "test-reader")
+    out = ok(run_cli(plugin_env(shared_broker, "test", "test-writer"), "send", "--to", "test-reader", "lunch at 1?"))
+    assert out.startswith("Sent (queued).") and "chat_id test-writer~test-reader~" in out
+
+    shown = ok(run_cli(reader, "inbox"))
+    assert shown.startswith("1 of 1 waiting Dispatch message(s):")
+    assert re.search(r"\[from=test-writer chat_id=test-writer~test-reader~\S+ message_id=m_[0-9a-f]+ sent_at=\S+\]\n"
+                     r"lunch at 1\?\n", shown), shown
+    assert ok(run_cli(reader, "inbox")) == "0 message(s) waiting for test-reader.\n"
+
+
+def test_send_reads_the_body_from_stdin_when_it_is_a_dash(shared_broker):
+    reader = register(shared_broker, "test-piped")
+    body = "line one\nline two with 'quotes' and ünïcode"
+    ok(run_cli(plugin_env(shared_broker, "test", "test-piper"), "send", "--to", "test-piped", "-", input=body))
+    assert body in ok(run_cli(reader, "inbox"))
+
+
+def test_inbox_peek_counts_waiting_mail_without_marking_it_read(shared_broker):
+    reader = register(shared_broker, "test-peeker")
+    sender = plugin_env(shared_broker, "test", "test-poker")
+    for body in ("one", "two"):
+        ok(run_cli(sender, "send", "--to", "test-peeker", body))
+    for _ in range(2):
+        assert ok(run_cli(reader, "inbox", "--peek")) == "2 message(s) waiting for test-peeker.\n"
+    assert ok(run_cli(reader, "inbox")).startswith("2 of 2 waiting")
+
+
+def test_who_lists_participants_marks_you_and_counts_your_unread_mail(shared_broker):
+    register(shared_broker, "test-absent")
+    me = plugin_env(shared_broker, "test", "test-asker")
+    ok(run_cli(me, "send", "--to", "test-absent", "are you there?"))
+    out = ok(run_cli(me, "who"))
+    assert re.match(r"\d+ participant\(s\):\n", out)
+    assert re.search(r"^- test-asker \(you\): ", out, re.M), out
+    assert re.search(r"^- test-absent: offline \(last seen \S+\), 1 of your messages unread$", out, re.M), out
+
+
+def test_ping_prints_the_name_the_broker_time_and_waiting_mail(shared_broker):
+    out = ok(run_cli(plugin_env(shared_broker, "test", "test-pinger"), "ping"))
+    assert re.fullmatch(rf"Connected to {re.escape(shared_broker.url)} as test-pinger \(base test\); broker time "
+                        r"\d{4}-\d\d-\d\dT\S+; 0 message\(s\) waiting for you\.\n", out), out
+
+
+def test_doctor_passes_every_check_against_a_live_broker(shared_broker):
+    out = ok(run_cli(plugin_env(shared_broker, "test", "test-doc"), "doctor"))
+    lines = out.splitlines()
+    assert all(line.startswith("✔ ") for line in lines), out
+    checks = [line.split(":")[0] for line in lines]
+    assert checks == ["✔ configuration", "✔ token and name", "✔ DNS 127.0.0.1", "✔ TCP 127.0.0.1",
+                      "✔ broker /healthz", "✔ auth and identify as test-doc", "✔ round trip self → broker → self"]
+    assert ok(run_cli(plugin_env(shared_broker, "test", "test-doc"), "inbox", "--peek")).startswith("0 "), \
+        "doctor's round trip must leave no mail behind"
+
+
+@pytest.mark.parametrize("setting, value, failing", [
+    ("DISPATCH_TOKEN", unknown_token("test"), "auth and identify"),
+    ("DISPATCH_TOKEN", "dsp_test_not-a-token", "token and name"),
+    ("DISPATCH_URL", closed_url(), "TCP 127.0.0.1"),
+], ids=["token unknown", "token malformed", "broker down"])
+def test_doctor_prints_a_cross_and_a_fix_and_exits_1_when_the_token_is_wrong_or_the_broker_down(
+        shared_broker, setting, value, failing):
+    result = run_cli({**plugin_env(shared_broker, "test", "test-doc2"), setting: value}, "doctor")
+    assert result.returncode == 1
+    lines = result.stdout.splitlines()
+    crossed = [i for i, line in enumerate(lines) if line.startswith("✘ ")]
+    assert len(crossed) == 1 and lines[crossed[0]].startswith(f"✘ {failing}"), result.stdout
+    assert lines[crossed[0] + 1].strip().startswith("fix: "), result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_doctor_says_which_setting_is_missing_when_nothing_is_configured(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DISPATCH_", "CLAUDE_"))}
+    result = run_cli({**env, "XDG_CONFIG_HOME": str(tmp_path)}, "doctor")
+    assert result.returncode == 1
+    assert result.stdout.startswith("✘ configuration: DISPATCH_URL is not set\n    fix: ")
+
+
+def subcommands() -> list[list[str]]:
+    """Every command path of the CLI's parser, found by walking it: [], [send], …, [hook, prompt-submit]."""
+    def walk(p, path):
+        found = [path]
+        for action in p._actions:
+            if action.__class__.__name__ == "_SubParsersAction":
+                for name, child in action.choices.items():
+                    found += walk(child, [*path, name])
+        return found
+    return walk(dispatch_plugin.parser(), [])
+
+
+@pytest.mark.parametrize("command", subcommands(), ids=lambda c: " ".join(c) or "dispatch")
+def test_every_subcommand_help_exits_0(command):
+    result = run_cli(dict(os.environ), *command, "--help", timeout=30)
+    assert result.returncode == 0 and result.stdout.startswith("usage: "), result.stderr
+    assert result.stderr == ""
+
+
+def test_the_cli_has_the_documented_subcommands():
+    assert sorted(" ".join(c) for c in subcommands()) == sorted([
+        "", "send", "who", "inbox", "ping", "doctor", "hook", "hook session-start", "hook prompt-submit"])
+
+
+ERRORS = {
+    "no url": ({"DISPATCH_URL": None}, ["ping"], "no broker URL: set DISPATCH_URL"),
+    "url not http": ({"DISPATCH_URL": "file:///tmp/x"}, ["ping"], "DISPATCH_URL must be an http(s) URL"),
+    "broker down": ({"DISPATCH_URL": closed_url()}, ["who"], "cannot reach http://127.0.0.1:"),
+    "malformed token": ({"DISPATCH_TOKEN": "hunter2"}, ["ping"], "is not a Dispatch token"),
+    "token refused": ({"DISPATCH_TOKEN": unknown_token("test")}, ["inbox"], "the broker refused the token"),
+    "token command fails": ({"DISPATCH_TOKEN": None, "DISPATCH_TOKEN_COMMAND": "echo nope >&2; exit 3"}, ["ping"],
+                            "DISPATCH_TOKEN_COMMAND failed (exit 3): nope"),
+    "name refused": ({"DISPATCH_NAME": "other-x"}, ["ping"], "the broker refused the name 'other-x'"),
+    "bad name": ({"DISPATCH_NAME": "Not A Name"}, ["ping"], "bad participant name 'Not A Name'"),
+    "unknown recipient": ({}, ["send", "--to", "test-nobody", "hi"], "unknown recipient 'test-nobody'"),
+}
+
+
+@pytest.mark.parametrize("case", ERRORS)
+def test_errors_print_one_error_line_and_exit_1_without_a_traceback(shared_broker, case):
+    changes, args, expected = ERRORS[case]
+    env = plugin_env(shared_broker, "test", "test-erring")
+    for key, value in changes.items():
+        env.pop(key) if value is None else env.__setitem__(key, value)
+    result = run_cli(env, *args)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stdout == ""
+    [line] = result.stderr.splitlines()
+    assert line.startswith("Error: ") and expected in line, line
+
+
+@pytest.mark.parametrize("answer", NOT_A_BROKER)
+def test_errors_print_one_error_line_when_dispatch_url_is_not_a_broker(answer):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DISPATCH_", "CLAUDE_"))}
+    with impostor(NOT_A_BROKER[answer]) as url:
+        result = run_cli({**env, "DISPATCH_URL": url, "DISPATCH_TOKEN": unknown_token("test")}, "ping")
+    assert result.returncode == 1 and result.stdout == ""
+    [line] = result.stderr.splitlines()
+    assert line.startswith("Error: ") and url in line and "broker's /mcp URL?" in line, line
+
+
+def test_the_token_can_come_from_dispatch_token_command(shared_broker):
+    env = plugin_env(shared_broker, "test", "test-commanded")
+    env["DISPATCH_TOKEN_COMMAND"] = f"echo {env.pop('DISPATCH_TOKEN')}"
+    assert "as test-commanded " in ok(run_cli(env, "ping"))
+
+
+def test_settings_come_from_config_toml_and_the_environment_wins(shared_broker, tmp_path):
+    (tmp_path / "dispatch").mkdir()
+    (tmp_path / "dispatch" / "config.toml").write_text(
+        f'url = "{shared_broker.url}"\ntoken = "{shared_broker.token("test")}"\nname = "test-fromfile"\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DISPATCH_", "CLAUDE_"))}
+    env["XDG_CONFIG_HOME"] = str(tmp_path)
+    assert "as test-fromfile " in ok(run_cli(env, "ping"))
+    assert "as test-fromenv " in ok(run_cli({**env, "DISPATCH_NAME": "test-fromenv"}, "ping"))
+
+
+def test_default_name_without_a_session_id_is_stable_so_replies_wait_in_its_inbox(shared_broker):
+    shell = plugin_env(shared_broker, "test")  # no DISPATCH_NAME, no CLAUDE_CODE_SESSION_ID
+    names = {re.search(r" as (\S+) ", ok(run_cli(shell, "ping")))[1] for _ in range(2)}
+    [name] = names
+    assert re.fullmatch(r"test-[0-9a-f]{8}", name)
+    ok(run_cli(plugin_env(shared_broker, "test", "test-peer"), "send", "--to", name, "got your note"))
+    assert "got your note" in ok(run_cli(shell, "inbox"))
