@@ -739,6 +739,9 @@ class Broker:
                 if not await self.push_one(listener, message_id):
                     reason = "push failed"
                     break
+        except asyncio.CancelledError:  # a 2026-07-28 client closed the stream, or the broker stops
+            reason = "cancelled"
+            raise
         finally:
             if self.listeners.get(name) is listener:
                 del self.listeners[name]

@@ -1,0 +1,101 @@
+"""The broker's command line as an operator uses it: tokens, help, serve and its health probe."""
+
+import asyncio
+import json
+import re
+import signal
+import stat
+import time
+
+import pytest
+from conftest import MODERN, BrokerProcess, broker_module, http, peer, until_live
+
+dispatch_broker = broker_module()
+
+
+@pytest.fixture(scope="module")
+def added(tmp_path_factory):
+    """`token add backend` run once in a fresh directory: (broker process handle, completed run).
+    The tests using it only read the tokens file, or check that a failed command left it alone."""
+    broker = BrokerProcess(tmp_path_factory.mktemp("cli"))
+    return broker, broker.cli("token", "add", "backend", "--tokens", str(broker.tokens_file))
+
+
+def test_token_add_prints_exactly_one_token_line_on_stdout(added):
+    _, run = added
+
+    [token] = run.stdout.splitlines()
+    assert token.startswith("dsp_")
+    assert dispatch_broker.TOKEN_RE.match(token)
+    assert token not in run.stderr  # shown once, on stdout only
+
+
+def test_tokens_file_holds_no_plaintext_and_is_owner_only(added):
+    broker, run = added
+    token = run.stdout.strip()
+
+    text = broker.tokens_file.read_text()
+    assert token not in text
+    assert token[len("dsp_"):] not in text
+    assert dispatch_broker.hash_token(token) in text
+    assert stat.S_IMODE(broker.tokens_file.stat().st_mode) == 0o600
+
+
+def test_token_list_shows_id_and_base_but_never_the_token(added):
+    broker, run = added
+    token_id = re.search(r"token (\S+) for base backend", run.stderr)[1]
+
+    listing = broker.cli("token", "list", "--tokens", str(broker.tokens_file)).stdout
+
+    assert [line.split()[:2] for line in listing.splitlines()] == [[token_id, "backend"]]
+    assert run.stdout.strip() not in listing
+
+
+def test_token_revoke_of_unknown_id_exits_1_with_error_line(added):
+    broker, _ = added
+    before = broker.tokens_file.read_text()
+
+    run = broker.cli("token", "revoke", "deadbeef", "--tokens", str(broker.tokens_file), check=False)
+
+    assert run.returncode == 1
+    assert run.stderr.startswith("Error: ") and "deadbeef" in run.stderr
+    assert "Traceback" not in run.stderr
+    assert broker.tokens_file.read_text() == before
+
+
+COMMANDS = ["", "serve", "token", "token add", "token list", "token revoke"]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: c or "top-level")
+def test_every_subcommand_help_exits_0(capsys, command):
+    # In-process through main(), the console script's entry point: argparse exits from inside it.
+    with pytest.raises(SystemExit) as exited:
+        dispatch_broker.main([*command.split(), "--help"])
+
+    assert exited.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: dispatch-broker {command}".rstrip())
+
+
+@pytest.mark.anyio
+async def test_serve_exits_0_within_10s_of_sigterm_even_with_a_listen_open(broker):
+    async with peer(broker, "test", "test-1", MODERN) as listener:
+        listener.listen(300)
+        await until_live(listener, "test-1")
+
+        stopped = time.monotonic()
+        broker.proc.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(broker.proc.wait, 10)
+
+    assert code == 0
+    assert time.monotonic() - stopped < 10
+    assert "dispatch broker stopped" in broker.logs()
+
+
+def test_healthz_answers_200_json_with_version_and_uptime_without_auth(broker):
+    status, headers, text = http(f"http://127.0.0.1:{broker.port}/healthz")
+
+    assert status == 200
+    assert headers["content-type"] == "application/json"
+    health = json.loads(text)
+    assert health["version"] == dispatch_broker.__version__
+    assert isinstance(health["uptime"], (int, float)) and 0 <= health["uptime"] < 60  # seconds since this start

@@ -1,0 +1,433 @@
+"""Mail from send to ack: routing, push, redelivery, expiry, crashes, dead and stuck receivers.
+
+Most tests share one broker (`module_broker`, --ack-timeout 1s) and fresh participant names;
+tests that need flags, exact broadcast sets or restarts start their own. Crashes, dead and stuck
+receivers and hostile input are marked `faults`.
+"""
+
+import json
+import signal
+import time
+
+import pytest
+from conftest import (
+    LEGACY,
+    LEGACY_INITIALIZE,
+    MODERN,
+    ToolFailed,
+    broker_module,
+    db_query,
+    eventually,
+    fresh,
+    http,
+    liveness,
+    logged,
+    peer,
+    start_broker,
+    until_live,
+    wait_for,
+)
+
+dispatch_broker = broker_module()
+
+
+# -- send: who gets it, and what the sender is told ----------------------------------------------
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("mode", [MODERN, LEGACY])
+async def test_send_to_live_listener_pushes_mail_from_the_callers_name(module_broker, mode):
+    sender, receiver = fresh("backend"), fresh("frontend")
+    async with peer(module_broker, "backend", sender, mode) as b, peer(module_broker, "frontend", receiver, mode) as f:
+        f.listen()
+        await until_live(b, receiver)
+
+        result = await b.call("send", to=receiver, body="hello, frontend")
+
+        assert result == {"chat_id": result["chat_id"], "delivered_to": [receiver], "queued": False, "dropped": []}
+        mail = await f.next_mail()
+        assert (mail["from"], mail["to"], mail["body"]) == (sender, receiver, "hello, frontend")
+        assert (mail["chat_id"], mail["attempt"]) == (result["chat_id"], 1)
+        assert mail["id"].startswith("m_")
+
+
+@pytest.mark.anyio
+async def test_send_to_offline_participant_is_queued(module_broker):
+    sender, receiver = fresh("backend"), fresh("frontend")
+    async with peer(module_broker, "backend", sender) as b, peer(module_broker, "frontend", receiver) as f:
+        result = await b.call("send", to=receiver, body="read me later")
+
+        assert result == {"chat_id": result["chat_id"], "delivered_to": [], "queued": True, "dropped": []}
+        assert [m["body"] for m in (await f.call("inbox"))["messages"]] == ["read me later"]
+
+
+@pytest.mark.anyio
+async def test_send_to_base_pushes_to_live_queues_for_offline_and_drops_full_mailboxes(broker_factory):
+    broker = start_broker(broker_factory, "--max-pending", "1")
+    async with (peer(broker, "backend", "backend-1") as b, peer(broker, "frontend", "frontend-live") as live,
+                peer(broker, "frontend", "frontend-offline") as offline, peer(broker, "frontend", "frontend-full")):
+        await b.call("send", to="frontend-full", body="fills the only slot")
+        live.listen()
+        await until_live(b, "frontend-live")
+
+        result = await b.client.call_tool("send", {"to": "frontend", "body": "to every frontend"})
+
+        assert not result.is_error
+        assert result.structured_content == {"chat_id": result.structured_content["chat_id"],
+                                             "delivered_to": ["frontend-live"], "queued": True,
+                                             "dropped": ["frontend-full"]}
+        assert "Dropped for frontend-full: mailbox full" in result.content[0].text
+        assert (await live.next_mail())["body"] == "to every frontend"
+        assert [m["body"] for m in (await offline.call("inbox"))["messages"]] == ["to every frontend"]
+
+
+@pytest.mark.anyio
+async def test_send_to_star_reaches_exactly_the_live_participants(broker_factory):
+    broker = start_broker(broker_factory)
+    async with (peer(broker, "backend", "backend-1") as b, peer(broker, "frontend", "frontend-1") as f,
+                peer(broker, "other", "other-1") as o, peer(broker, "frontend", "frontend-2") as idle):
+        b.listen()  # live too, yet a broadcast never goes back to its sender
+        f.listen()
+        o.listen()
+        for name in ("backend-1", "frontend-1", "other-1"):
+            await until_live(b, name)
+
+        result = await b.call("send", to="*", body="all hands")
+
+        assert result == {"chat_id": result["chat_id"], "delivered_to": ["frontend-1", "other-1"], "queued": False,
+                          "dropped": []}
+        assert (await f.next_mail())["body"] == "all hands"
+        assert (await o.next_mail())["body"] == "all hands"
+        assert (await idle.call("inbox"))["pending"] == 0
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("to, error", [("nobody-1", "unknown recipient 'nobody-1'"),
+                                       ("nobody", "no participant of base 'nobody' is known")])
+async def test_send_to_never_seen_name_is_refused_with_clear_error(module_broker, to, error):
+    async with peer(module_broker, "backend", fresh("backend")) as b:
+        with pytest.raises(ToolFailed, match=error):
+            await b.call("send", to=to, body="anyone there?")
+
+
+@pytest.mark.anyio
+async def test_mail_is_from_the_senders_identified_name_not_its_token_or_arguments(module_broker):
+    first, second, receiver = fresh("backend"), fresh("backend"), fresh("frontend")
+    # Two sessions with the same backend token: each mail names the session that sent it.
+    async with (peer(module_broker, "backend", first) as b1, peer(module_broker, "backend", second) as b2,
+                peer(module_broker, "frontend", receiver) as f):
+        await b1.call("send", to=receiver, body="one")
+        await b2.call("send", to=receiver, body="two", **{"from": "frontend-spoofed"})
+
+        messages = (await f.call("inbox"))["messages"]
+        assert [(m["from"], m["body"]) for m in messages] == [(first, "one"), (second, "two")]
+
+
+# -- reply ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_reply_routes_by_chat_id_after_broker_restart(broker_factory):
+    broker = start_broker(broker_factory)
+    async with peer(broker, "backend", "backend-1") as b, peer(broker, "frontend", "frontend-1"):
+        chat_id = (await b.call("send", to="frontend-1", body="question"))["chat_id"]
+
+    broker.restart()
+
+    async with peer(broker, "backend", "backend-1") as b, peer(broker, "frontend", "frontend-1") as f:
+        b.listen()
+        f.listen()
+        await until_live(b, "backend-1")
+        await until_live(b, "frontend-1")
+        assert (await f.next_mail())["body"] == "question"
+
+        answer = await f.call("reply", chat_id=chat_id, body="answer")
+
+        assert (answer["chat_id"], answer["delivered_to"]) == (chat_id, ["backend-1"])
+        mail = await b.next_mail()
+        assert (mail["from"], mail["chat_id"], mail["body"]) == ("frontend-1", chat_id, "answer")
+        await b.call("reply", chat_id=chat_id, body="thanks")
+        mail = await f.next_mail()
+        assert (mail["from"], mail["chat_id"], mail["body"]) == ("backend-1", chat_id, "thanks")
+
+
+# -- ack and redelivery --------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("mode", [MODERN, LEGACY])
+async def test_unacked_mail_is_pushed_again_with_same_id(module_broker, mode):
+    sender, receiver = fresh("backend"), fresh("frontend")
+    async with peer(module_broker, "backend", sender, mode) as b, peer(module_broker, "frontend", receiver, mode) as f:
+        f.listen()
+        await until_live(b, receiver)
+        await b.call("send", to=receiver, body="ack me")
+        first = await f.next_mail()
+
+        again = await f.next_mail(timeout=5)  # ack timeout 1 s + one housekeeping round
+
+        assert (again["id"], again["body"], first["attempt"], again["attempt"]) == (first["id"], "ack me", 1, 2)
+
+
+@pytest.mark.anyio
+async def test_acked_mail_is_not_pushed_again(module_broker):
+    sender, receiver = fresh("backend"), fresh("frontend")
+    async with peer(module_broker, "backend", sender) as b, peer(module_broker, "frontend", receiver) as f:
+        f.listen()
+        await until_live(b, receiver)
+        await b.call("send", to=receiver, body="acked")
+        await b.call("send", to=receiver, body="not acked")
+        acked, unacked = await f.next_mail(), await f.next_mail()
+        assert (acked["body"], unacked["body"]) == ("acked", "not acked")
+
+        assert await f.call("mail.ack", ids=[acked["id"]]) == {"acked": 1}
+
+        # The unacked one, pushed at the same moment, comes back twice; the acked one never does.
+        seen, deadline = [], time.monotonic() + 10
+        while (unacked["id"], 3) not in [(m["id"], m["attempt"]) for m in seen]:
+            assert time.monotonic() < deadline, f"no third push of the unacked mail: {seen}"
+            seen.append(await f.next_mail(timeout=5))
+        assert acked["id"] not in [m["id"] for m in seen]
+        assert [m["id"] for m in (await f.call("inbox"))["messages"]] == [unacked["id"]]
+
+
+# -- offline mail, expiry, crashes ---------------------------------------------------------------
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("mode", [MODERN, LEGACY])
+async def test_offline_mail_arrives_on_next_listen(module_broker, mode):
+    sender, receiver = fresh("backend"), fresh("frontend")
+    async with peer(module_broker, "backend", sender, mode) as b:
+        async with peer(module_broker, "frontend", receiver, mode):
+            pass  # known to the broker, then gone
+        for body in ("first", "second", "third"):
+            assert (await b.call("send", to=receiver, body=body))["queued"] is True
+
+        async with peer(module_broker, "frontend", receiver, mode) as f:
+            f.listen()
+            mails = [await f.next_mail() for _ in range(3)]
+
+    assert [(m["body"], m["from"], m["attempt"]) for m in mails] == [
+        ("first", sender, 1), ("second", sender, 1), ("third", sender, 1)]
+
+
+@pytest.mark.anyio
+async def test_expired_mail_is_purged_and_never_delivered(broker_factory):
+    broker = start_broker(broker_factory, "--ttl", "2s")
+    async with peer(broker, "backend", "backend-1") as b:
+        async with peer(broker, "frontend", "frontend-1"):
+            pass
+        await b.call("send", to="frontend-1", body="stale")
+
+        log = logged(broker, "not acked within the TTL", timeout=10)
+        [expiry] = [line for line in log.splitlines() if " expiry m_" in line]
+        assert "(backend-1 -> frontend-1)" in expiry
+        assert db_query(broker, "SELECT id FROM messages WHERE body = 'stale'") == []
+
+        async with peer(broker, "frontend", "frontend-1") as f:
+            f.listen()
+            await until_live(b, "frontend-1")
+            await b.call("send", to="frontend-1", body="fresh")
+            # Pending mail is pushed oldest first, so a surviving "stale" would arrive before this.
+            assert (await f.next_mail())["body"] == "fresh"
+            assert (await f.call("inbox"))["messages"][0]["body"] == "fresh"
+
+
+@pytest.mark.faults
+@pytest.mark.anyio
+async def test_mail_whose_ttl_passed_while_broker_was_down_is_purged_at_start(broker_factory):
+    broker = start_broker(broker_factory, "--ttl", "2s")
+    async with peer(broker, "backend", "backend-1") as b, peer(broker, "frontend", "frontend-1"):
+        await b.call("send", to="frontend-1", body="stale")
+    broker.kill()
+    [(expires_at,)] = db_query(broker, "SELECT expires_at FROM messages WHERE body = 'stale'")
+    wait_for(lambda: time.time() > expires_at + 0.1, timeout=5, what="the TTL to pass while the broker is down")
+    restarts_at = len(broker.logs())
+
+    broker.start()
+
+    # Purged by the start itself: the expiry line comes before the broker announces it serves.
+    log = broker.logs()[restarts_at:]
+    assert "(backend-1 -> frontend-1): not acked within the TTL" in log.split("serving on")[0]
+    assert db_query(broker, "SELECT id FROM messages WHERE body = 'stale'") == []
+    async with peer(broker, "backend", "backend-1") as b, peer(broker, "frontend", "frontend-1") as f:
+        f.listen()
+        await until_live(b, "frontend-1")
+        await b.call("send", to="frontend-1", body="fresh")
+        assert (await f.next_mail())["body"] == "fresh"
+
+
+@pytest.mark.faults
+@pytest.mark.anyio
+async def test_mail_survives_sigkill_right_after_send_returned(broker_factory):
+    broker = start_broker(broker_factory)
+    async with peer(broker, "backend", "backend-1") as b, peer(broker, "frontend", "frontend-1"):
+        result = await b.call("send", to="frontend-1", body="durable")
+        broker.kill()  # SIGKILL: no shutdown, no checkpoint
+    assert result["queued"] is True
+
+    broker.start()
+
+    async with peer(broker, "frontend", "frontend-1") as f:
+        f.listen()
+        mail = await f.next_mail()
+    assert (mail["body"], mail["from"], mail["chat_id"]) == ("durable", "backend-1", result["chat_id"])
+
+
+# -- dead and stuck receivers --------------------------------------------------------------------
+
+
+@pytest.mark.faults
+@pytest.mark.anyio
+async def test_listener_killed_with_sigkill_is_shown_not_live_within_2s_plus_grace(module_broker,
+                                                                                  listener_processes):
+    # Both eras at once: 2026-07-28 cancels the handler, 2025-11-25 is found by the disconnect poll.
+    names = {MODERN: fresh("frontend"), LEGACY: fresh("frontend")}
+    bound = 2.0 + dispatch_broker.LIVE_GRACE
+    async with peer(module_broker, "backend", fresh("backend")) as observer:
+        procs = {mode: listener_processes(module_broker, "frontend", name, mode) for mode, name in names.items()}
+        for name in names.values():
+            await until_live(observer, name)
+
+        mark = len(module_broker.logs())
+        for proc in procs.values():
+            proc.kill()
+        killed = time.monotonic()
+        # The broker notices within 2 s (the issue's bound); `who` then still counts LIVE_GRACE.
+        ends = [f"listen {names[MODERN]} ended: cancelled", f"listen {names[LEGACY]} ended: disconnected"]
+        wait_for(lambda: all(end in module_broker.logs()[mark:] for end in ends), timeout=2.0,
+                 what=f"{ends} in the broker log")
+
+        async def gone():
+            live = await liveness(observer)
+            return not any(live[name] for name in names.values())
+        await eventually(gone, timeout=bound, interval=0.1,
+                         what=f"killed listeners shown not live within 2 s + LIVE_GRACE ({bound:.0f} s)")
+        assert time.monotonic() - killed < bound
+
+
+@pytest.mark.faults
+@pytest.mark.anyio
+async def test_stopped_listener_does_not_delay_another_receivers_mail_beyond_push_timeout(module_broker,
+                                                                                         listener_processes):
+    push_timeout = dispatch_broker.PUSH_TIMEOUT
+    stopped, receiver = fresh("frontend"), fresh("frontend")
+    async with peer(module_broker, "backend", fresh("backend")) as b, peer(module_broker, "frontend", receiver) as f:
+        proc = listener_processes(module_broker, "frontend", stopped)
+        await until_live(b, stopped)
+        proc.send_signal(signal.SIGSTOP)
+        f.listen()
+        await until_live(b, receiver)
+        mark = len(module_broker.logs())
+        big = "x" * 60_000
+
+        # Keep the stopped listener's pushes 20 large bodies behind: once its socket buffers are
+        # full its push blocks, and the broker gives up on it after PUSH_TIMEOUT. Meanwhile measure
+        # how long the other receiver waits for each probe.
+        sent, latencies, deadline = 0, [], time.monotonic() + 30
+        while f"to {stopped} failed" not in module_broker.logs()[mark:]:
+            assert time.monotonic() < deadline, "the stopped listener's push never blocked"
+            if sent - module_broker.logs()[mark:].count(f"to {stopped} (attempt") < 20:
+                for _ in range(5):
+                    await b.call("send", to=stopped, body=big)
+                sent += 5
+            probe, sent_at = f"probe {len(latencies)}", time.monotonic()
+            await b.call("send", to=receiver, body=probe)
+            mail = await f.next_mail(timeout=push_timeout)
+            latencies.append(time.monotonic() - sent_at)
+            assert mail["body"] == probe
+            await f.call("mail.ack", ids=[mail["id"]])
+        proc.send_signal(signal.SIGCONT)
+
+    # The issue's bound is PUSH_TIMEOUT, but a push path shared with the stuck listener would
+    # still land just under it (the stuck push gives up after PUSH_TIMEOUT), so hold to half:
+    # seconds of slack for a loaded machine, where independent pushes take milliseconds.
+    assert max(latencies) < push_timeout / 2, latencies  # probes ran until the stall ended, so across it
+    logged(module_broker, f"listen {stopped} ended: push failed", since=mark)
+
+
+# -- hostile input -------------------------------------------------------------------------------
+
+MAX_BODY = dispatch_broker.DEFAULT_MAX_BODY
+
+BAD_CALLS = [
+    pytest.param("send", {"to": "{receiver}", "body": "x" * (MAX_BODY + 1)},
+                 f"body is {MAX_BODY + 1} bytes; the limit is {MAX_BODY}", id="oversize-body"),
+    pytest.param("send", {"to": "{receiver}", "body": "nul\x00byte"}, "NUL", id="nul-in-body"),
+    pytest.param("send", {"to": "Frontend-1", "body": "x"}, "bad name 'Frontend-1'", id="upper-case-name"),
+    pytest.param("send", {"to": "frontend_1", "body": "x"}, "bad name 'frontend_1'", id="underscore-name"),
+    pytest.param("send", {"to": "a" * 33, "body": "x"}, "bad name", id="long-base"),
+    pytest.param("identify", {"name": "backend-"}, "bad name 'backend-'", id="empty-suffix"),
+    pytest.param("identify", {"name": "backend 1"}, "bad name 'backend 1'", id="space-in-name"),
+    pytest.param("reply", {"chat_id": "nonsense", "body": "x"}, "unknown chat_id 'nonsense'", id="garbage-chat-id"),
+    pytest.param("reply", {"chat_id": "{forged}", "body": "x"}, "unknown chat_id", id="forged-chat-id"),
+    pytest.param("send", {"to": "{receiver}", "body": 123}, "body\n  Input should be a valid string", id="int-body"),
+    pytest.param("send", {"to": ["{receiver}"], "body": "x"}, "to\n  Input should be a valid string", id="list-to"),
+    pytest.param("send", {"to": "{receiver}"}, "body\n  Field required", id="missing-body"),
+    pytest.param("listen", {"wait_s": "soon"}, "wait_s\n  Input should be a valid number", id="str-wait"),
+    pytest.param("listen", {"wait_s": 301}, "wait_s\n  Input should be less than or equal to 300", id="long-wait"),
+    pytest.param("mail.ack", {"ids": "m_1"}, "ids\n  Input should be a valid list", id="str-ids"),
+    pytest.param("inbox", {"limit": "many"}, "limit\n  Input should be a valid integer", id="str-limit"),
+]
+
+
+def fill(value, names: dict):
+    """`value` with the `{receiver}` and `{forged}` placeholders of BAD_CALLS filled in."""
+    if isinstance(value, str):
+        return value.format(**names) if value.startswith("{") else value
+    if isinstance(value, list):
+        return [fill(v, names) for v in value]
+    return value
+
+
+@pytest.mark.faults
+@pytest.mark.anyio
+@pytest.mark.parametrize("tool, arguments, error", BAD_CALLS)
+async def test_bad_tool_call_gets_clear_error_and_broker_still_serves(module_broker, tool, arguments, error):
+    sender, receiver = fresh("backend"), fresh("frontend")
+    async with peer(module_broker, "backend", sender) as b, peer(module_broker, "frontend", receiver) as f:
+        chat_id = (await b.call("send", to=receiver, body="a real chat"))["chat_id"]
+        forged = chat_id[:-1] + ("0" if chat_id[-1] != "0" else "1")
+
+        with pytest.raises(ToolFailed) as refused:
+            await b.call(tool, **{k: fill(v, {"receiver": receiver, "forged": forged}) for k, v in arguments.items()})
+
+        assert error in str(refused.value)
+        assert (await b.call("ping"))["name"] == sender
+        assert [m["body"] for m in (await f.call("inbox"))["messages"]] == ["a real chat"]
+
+
+MALFORMED = {
+    "not-json": b"{not json",
+    "empty": b"",
+    "not-utf8": b"\xff\xfe{}",
+    "batch": b"[]",
+    "no-method": b'{"jsonrpc": "2.0", "id": 1}',
+    "deep-nesting": b"[" * 100_000,
+}
+
+
+@pytest.mark.faults
+@pytest.mark.anyio
+@pytest.mark.parametrize("era", [MODERN, LEGACY])
+@pytest.mark.parametrize("body", MALFORMED.values(), ids=MALFORMED.keys())
+async def test_malformed_json_rpc_gets_400_with_json_rpc_error_and_broker_still_serves(module_broker, era, body):
+    auth = {"Authorization": f"Bearer {module_broker.token('backend')}"}
+    if era == MODERN:
+        headers = {**auth, "MCP-Protocol-Version": MODERN}
+    else:
+        status, opened, _ = http(module_broker.url, json.dumps(LEGACY_INITIALIZE).encode(), auth)
+        assert status == 200
+        headers = {**auth, "Mcp-Session-Id": opened["mcp-session-id"], "MCP-Protocol-Version": "2025-11-25"}
+
+    status, _, text = http(module_broker.url, body, headers)
+
+    assert status == 400
+    assert json.loads(text)["error"]["code"] in (-32700, -32600, -32602)  # parse error, invalid request/params
+    if era == LEGACY:  # the session the garbage arrived on still answers
+        ping = {"jsonrpc": "2.0", "id": 2, "method": "ping"}
+        assert http(module_broker.url, json.dumps(ping).encode(), headers)[0] == 200
+    name = fresh("backend")
+    async with peer(module_broker, "backend", name, era) as b:
+        assert (await b.call("ping"))["name"] == name
