@@ -79,8 +79,10 @@ DISCONNECT_POLL = 0.5
 #: A participant whose listen ended this recently still counts as live for `*` and `who`: the
 #: plugin re-issues listen within milliseconds, and a broadcast must not miss it in that gap.
 LIVE_GRACE = 5.0
-#: How often the background task looks for unacked mail to push again and expired mail to purge.
+#: How often the background task looks for unacked mail to push again.
 HOUSEKEEPING_INTERVAL = 1.0
+#: How often expired mail is purged (more often when the TTL is short).
+PURGE_INTERVAL = 30.0
 #: A link (MCP session) that has made no call for this long is forgotten.
 LINK_IDLE_TIMEOUT = 3600.0
 #: JSON-RPC request bodies larger than this are refused by the SDK before parsing (a 64 KiB body
@@ -576,7 +578,13 @@ class Listener:
     push: Any  # async (params) -> None, bound to the listen request's own session and id
     wake: asyncio.Queue = field(default_factory=asyncio.Queue)
     queued: set = field(default_factory=set)
-    superseded: asyncio.Event = field(default_factory=asyncio.Event)
+    stopped: asyncio.Event = field(default_factory=asyncio.Event)
+    stop_reason: str = ""
+
+    def stop(self, reason: str) -> None:
+        """End this listen early: 'superseded' by a newer one, or 'shutdown'."""
+        self.stop_reason = reason
+        self.stopped.set()
 
     def offer(self, message_id: str) -> None:
         """Queue one message id for this listener (once, however often it is offered)."""
@@ -596,7 +604,6 @@ class Broker:
         self.ack_timeout = ack_timeout
         self.chats = ChatIds(store.secret("chat_key"))
         self.links: dict[str, Link] = {}
-        self.owner: dict[str, str] = {}  # participant name -> link key that identified last
         self.listeners: dict[str, Listener] = {}
         self.listen_ended: dict[str, float] = {}  # name -> monotonic time its last listen ended
         self.started = time.time()
@@ -608,24 +615,14 @@ class Broker:
         if base_of(name) != link.base:
             log.warning("refused identify: token of base %r asked for name %r", link.base, name)
             raise Refused(f"your token is for base {link.base!r}; it cannot identify as {name!r}")
-        previous = self.owner.get(name)
         link.name = name
-        self.owner[name] = link.key
         self.store.touch(name, time.time())
-        if previous and previous != link.key:
-            log.info("identify %s: takes over from an older session", name)
-            listener = self.listeners.get(name)
-            if listener and listener.link_key == previous:
-                listener.superseded.set()
-        else:
-            log.info("identify %s", name)
+        log.info("identify %s", name)
 
     def caller(self, link: Link) -> str:
-        """The identified name of this link, refusing links that never identified or were taken over."""
+        """The identified name of this link, refusing links that never identified."""
         if link.name is None:
             raise Refused("not identified: call identify(name) first")
-        if self.owner.get(link.name) != link.key:
-            raise Refused(f"{link.name} was taken over by a newer session; identify again to take it back")
         return link.name
 
     def is_live(self, name: str) -> bool:
@@ -645,12 +642,13 @@ class Broker:
             return names
         check_name(to)
         if BASE_RE.match(to):
-            names = [n for n in self.store.participants_of_base(to) if n != sender]
+            members = self.store.participants_of_base(to)
+            names = [n for n in members if n != sender]
             if names:
                 return names
-            if self.store.participant(to) is None:
-                raise Refused(f"no participant of base {to!r} is known yet: nobody with that base has connected")
-            return [to]
+            if members:
+                raise Refused(f"you are the only participant of base {to!r}: nobody else to send to")
+            raise Refused(f"no participant of base {to!r} is known yet: nobody with that base has connected")
         if self.store.participant(to) is None:
             raise Refused(f"unknown recipient {to!r}: no participant of that name has ever connected (see who())")
         return [to]
@@ -711,8 +709,9 @@ class Broker:
         """Push the participant's mail on this call's stream until wait_s passes, a newer
         listen supersedes it, or the client goes away. Returns why it ended."""
         old = self.listeners.get(name)
-        if old:
-            old.superseded.set()
+        if old:  # the newest session of a name receives; the older one is told it was superseded
+            log.info("listen %s: a newer session takes over the name", name)
+            old.stop("superseded")
         listener = Listener(name, link_key, push)
         self.listeners[name] = listener
         self.store.touch(name, time.time())
@@ -722,8 +721,8 @@ class Broker:
         reason = "timeout"
         try:
             while True:
-                if listener.superseded.is_set():
-                    reason = "superseded"
+                if listener.stopped.is_set():
+                    reason = listener.stop_reason
                     break
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -745,7 +744,10 @@ class Broker:
         finally:
             if self.listeners.get(name) is listener:
                 del self.listeners[name]
-                self.listen_ended[name] = time.monotonic()
+                if reason == "timeout":  # the plugin listens again at once: stay live meanwhile
+                    self.listen_ended[name] = time.monotonic()
+                else:
+                    self.listen_ended.pop(name, None)
             log.info("listen %s ended: %s", name, reason)
         return reason
 
@@ -780,22 +782,33 @@ class Broker:
                 listener.offer(message_id)
 
     def purge(self) -> None:
-        for message_id, sender, recipient in self.store.purge_expired(time.time(), self.ttl):
+        now = time.time()
+        for name in list(self.listeners):  # a long listen is a sign of life too
+            self.store.touch(name, now)
+        for message_id, sender, recipient in self.store.purge_expired(now, self.ttl):
             log.info("expiry %s (%s -> %s): not acked within the TTL", message_id, sender, recipient)
         idle = time.monotonic() - LINK_IDLE_TIMEOUT
         for key in [k for k, link in self.links.items() if link.last_used < idle]:
-            link = self.links.pop(key)
-            if link.name and self.owner.get(link.name) == key and link.name not in self.listeners:
-                del self.owner[link.name]
+            del self.links[key]
 
     async def housekeeping(self) -> None:
+        purge_every = max(HOUSEKEEPING_INTERVAL, min(PURGE_INTERVAL, self.ttl / 4))
+        last_purge = time.monotonic()
         while True:
             await asyncio.sleep(HOUSEKEEPING_INTERVAL)
             try:
                 self.redeliver_due()
-                self.purge()
+                if time.monotonic() - last_purge >= purge_every:
+                    last_purge = time.monotonic()
+                    self.purge()
             except Exception:  # keep the loop alive; the next round retries
                 log.exception("housekeeping failed")
+
+    def stop_listening(self) -> None:
+        """On shutdown: end every pending listen now, so clients reconnect at once and
+        uvicorn need not wait out its graceful timeout."""
+        for listener in list(self.listeners.values()):
+            listener.stop("shutdown")
 
 
 # --------------------------------------------------------------------------------------------
@@ -894,7 +907,8 @@ def build_app(broker: Broker, verifier: TokenVerifier, allowed_hosts: list[str])
         ctx: Context,
     ) -> PingResult:
         """Bind this connection to participant `name` (first call on a connection). The name's base
-        must be your token's base. A newer session identifying with a live name takes it over."""
+        must be your token's base. When a newer session of the same name listens, it takes over
+        receiving and the older listen ends as superseded."""
         link = link_of(ctx)
         broker.identify(link, name)
         return ping_result(broker, name)
@@ -987,7 +1001,24 @@ def build_app(broker: Broker, verifier: TokenVerifier, allowed_hosts: list[str])
         + [h for name in allowed_hosts for h in (name, f"{name}:*")],
         allowed_origins=["http://127.0.0.1:*", "http://localhost:*", "http://[::1]:*"],
     )
-    return server.streamable_http_app(transport_security=security, max_request_body_size=MAX_REQUEST_BYTES)
+    app = server.streamable_http_app(transport_security=security, max_request_body_size=MAX_REQUEST_BYTES)
+    return log_missing_token(app)
+
+
+def log_missing_token(app):
+    """The SDK answers 401 to a request with no bearer token before our verifier runs; log it too."""
+
+    async def logged(scope, receive, send):
+        if scope["type"] == "http" and not any(k == b"authorization" for k, _ in scope["headers"]):
+            async def send_logging(message):
+                if message["type"] == "http.response.start" and message["status"] == 401:
+                    client = scope.get("client") or ("?", 0)
+                    log.warning("auth failure: no bearer token (%s %s from %s)", scope["method"], scope["path"], client[0])
+                await send(message)
+            return await app(scope, receive, send_logging)
+        return await app(scope, receive, send)
+
+    return logged
 
 
 def ping_result(broker: Broker, name: str) -> dict[str, Any]:
@@ -1048,7 +1079,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=False,
                             ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key,
                             timeout_graceful_shutdown=3, lifespan="on")
-    server = uvicorn.Server(config)
+    server = ShutdownServer(config, broker)
 
     async def run() -> None:
         loop = asyncio.get_running_loop()
@@ -1065,6 +1096,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     asyncio.run(run())
     return 0
+
+
+class ShutdownServer(uvicorn.Server):
+    """uvicorn's server, ending every pending listen as soon as SIGTERM/SIGINT arrives."""
+
+    def __init__(self, config: uvicorn.Config, broker: Broker):
+        super().__init__(config)
+        self.broker = broker
+
+    def handle_exit(self, sig, frame) -> None:
+        asyncio.get_running_loop().call_soon(self.broker.stop_listening)
+        super().handle_exit(sig, frame)
 
 
 def reload_tokens(verifier: TokenVerifier) -> None:

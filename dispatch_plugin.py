@@ -295,6 +295,7 @@ class BrokerLink:
         self.ready = asyncio.Event()
         self.down_since = time.time()
         self.down_why = "connecting"
+        self.superseded_at: float | None = None
 
     def outage(self) -> str:
         since = time.strftime("%H:%M:%S", time.localtime(self.down_since))
@@ -351,6 +352,12 @@ class BrokerLink:
             )
             if result.is_error:
                 raise BrokerDown(f"listen refused: {sdk_text(result)}")
+            if (result.structured_content or {}).get("ended") == "superseded":
+                # A newer session with our name listens now (Claude Code restarted us, or a
+                # resumed session): it receives, we stop, or the two would take turns forever.
+                self.superseded_at = time.time()
+                log.warning("a newer session named %s receives its mail now; this one stops listening", self.config.name)
+                return
 
     async def heartbeat(self) -> None:
         while True:
@@ -607,7 +614,11 @@ class Channel:
         return describe_sent(*await self.link.call("reply", {"chat_id": chat_id, "body": body}))
 
     async def tool_ping(self) -> str:
-        return describe_ping(self.config, (await self.link.call("ping", {}))[0])
+        text = describe_ping(self.config, (await self.link.call("ping", {}))[0])
+        if self.link.superseded_at:
+            since = time.strftime("%H:%M:%S", time.localtime(self.link.superseded_at))
+            text += f" Not receiving since {since}: a newer session with this name took over."
+        return text
 
     async def tool_who(self) -> str:
         return describe_who((await self.link.call("who", {}))[0], self.config.name)

@@ -403,3 +403,21 @@ def test_plugin_exits_0_when_stdin_closes_before_the_broker_link_is_up(plugins):
     p.handshake()
     p.proc.stdin.close()
     assert wait_exit(p, 5) == 0
+
+
+def test_a_restarted_session_takes_its_name_over_and_the_old_process_stops_receiving(plugins, shared_broker):
+    # Claude Code may start a server again while the old one lingers: the newest receives, the
+    # old one goes quiet for good rather than the two taking the name from each other.
+    env = plugin_env(shared_broker, "test", "test-phoenix")
+    old = plugins(env)
+    old.handshake()
+    wait_connected(old)
+    new = plugins(env)
+    new.handshake()
+    wait_connected(new)
+    wait_for(lambda: "Not receiving since" in old.tool("ping")[0], timeout=10, what="the old session superseded")
+    sender = plugin_env(shared_broker, "test", "test-phoenixfriend")
+    for body in ("one", "two"):
+        assert run_cli(sender, "send", "--to", "test-phoenix", body).returncode == 0
+    assert [e["content"] for e in new.wait_channel(2)] == ["one", "two"]
+    assert old.channel == [] and "Not receiving" not in new.tool("ping")[0]
