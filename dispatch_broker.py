@@ -67,6 +67,10 @@ DEFAULT_TTL = 72 * 3600.0
 DEFAULT_MAX_BODY = 64 * 1024
 #: Pending (unacked) messages one recipient may hold before new mail to it is dropped, loudly.
 DEFAULT_MAX_PENDING = 10_000
+#: Sends a second each base may make (a token bucket; a fan-out counts once), and its burst.
+#: Generous for agents; a runaway loop is told "rate limited" instead of filling mailboxes.
+DEFAULT_RATE = 200.0
+DEFAULT_BURST = 1000
 #: A pushed message not acked within this many seconds is pushed again (attempt + 1, same id).
 DEFAULT_ACK_TIMEOUT = 15.0
 #: One push may take this long; a receiver that stopped reading must not hold its listener forever.
@@ -554,8 +558,31 @@ class ChatIds:
 
 
 # --------------------------------------------------------------------------------------------
-# Delivery: listeners, push, redelivery
+# Delivery: rate limit, listeners, push, redelivery
 # --------------------------------------------------------------------------------------------
+
+
+class RateLimit:
+    """A token bucket per base: `rate` sends a second on average, up to `burst` at once."""
+
+    def __init__(self, rate: float, burst: int):
+        self.rate = rate
+        self.burst = burst
+        self.buckets: dict[str, tuple[float, float]] = {}  # base -> (tokens, monotonic time)
+
+    def wait_needed(self, base: str) -> float:
+        """Take one token for `base`: 0.0 if it had one, else the seconds until it will."""
+        if self.rate <= 0:
+            return 0.0  # --rate 0 turns the limit off
+        now = time.monotonic()
+        tokens, then = self.buckets.get(base, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - then) * self.rate)
+        if tokens < 1.0:
+            self.buckets[base] = (tokens, now)
+            return (1.0 - tokens) / self.rate
+        self.buckets[base] = (tokens - 1.0, now)
+        return 0.0
+
 
 
 @dataclass
@@ -596,8 +623,10 @@ class Listener:
 class Broker:
     """Routing and delivery. Owns the Store, the links and the live listeners."""
 
-    def __init__(self, store: Store, *, ttl: float, max_body: int, max_pending: int, ack_timeout: float):
+    def __init__(self, store: Store, *, ttl: float, max_body: int, max_pending: int, ack_timeout: float,
+                 rate: float = DEFAULT_RATE, burst: int = DEFAULT_BURST):
         self.store = store
+        self.limit = RateLimit(rate, burst)
         self.ttl = ttl
         self.max_body = max_body
         self.max_pending = max_pending
@@ -660,6 +689,11 @@ class Broker:
         if "\x00" in body or any(0xD800 <= ord(c) <= 0xDFFF for c in body):
             raise Refused("body contains a NUL or an unpaired surrogate; send valid UTF-8 text")
         recipients = self.resolve(sender, to)
+        wait = self.limit.wait_needed(base_of(sender))
+        if wait:
+            log.warning("rate limited: %s (base %s)", sender, base_of(sender))
+            raise Refused(f"rate limited: base {base_of(sender)!r} may send {self.limit.rate:g} messages a second "
+                          f"(bursts of {self.limit.burst}); not sent, try again in {wait:.2f} s")
         chat_id = chat_id or self.chats.new(sender, to)
         now = time.time()
         accepted, dropped = [], {}
@@ -1072,7 +1106,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ConfigError("--tls-cert and --tls-key go together")
     store = Store(args.db or default_db_path(), synchronous=args.synchronous)
     broker = Broker(store, ttl=args.ttl, max_body=args.max_body, max_pending=args.max_pending,
-                    ack_timeout=args.ack_timeout)
+                    ack_timeout=args.ack_timeout, rate=args.rate, burst=args.burst)
     verifier = TokenVerifier(tokens_path)
     broker.purge()  # mail whose TTL passed while the broker was down is never delivered late
     app = build_app(broker, verifier, args.allowed_host)
@@ -1185,6 +1219,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--ttl", type=parse_duration, default=env("DISPATCH_TTL", "72h"), help="how long undelivered mail is kept (default 72h)")
     s.add_argument("--max-body", type=int, default=int(env("DISPATCH_MAX_BODY", DEFAULT_MAX_BODY)), help="largest body in bytes (default %(default)s)")
     s.add_argument("--max-pending", type=int, default=int(env("DISPATCH_MAX_PENDING", DEFAULT_MAX_PENDING)), help="unacked messages per recipient (default %(default)s)")
+    s.add_argument("--rate", type=float, default=float(env("DISPATCH_RATE", DEFAULT_RATE)), help="sends a second per base, 0 for no limit (default %(default)g)")
+    s.add_argument("--burst", type=int, default=int(env("DISPATCH_BURST", DEFAULT_BURST)), help="sends a base may make at once (default %(default)s)")
     s.add_argument("--ack-timeout", type=parse_duration, default=env("DISPATCH_ACK_TIMEOUT", "15s"), help="push again if not acked within (default 15s)")
     s.add_argument("--synchronous", choices=["FULL", "NORMAL"], default=env("DISPATCH_SYNCHRONOUS", "FULL"), help="SQLite fsync level (default FULL: survives power loss)")
     s.add_argument("--allowed-host", action="append", default=[h for h in env("DISPATCH_ALLOWED_HOSTS", "").split(",") if h],

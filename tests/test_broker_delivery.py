@@ -470,3 +470,25 @@ async def test_a_request_without_a_token_is_logged_as_an_auth_failure(module_bro
         urllib.request.urlopen(request, timeout=5)
     assert refused.value.code == 401
     wait_for(lambda: "auth failure: no bearer token" in module_broker.logs()[mark:], what="the refusal logged")
+
+
+@pytest.mark.anyio
+async def test_sends_past_the_base_rate_are_refused_as_rate_limited_and_others_still_flow(broker_factory):
+    broker = start_broker(broker_factory, "--rate", "5", "--burst", "3")
+    try:
+        async with peer(broker, "backend", "backend-flood") as flooder, peer(broker, "frontend", "frontend-calm") as calm, \
+                peer(broker, "ops", "ops-sink") as sink:
+            accepted, refused = 0, []
+            for n in range(10):
+                try:
+                    await flooder.call("send", to="ops-sink", body=f"flood {n}")
+                    accepted += 1
+                except ToolFailed as exc:
+                    refused.append(str(exc))
+            assert accepted >= 3 and refused, (accepted, refused)
+            assert all("rate limited: base 'backend' may send 5 messages a second" in r for r in refused)
+            await calm.call("send", to="ops-sink", body="another base is not limited")
+            pending = (await sink.call("inbox", peek=True))["pending"]
+            assert pending == accepted + 1  # every refused send was not stored; every accepted one was
+    finally:
+        broker.kill()
