@@ -1097,9 +1097,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     Example: python3 broker.pyz serve --host 0.0.0.0 --port 8765 --allowed-host dispatch.example.net
     """
     tokens_path = Path(args.tokens) if args.tokens else default_tokens_path()
-    if args.dev and not read_tokens(tokens_path):
-        token, plaintext = mint_token(tokens_path, "dev")
-        print_dev_banner(args, plaintext)
+    if args.dev:
+        # Only hashes are kept, so an earlier run's token cannot be shown again: mint one per run.
+        print_dev_banner(args, mint_token(tokens_path, "dev")[1])
     elif not tokens_path.exists():
         raise ConfigError(f"no tokens file at {tokens_path}: create one with `token add BASE --tokens {tokens_path}`")
     if bool(args.tls_cert) != bool(args.tls_key):
@@ -1153,7 +1153,8 @@ def reload_tokens(verifier: TokenVerifier) -> None:
 
 def print_dev_banner(args: argparse.Namespace, token: str) -> None:
     url = f"http://{args.host}:{args.port}/mcp"
-    print(f"""Development token (base 'dev'), shown once: {token}
+    print(f"""Development token (base 'dev'), shown once (each --dev run adds one to {args.tokens or default_tokens_path()}):
+  {token}
 
 Connect a Claude Code session:
   claude mcp add dispatch -e DISPATCH_URL={url} -e DISPATCH_TOKEN={token} -- python3 {Path('dist/plugin.pyz').resolve()}
@@ -1227,7 +1228,7 @@ def parser() -> argparse.ArgumentParser:
                    help="Host header the broker answers to besides loopback, e.g. dispatch.example.net (repeatable)")
     s.add_argument("--tls-cert", default=env("DISPATCH_TLS_CERT"), help="PEM certificate: serve HTTPS directly")
     s.add_argument("--tls-key", default=env("DISPATCH_TLS_KEY"), help="PEM private key for --tls-cert")
-    s.add_argument("--dev", action="store_true", help="mint and print a development token if the tokens file has none")
+    s.add_argument("--dev", action="store_true", help="mint a development token (base 'dev') and print it with the lines that connect Claude Code")
     s.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
     t = sub.add_parser("token", help="Manage bearer tokens (hashes in the tokens file).")
