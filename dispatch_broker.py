@@ -71,6 +71,10 @@ DEFAULT_MAX_PENDING = 10_000
 #: Generous for agents; a runaway loop is told "rate limited" instead of filling mailboxes.
 DEFAULT_RATE = 200.0
 DEFAULT_BURST = 1000
+#: A rate-limited send is answered only after this pause. The broker has one thread: a loop that
+#: retries at once would cost it a request a millisecond and slow every other base's mail; paused,
+#: it costs one request a second per connection.
+RATE_LIMITED_PAUSE = 1.0
 #: A pushed message not acked within this many seconds is pushed again (attempt + 1, same id).
 DEFAULT_ACK_TIMEOUT = 15.0
 #: One push may take this long; a receiver that stopped reading must not hold its listener forever.
@@ -87,8 +91,10 @@ LIVE_GRACE = 5.0
 HOUSEKEEPING_INTERVAL = 1.0
 #: How often expired mail is purged (more often when the TTL is short).
 PURGE_INTERVAL = 30.0
-#: A link (MCP session) that has made no call for this long is forgotten.
-LINK_IDLE_TIMEOUT = 3600.0
+#: A client connection (an MCP session, or a 2026-07-28 client's Dispatch-Session link) that has
+#: made no request for this long is forgotten, by the SDK and by us alike. The SDK's own default;
+#: a plugin pings every 10 s, so only a client that vanished without closing gets there.
+DEFAULT_SESSION_IDLE_TIMEOUT = 1800.0
 #: JSON-RPC request bodies larger than this are refused by the SDK before parsing (a 64 KiB body
 #: of control characters is ~6x larger once JSON-escaped).
 MAX_REQUEST_BYTES = 1024 * 1024
@@ -121,6 +127,14 @@ class ConfigError(DispatchError):
 
 class Refused(DispatchError, ToolError):
     """A refused tool call; the SDK turns it into an isError result whose text says what and why."""
+
+
+class RateLimited(Refused):
+    """A send past its base's rate; answered after RATE_LIMITED_PAUSE."""
+
+
+class Unavailable(Refused):
+    """The mailbox cannot be written now (disk full, read-only or locked file); nothing was changed."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -224,10 +238,13 @@ FROM messages
 WHERE sender = :sender AND acked_at IS NULL AND expires_at > :now
 GROUP BY recipient
 """
+#: A push stamped in the future means the wall clock stepped back since (NTP, a restored VM):
+#: due now, rather than once the clock has caught up with the stamp, maybe hours later.
 SQL_DUE_FOR_REDELIVERY = """
 SELECT id, recipient
 FROM messages
-WHERE acked_at IS NULL AND pushed_at IS NOT NULL AND pushed_at < :cutoff AND expires_at > :now
+WHERE acked_at IS NULL AND pushed_at IS NOT NULL AND expires_at > :now
+  AND (pushed_at < :cutoff OR pushed_at > :now)
 ORDER BY sent_at
 """
 SQL_OWNERS_OF = """
@@ -324,21 +341,33 @@ class Store:
 
     def __init__(self, path: str, *, synchronous: str = "FULL"):
         self.path = path
-        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute(f"PRAGMA synchronous={synchronous}")  # a fixed keyword, checked by argparse
-        self.db.execute("PRAGMA busy_timeout=5000")
+        try:
+            self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute(f"PRAGMA synchronous={synchronous}")  # a fixed keyword, checked by argparse
+            self.db.execute("PRAGMA busy_timeout=5000")
+        except sqlite3.Error as exc:  # SQLite's own text ("unable to open database file") names no file
+            raise ConfigError(f"cannot open the mailbox {path}: {exc} (the file and its directory must be "
+                              "writable: WAL mode keeps -wal and -shm files beside it)") from None
         self.migrate()
 
     @contextlib.contextmanager
     def transaction(self):
-        self.db.execute("BEGIN IMMEDIATE")
+        """All or nothing. A write SQLite cannot make (disk full, read-only file) is rolled back
+        and raised as Unavailable, so a tool says why instead of crashing, and the next
+        transaction starts clean once the disk has room again."""
         try:
+            self.db.execute("BEGIN IMMEDIATE")
             yield self.db
-        except BaseException:
-            self.db.execute("ROLLBACK")
+            self.db.execute("COMMIT")
+        except BaseException as exc:
+            if self.db.in_transaction:  # a failed COMMIT may leave it open, or SQLite may have rolled back
+                self.db.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.OperationalError):
+                log.error("mailbox write failed: %s", exc)
+                raise Unavailable(f"the broker cannot write its mailbox ({exc}): nothing was stored; "
+                                  "try again later") from exc
             raise
-        self.db.execute("COMMIT")
 
     def migrate(self) -> None:
         version = self.db.execute("PRAGMA user_version").fetchone()[0]
@@ -624,13 +653,15 @@ class Broker:
     """Routing and delivery. Owns the Store, the links and the live listeners."""
 
     def __init__(self, store: Store, *, ttl: float, max_body: int, max_pending: int, ack_timeout: float,
-                 rate: float = DEFAULT_RATE, burst: int = DEFAULT_BURST):
+                 rate: float = DEFAULT_RATE, burst: int = DEFAULT_BURST,
+                 session_idle_timeout: float = DEFAULT_SESSION_IDLE_TIMEOUT):
         self.store = store
         self.limit = RateLimit(rate, burst)
         self.ttl = ttl
         self.max_body = max_body
         self.max_pending = max_pending
         self.ack_timeout = ack_timeout
+        self.session_idle_timeout = session_idle_timeout
         self.chats = ChatIds(store.secret("chat_key"))
         self.links: dict[str, Link] = {}
         self.listeners: dict[str, Listener] = {}
@@ -645,8 +676,15 @@ class Broker:
             log.warning("refused identify: token of base %r asked for name %r", link.base, name)
             raise Refused(f"your token is for base {link.base!r}; it cannot identify as {name!r}")
         link.name = name
-        self.store.touch(name, time.time())
+        self.seen(name)
         log.info("identify %s", name)
+
+    def seen(self, name: str) -> None:
+        """Record a sign of life. Best effort: while the disk is full, a heartbeat or identify must
+        still answer (a plugin takes a refused identify for a refused name and exits), and nothing
+        can be sent to the name meanwhile anyway. The next sign of life after that records it."""
+        with contextlib.suppress(Unavailable):
+            self.store.touch(name, time.time())
 
     def caller(self, link: Link) -> str:
         """The identified name of this link, refusing links that never identified."""
@@ -692,8 +730,8 @@ class Broker:
         wait = self.limit.wait_needed(base_of(sender))
         if wait:
             log.warning("rate limited: %s (base %s)", sender, base_of(sender))
-            raise Refused(f"rate limited: base {base_of(sender)!r} may send {self.limit.rate:g} messages a second "
-                          f"(bursts of {self.limit.burst}); not sent, try again in {wait:.2f} s")
+            raise RateLimited(f"rate limited: base {base_of(sender)!r} may send {self.limit.rate:g} messages a second "
+                              f"(bursts of {self.limit.burst}); not sent, try again in {wait:.2f} s")
         chat_id = chat_id or self.chats.new(sender, to)
         now = time.time()
         accepted, dropped = [], {}
@@ -711,8 +749,8 @@ class Broker:
              "body": body, "sent_at": now, "expires_at": now + self.ttl}
             for name in accepted
         ]
+        self.store.touch(sender, now)  # first: if the disk fills in between, a failed send stored nothing
         self.store.insert(rows)
-        self.store.touch(sender, now)
         delivered, queued = [], False
         for row in rows:
             listener = self.listeners.get(row["recipient"])
@@ -748,7 +786,7 @@ class Broker:
             old.stop("superseded")
         listener = Listener(name, link_key, push)
         self.listeners[name] = listener
-        self.store.touch(name, time.time())
+        self.seen(name)
         for mail in self.store.pending_for(name, time.time()):
             listener.offer(mail.id)  # redelivered on every new listen until acked
         deadline = time.monotonic() + wait_s
@@ -816,17 +854,24 @@ class Broker:
                 listener.offer(message_id)
 
     def purge(self) -> None:
+        self.forget_idle_links()  # first: memory is freed even while the disk is full
         now = time.time()
         for name in list(self.listeners):  # a long listen is a sign of life too
             self.store.touch(name, now)
         for message_id, sender, recipient in self.store.purge_expired(now, self.ttl):
             log.info("expiry %s (%s -> %s): not acked within the TTL", message_id, sender, recipient)
-        idle = time.monotonic() - LINK_IDLE_TIMEOUT
-        for key in [k for k, link in self.links.items() if link.last_used < idle]:
+
+    def forget_idle_links(self) -> None:
+        idle = time.monotonic() - self.session_idle_timeout
+        listening = {listener.link_key for listener in self.listeners.values()}  # a long listen is no idleness
+        gone = [k for k, link in self.links.items() if link.last_used < idle and k not in listening]
+        for key in gone:
             del self.links[key]
+        if gone:
+            log.info("links: forgot %d idle for %.0fs; %d remain", len(gone), self.session_idle_timeout, len(self.links))
 
     async def housekeeping(self) -> None:
-        purge_every = max(HOUSEKEEPING_INTERVAL, min(PURGE_INTERVAL, self.ttl / 4))
+        purge_every = max(HOUSEKEEPING_INTERVAL, min(PURGE_INTERVAL, self.ttl / 4, self.session_idle_timeout / 4))
         last_purge = time.monotonic()
         while True:
             await asyncio.sleep(HOUSEKEEPING_INTERVAL)
@@ -933,6 +978,14 @@ def build_app(broker: Broker, verifier: TokenVerifier, allowed_hosts: list[str])
         structured = {k: result[k] for k in ("chat_id", "delivered_to", "dropped", "queued")}
         return CallToolResult(content=[TextContent(type="text", text=text)], structured_content=structured)
 
+    async def paced(send, *args) -> CallToolResult:
+        """send_result(send(*args)); a rate-limited send is refused after RATE_LIMITED_PAUSE."""
+        try:
+            return send_result(send(*args))
+        except RateLimited:
+            await asyncio.sleep(RATE_LIMITED_PAUSE)
+            raise
+
     Body = Annotated[str, Field(description="The message text (UTF-8, at most 64 KiB by default).")]
 
     @server.tool()
@@ -955,7 +1008,7 @@ def build_app(broker: Broker, verifier: TokenVerifier, allowed_hosts: list[str])
     ) -> Annotated[CallToolResult, SendResult]:
         """Send a message. Returns chat_id, delivered_to (pushed to a live listener now),
         queued (stored for an offline recipient) and dropped (will not get it; reason in the text)."""
-        return send_result(broker.send(broker.caller(link_of(ctx)), to, body))
+        return await paced(broker.send, broker.caller(link_of(ctx)), to, body)
 
     @server.tool()
     async def reply(
@@ -964,13 +1017,13 @@ def build_app(broker: Broker, verifier: TokenVerifier, allowed_hosts: list[str])
         ctx: Context,
     ) -> Annotated[CallToolResult, SendResult]:
         """Reply into a chat: goes to the other party of `chat_id`. Same result as send."""
-        return send_result(broker.reply(broker.caller(link_of(ctx)), chat_id, body))
+        return await paced(broker.reply, broker.caller(link_of(ctx)), chat_id, body)
 
     @server.tool()
     async def ping(ctx: Context) -> PingResult:
         """Health probe and heartbeat: your name, base, the broker's time and your pending count."""
         name = broker.caller(link_of(ctx))
-        broker.store.touch(name, time.time())
+        broker.seen(name)
         return ping_result(broker, name)
 
     @server.tool(name="mail.ack")
@@ -1035,7 +1088,8 @@ def build_app(broker: Broker, verifier: TokenVerifier, allowed_hosts: list[str])
         + [h for name in allowed_hosts for h in (name, f"{name}:*")],
         allowed_origins=["http://127.0.0.1:*", "http://localhost:*", "http://[::1]:*"],
     )
-    app = server.streamable_http_app(transport_security=security, max_request_body_size=MAX_REQUEST_BYTES)
+    app = server.streamable_http_app(transport_security=security, max_request_body_size=MAX_REQUEST_BYTES,
+                                     session_idle_timeout=broker.session_idle_timeout)
     return log_missing_token(app)
 
 
@@ -1106,7 +1160,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ConfigError("--tls-cert and --tls-key go together")
     store = Store(args.db or default_db_path(), synchronous=args.synchronous)
     broker = Broker(store, ttl=args.ttl, max_body=args.max_body, max_pending=args.max_pending,
-                    ack_timeout=args.ack_timeout, rate=args.rate, burst=args.burst)
+                    ack_timeout=args.ack_timeout, rate=args.rate, burst=args.burst,
+                    session_idle_timeout=args.session_idle_timeout)
     verifier = TokenVerifier(tokens_path)
     broker.purge()  # mail whose TTL passed while the broker was down is never delivered late
     app = build_app(broker, verifier, args.allowed_host)
@@ -1223,6 +1278,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--rate", type=float, default=float(env("DISPATCH_RATE", DEFAULT_RATE)), help="sends a second per base, 0 for no limit (default %(default)g)")
     s.add_argument("--burst", type=int, default=int(env("DISPATCH_BURST", DEFAULT_BURST)), help="sends a base may make at once (default %(default)s)")
     s.add_argument("--ack-timeout", type=parse_duration, default=env("DISPATCH_ACK_TIMEOUT", "15s"), help="push again if not acked within (default 15s)")
+    s.add_argument("--session-idle-timeout", type=parse_duration, default=env("DISPATCH_SESSION_IDLE_TIMEOUT", "30m"),
+                   help="forget a client connection that made no request for this long (default 30m)")
     s.add_argument("--synchronous", choices=["FULL", "NORMAL"], default=env("DISPATCH_SYNCHRONOUS", "FULL"), help="SQLite fsync level (default FULL: survives power loss)")
     s.add_argument("--allowed-host", action="append", default=[h for h in env("DISPATCH_ALLOWED_HOSTS", "").split(",") if h],
                    help="Host header the broker answers to besides loopback, e.g. dispatch.example.net (repeatable)")
