@@ -1,0 +1,1580 @@
+#!/usr/bin/env python3
+"""Dispatch benchmarks: the real dist/*.pyz processes, measured against the floor of their own stack.
+
+    python3 bench/run.py [--quick] [--json out.json] [--soak] [--dist DIR] [--profile DIR]
+
+What runs (every figure through dist/broker.pyz and dist/plugin.pyz as built, copied to a
+scratch directory first so a concurrent rebuild cannot change them mid-run):
+
+  size       each .pyz in bytes
+  startup    plugin spawn -> `initialize` answered, cold (first unpack into a fresh PEX_ROOT)
+             and warm; broker spawn -> GET /healthz 200, cold and warm
+  floor      what the stack itself costs, in the same run: a bare SQLite WAL insert+commit
+             (synchronous=FULL) on the broker's filesystem; a bare loopback HTTP round trip
+             (Starlette on uvicorn, client httpx2, the SDK's own HTTP client); a bare MCP tool call
+             whose tool sends one request-related notification (MCPServer, streamable HTTP, no
+             storage, no auth), with 2026-07-28-era and 2025-11-25-era clients; and a stdio pipe
+             round trip (the two stdio hops a message makes: into A, out of B)
+  latency    `send` tools/call written to plugin A's stdin -> `notifications/claude/channel` read
+             from plugin B's stdout; sequential, p50/p99/max
+  throughput S sender plugins -> S receiver plugins (pairs), messages delivered to the channel and
+             acked (the broker's acked_at) per second; duplicates and losses counted
+  fanout     send(to="*") from a plugin to N live listeners -> the last channel write / the last
+             notification received: plugin listeners (the throughput plugins) and SDK listeners
+  scale      broker RSS, open fds, threads and CPU with N live SDK listener sessions that keep the
+             plugin's cadence (a pending listen(25 s) re-issued at once, ping every 10 s);
+             --soak keeps the largest level for 10 minutes with a fan-out every 30 s
+
+The broker runs as `broker.pyz serve --synchronous FULL` on 127.0.0.1 (ephemeral port) with its
+defaults otherwise (per-recipient cap 10,000, INFO logging to a file). Tokens are minted with
+`broker.pyz token add BASE --tokens FILE`: base `snd` for senders, `rcv` for receiver plugins,
+`lsn` for SDK listeners. Plugins are driven over stdio as Claude Code drives them:
+server/discover (-> -32601), initialize 2025-11-25, notifications/initialized, tools/call.
+
+--quick runs every section with small counts (under a minute) for a smoke test; its figures are
+indicative only. Goals are reported (met / MISS), never asserted: the exit code is 0 whenever
+the run itself worked.
+
+Needs the project's .venv (the SDK, for the floor servers and SDK listeners): when the running
+interpreter lacks it, the script re-executes itself with .venv/bin/python. The .pyz files run
+on the base interpreter (--python), as `python3 dist/plugin.pyz` would.
+"""
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import itertools
+import json
+import os
+import platform
+import random
+import re
+import secrets
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_PYTHON = ROOT / ".venv" / "bin" / "python"
+MODERN = "2026-07-28"
+LEGACY = "legacy"
+MAIL_METHOD = "notifications/dispatch/mail"
+CHANNEL_METHOD = "notifications/claude/channel"
+TOKEN_RE = re.compile(r"^dsp_([a-z0-9]{1,32})_[0-9a-f]{48}$")
+#: The plugin's cadence (dispatch_plugin.LISTEN_SECONDS, HEARTBEAT_SECONDS), kept by SDK listeners.
+LISTEN_SECONDS = 25.0
+HEARTBEAT_SECONDS = 10.0
+#: SDK listener sessions per worker process.
+LISTENERS_PER_WORKER = 250
+#: Pause between spaced latency sends: lets the receiver's ack of the previous message land first.
+LATENCY_GAP = 0.02
+#: Sender plugins per token base. A broker may rate-limit sends per base (200/s by default once it
+#: does): five senders share one, so 50 senders use 10 bases and the limit never caps the run.
+SENDERS_PER_BASE = 5
+#: Plugins spawned at once while building a crowd (each imports the SDK: ~1 s of CPU).
+SPAWN_BATCH = 8
+
+now = time.monotonic  # CLOCK_MONOTONIC: comparable across processes on one machine
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How much of each section to run."""
+
+    quick: bool
+    latency_n: int
+    latency_warmup: int
+    seq_n: int  #: messages for the one sequential sender
+    levels: tuple[tuple[int, int], ...]  #: (senders, messages per sender), pipelined
+    depth: int  #: tools/call requests in flight per pipelined sender
+    fanout_reps: int
+    sdk_levels: tuple[int, ...]  #: live SDK listener sessions for scale and fan-out
+    idle_window: float  #: seconds of CPU sampling per scale level
+    plugin_warm_reps: int
+    broker_warm_reps: int
+    floor_n: int
+    soak_seconds: float = 600.0
+
+    @property
+    def pause(self) -> float:
+        """Settling time between steps (acks land, listens re-register)."""
+        return 0.5 if self.quick else 1.5
+
+
+FULL = Plan(quick=False, latency_n=1000, latency_warmup=50, seq_n=1000, levels=((1, 1000), (10, 300), (50, 100)),
+            depth=8, fanout_reps=3, sdk_levels=(100, 1000), idle_window=20.0, plugin_warm_reps=5,
+            broker_warm_reps=3, floor_n=1000)
+QUICK = Plan(quick=True, latency_n=150, latency_warmup=20, seq_n=100, levels=((1, 100), (3, 40)), depth=8,
+             fanout_reps=1, sdk_levels=(50,), idle_window=2.0, plugin_warm_reps=2, broker_warm_reps=0,
+             floor_n=200)
+
+
+# --------------------------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------------------------
+
+
+def sender_base(i: int) -> str:
+    """Token base of sender i (1-based): snd for the first SENDERS_PER_BASE, then snd2, snd3, ..."""
+    group = (i - 1) // SENDERS_PER_BASE
+    return "snd" if group == 0 else f"snd{group + 1}"
+
+
+def stats(samples_s: list[float]) -> dict[str, Any]:
+    """Milliseconds: n, p50, p90, p99, max, mean, min (nearest-rank percentiles)."""
+    if not samples_s:
+        return {"n": 0}
+    xs = sorted(x * 1000 for x in samples_s)
+
+    def pct(p: float) -> float:
+        return xs[min(len(xs) - 1, max(0, int(round(p / 100 * len(xs) + 0.5)) - 1))]
+
+    return {"n": len(xs), "p50": round(pct(50), 3), "p90": round(pct(90), 3), "p99": round(pct(99), 3),
+            "max": round(xs[-1], 3), "min": round(xs[0], 3), "mean": round(sum(xs) / len(xs), 3)}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def say(*parts: Any) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}]", *parts, file=sys.stderr, flush=True)
+
+
+def proc_sample(pid: int) -> dict[str, float]:
+    """RSS (MB), open fds, threads and CPU seconds of a process, from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    cpu = (int(fields[11]) + int(fields[12])) / ticks  # utime, stime (fields 14, 15 of stat)
+    rss = 0.0
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                rss = int(line.split()[1]) / 1024
+    return {"rss_mb": round(rss, 1), "fds": len(os.listdir(f"/proc/{pid}/fd")), "threads": int(fields[17]),
+            "cpu_s": cpu}
+
+
+def base_interpreter() -> str:
+    """The interpreter a user's `python3 dist/plugin.pyz` would run: the venv's base, shims resolved."""
+    exe = getattr(sys, "_base_executable", None) or sys.executable
+    return str(Path(exe).resolve())
+
+
+def machine() -> dict[str, Any]:
+    mem_kb = 0
+    with contextlib.suppress(OSError):
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemTotal:"):
+                mem_kb = int(line.split()[1])
+    cpu = platform.processor() or ""
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {"cores": os.cpu_count(), "cpu": cpu, "memory_gib": round(mem_kb / 1024 / 1024, 1),
+            "kernel": platform.release(), "load_avg_at_start": [round(x, 2) for x in os.getloadavg()]}
+
+
+def machine_busy_s() -> float:
+    """CPU seconds the whole machine has spent busy (all cores), from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_s() -> float:
+    """CPU seconds of this process and every child it has waited for."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def fmt_ms(x: float | None) -> str:
+    if x is None:
+        return "-"
+    return f"{x:.2f} ms" if x < 10 else f"{x:.1f} ms" if x < 100 else f"{x:.0f} ms"
+
+
+def source_state() -> str:
+    """The checkout the bench ran from: HEAD and whether the working tree differs (the .pyz files
+    may be older than the source: compare their `built` time)."""
+    try:
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return f"{head}{' + uncommitted changes' if dirty else ''}" if head else "?"
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+
+
+def filesystem_of(path: Path) -> str:
+    best, kind = "", "?"
+    with contextlib.suppress(OSError):
+        for line in open("/proc/mounts"):
+            parts = line.split()
+            if len(parts) >= 3 and str(path).startswith(parts[1]) and len(parts[1]) > len(best):
+                best, kind = parts[1], f"{parts[2]} ({parts[0]} on {parts[1]})"
+    return kind
+
+
+# --------------------------------------------------------------------------------------------
+# Processes
+# --------------------------------------------------------------------------------------------
+
+
+class Children:
+    """Every process the bench starts, so each can be ended by its own pid at the end."""
+
+    def __init__(self):
+        self.procs: list[Any] = []
+
+    def add(self, proc):
+        self.procs.append(proc)
+        return proc
+
+    def kill_all(self) -> None:
+        for proc in self.procs:
+            pid = proc.pid
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        for proc in self.procs:
+            if isinstance(proc, subprocess.Popen):
+                with contextlib.suppress(Exception):
+                    proc.wait(5)
+
+
+class BrokerProc:
+    """`broker.pyz serve` on 127.0.0.1 with its own database; tokens from the bench's tokens file."""
+
+    def __init__(self, bench: "Bench", label: str):
+        self.bench = bench
+        self.dir = bench.work / f"broker-{label}"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.db = self.dir / "dispatch.db"
+        self.log = self.dir / "broker.log"
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/mcp"
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def start(self, timeout: float = 120) -> float:
+        """Spawn and poll /healthz; seconds from spawn to the first 200."""
+        args = [self.bench.py, str(self.bench.broker_pyz), "serve", "--host", "127.0.0.1", "--port", str(self.port),
+                "--db", str(self.db), "--tokens", str(self.bench.tokens_file), "--synchronous", self.bench.args.synchronous]
+        t0 = now()
+        self.proc = self.bench.children.add(subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=open(self.log, "ab"), env=self.bench.env(self.bench.broker_root),
+            cwd=self.dir))
+        deadline = t0 + timeout
+        while now() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"broker exited {self.proc.returncode}: {self.log.read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=2) as r:
+                    if r.status == 200:
+                        return now() - t0
+            except OSError:
+                pass
+            time.sleep(0.005)
+        raise RuntimeError(f"broker not healthy within {timeout}s: {self.log.read_text()[-2000:]}")
+
+    def reload_tokens(self) -> None:
+        before = self.log.read_text().count("tokens: ")
+        self.proc.send_signal(signal.SIGHUP)
+        deadline = now() + 20
+        while self.log.read_text().count("tokens: ") <= before:
+            if now() > deadline:
+                raise RuntimeError("broker did not reload its tokens on SIGHUP")
+            time.sleep(0.02)
+
+    def sample(self) -> dict[str, float]:
+        return proc_sample(self.proc.pid)
+
+    def query(self, sql: str, *params) -> list[tuple]:
+        """Read the broker's database beside it (WAL lets a reader in while it writes)."""
+        db = sqlite3.connect(self.db, timeout=10)
+        try:
+            return db.execute(sql, params).fetchall()
+        finally:
+            db.close()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+class PluginDied(Exception):
+    pass
+
+
+class PluginProc:
+    """`plugin.pyz` (no arguments: the channel) driven over stdio as Claude Code drives it."""
+
+    def __init__(self, bench: "Bench", name: str, token: str, url: str, pex_root: Path | None = None):
+        self.bench = bench
+        self.name = name
+        self.token = token
+        self.url = url
+        self.pex_root = pex_root or bench.plugin_root
+        self.ids = itertools.count(1)
+        self.waiting: dict[int, asyncio.Future] = {}
+        self.expecting: dict[str, asyncio.Future] = {}
+        self.events: list[tuple[float, str, str]] = []  # (t, message_id, body) per channel write
+        self.sink = None  # optional callable(plugin, t, message_id, body)
+        self.proc: asyncio.subprocess.Process | None = None
+        self.t_spawn = 0.0
+
+    async def spawn(self) -> None:
+        env = self.bench.env(self.pex_root)
+        env.update({"DISPATCH_URL": self.url, "DISPATCH_TOKEN": self.token, "DISPATCH_NAME": self.name})
+        errors = open(self.bench.work / "plugins" / f"{self.name}.stderr", "ab")
+        self.t_spawn = now()
+        self.proc = self.bench.children.add(await asyncio.create_subprocess_exec(
+            self.bench.py, str(self.bench.plugin_pyz), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=errors, env=env, limit=1 << 24))
+        errors.close()
+        self.reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        while True:
+            line = await self.proc.stdout.readline()
+            if not line:
+                break
+            t = now()
+            message = json.loads(line)
+            if message.get("method") == CHANNEL_METHOD:
+                params = message["params"]
+                body, message_id = params["content"], params["meta"]["message_id"]
+                self.events.append((t, message_id, body))
+                waiter = self.expecting.pop(body, None)
+                if waiter and not waiter.done():
+                    waiter.set_result(t)
+                if self.sink:
+                    self.sink(self, t, message_id, body)
+            else:
+                waiter = self.waiting.pop(message.get("id"), None)
+                if waiter and not waiter.done():
+                    waiter.set_result((t, message))
+        for waiter in [*self.waiting.values(), *self.expecting.values()]:
+            if not waiter.done():
+                waiter.set_exception(PluginDied(f"plugin {self.name} exited"))
+
+    def request_nowait(self, method: str, params: dict | None = None) -> tuple[float, asyncio.Future]:
+        """Write a request; (time written, future of (time answered, message))."""
+        request_id = next(self.ids)
+        future = asyncio.get_running_loop().create_future()
+        self.waiting[request_id] = future
+        message = {"jsonrpc": "2.0", "id": request_id, "method": method}
+        if params is not None:
+            message["params"] = params
+        t = now()
+        self.proc.stdin.write(json.dumps(message).encode() + b"\n")
+        return t, future
+
+    async def request(self, method: str, params: dict | None = None, timeout: float = 60) -> tuple[float, float, dict]:
+        t0, future = self.request_nowait(method, params)
+        await self.proc.stdin.drain()
+        t1, message = await asyncio.wait_for(future, timeout)
+        return t0, t1, message
+
+    def notify(self, method: str) -> None:
+        self.proc.stdin.write(json.dumps({"jsonrpc": "2.0", "method": method}).encode() + b"\n")
+
+    async def handshake(self) -> float:
+        """server/discover (-32601), initialize 2025-11-25, initialized. Seconds from spawn to the
+        initialize answer."""
+        _, _, discover = await self.request("server/discover", {})
+        if discover.get("error", {}).get("code") != -32601:
+            raise RuntimeError(f"server/discover: expected -32601, got {discover}")
+        _, t_init, init = await self.request("initialize", {
+            "protocolVersion": "2025-11-25", "capabilities": {},
+            "clientInfo": {"name": "claude-code", "version": "2.1.330"}})
+        if "result" not in init:
+            raise RuntimeError(f"initialize failed: {init}")
+        self.notify("notifications/initialized")
+        return t_init - self.t_spawn
+
+    def tool_nowait(self, name: str, **arguments) -> tuple[float, asyncio.Future]:
+        return self.request_nowait("tools/call", {"name": name, "arguments": arguments})
+
+    async def tool(self, name: str, timeout: float = 60, **arguments) -> tuple[str, bool]:
+        _, _, message = await self.request("tools/call", {"name": name, "arguments": arguments}, timeout)
+        result = message["result"]
+        return result["content"][0]["text"], bool(result.get("isError"))
+
+    def expect(self, body: str) -> asyncio.Future:
+        future = asyncio.get_running_loop().create_future()
+        self.expecting[body] = future
+        return future
+
+    async def wait_connected(self, timeout: float = 180) -> float:
+        """Call `ping` until the broker link answers; seconds from spawn to that answer."""
+        deadline = now() + timeout
+        while True:
+            text, is_error = await self.tool("ping", timeout=30)
+            if not is_error:
+                return now() - self.t_spawn
+            if now() > deadline:
+                raise RuntimeError(f"plugin {self.name} not connected within {timeout}s: {text}")
+            await asyncio.sleep(0.2)
+
+    async def close(self) -> None:
+        if self.proc and self.proc.returncode is None:
+            with contextlib.suppress(Exception):
+                self.proc.stdin.close()
+            try:
+                await asyncio.wait_for(self.proc.wait(), 10)
+            except asyncio.TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+
+
+class OneShot:
+    """A 2026-07-28-era tool call as one HTTP POST (as the plugin's CLI makes them): for the
+    bench's own bookkeeping (`who`), never for a measured path."""
+
+    def __init__(self, url: str, token: str, name: str):
+        self.url, self.token, self.link, self.ids = url, token, secrets.token_hex(16), itertools.count(1)
+        self.call("identify", name=name)
+
+    def call(self, tool: str, **arguments) -> Any:
+        meta = {"io.modelcontextprotocol/protocolVersion": MODERN,
+                "io.modelcontextprotocol/clientInfo": {"name": "dispatch-bench", "version": "0"},
+                "io.modelcontextprotocol/clientCapabilities": {}}
+        body = {"jsonrpc": "2.0", "id": next(self.ids), "method": "tools/call",
+                "params": {"name": tool, "arguments": arguments, "_meta": meta}}
+        headers = {"Authorization": f"Bearer {self.token}", "Content-Type": "application/json",
+                   "Accept": "application/json, text/event-stream", "MCP-Protocol-Version": MODERN,
+                   "Mcp-Method": "tools/call", "Mcp-Name": tool, "Dispatch-Session": self.link}
+        request = urllib.request.Request(self.url, data=json.dumps(body).encode(), headers=headers)
+        with urllib.request.urlopen(request, timeout=60) as response:
+            message = json.loads(response.read())
+        if "error" in message or message["result"].get("isError"):
+            raise RuntimeError(f"{tool}: {message}")
+        return message["result"].get("structuredContent")
+
+    def live(self) -> set[str]:
+        return {p["name"] for p in self.call("who")["participants"] if p["live"]}
+
+
+class ListenerWorker:
+    """A process of SDK listener sessions (`run.py --role listeners`), reporting mail on stdout."""
+
+    def __init__(self, bench: "Bench", broker: BrokerProc, token: str, base: str, start: int, count: int):
+        self.bench, self.broker, self.token, self.base, self.start, self.count = bench, broker, token, base, start, count
+        self.names = [f"{base}-{i:04d}" for i in range(start, start + count)]
+        self.ready = asyncio.Event()
+        self.identified = 0
+        self.errors: list[str] = []
+        self.sink = None  # callable(name, t, body)
+
+    async def spawn(self) -> None:
+        errors = open(self.bench.work / f"listeners-{self.start}.stderr", "ab")
+        self.proc = self.bench.children.add(await asyncio.create_subprocess_exec(
+            sys.executable, str(Path(__file__).resolve()), "--role", "listeners", "--url", self.broker.url,
+            "--token", self.token, "--base", self.base, "--start", str(self.start), "--count", str(self.count),
+            "--heartbeat", str(self.bench.args.heartbeat), "--listen-seconds", str(self.bench.args.listen_seconds),
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=errors, limit=1 << 24))
+        errors.close()
+        self.reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        while True:
+            line = await self.proc.stdout.readline()
+            if not line:
+                break
+            message = json.loads(line)
+            if "m" in message:
+                if self.sink:
+                    self.sink(message["n"], message["t"], message["m"])
+            elif "ready" in message:
+                self.identified = message["ready"]
+                self.ready.set()
+            elif "error" in message:
+                self.errors.append(message["error"])
+        self.ready.set()
+
+    async def stop(self) -> None:
+        if self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+
+
+# --------------------------------------------------------------------------------------------
+# Roles run in child processes: the floor servers and the SDK listener sessions
+# --------------------------------------------------------------------------------------------
+
+
+def mail_extension(on_mail):
+    """A ClientExtension binding notifications/dispatch/mail to on_mail(params)."""
+    from mcp.client.extension import ClientExtension, NotificationBinding
+    from pydantic import BaseModel, ConfigDict
+
+    class MailParams(BaseModel):
+        model_config = ConfigDict(extra="allow")
+        id: str
+
+    class MailExtension(ClientExtension):
+        identifier = "net.dispatch/mail"
+
+        def notifications(self):
+            async def handle(params: MailParams) -> None:
+                on_mail(params)
+            return [NotificationBinding(method=MAIL_METHOD, params_type=MailParams, handler=handle)]
+
+    return MailExtension()
+
+
+def role_floor_server(http_port: int, mcp_port: int) -> None:
+    """Two bare servers in one process: Starlette on uvicorn (POST /echo), and an MCPServer whose
+    one tool sends a request-related notification (the broker's push pattern) and returns."""
+    import uvicorn
+    from mcp.server.mcpserver import Context, MCPServer
+    from mcp.server.transport_security import TransportSecuritySettings
+    from pydantic import BaseModel
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+    from typing_extensions import TypedDict
+
+    async def echo(request):
+        return JSONResponse({"ok": True, "echo": await request.json()})
+
+    bare = Starlette(routes=[Route("/echo", echo, methods=["POST"])])
+
+    class MailNotification(BaseModel):
+        method: str = MAIL_METHOD
+        params: dict[str, Any]
+
+    class PingResult(TypedDict):
+        ok: bool
+        name: str
+
+    server = MCPServer("floor", version="0")
+    mail = {"id": "m_0123456789abcdef", "chat_id": "snd-0001~rcv-0001~01234567~0123456789abcdef",
+            "from": "snd-0001", "to": "rcv-0001", "body": "floor", "sent_at": "2026-01-01T00:00:00.000Z", "attempt": 1}
+
+    @server.tool()
+    async def ping(ctx: Context) -> PingResult:
+        """Notify, then answer."""
+        await ctx.session.send_notification(MailNotification(params=mail), related_request_id=ctx.request_id)
+        return {"ok": True, "name": "floor"}
+
+    security = TransportSecuritySettings(
+        enable_dns_rebinding_protection=True, allowed_hosts=["127.0.0.1:*", "localhost:*", "127.0.0.1", "localhost"],
+        allowed_origins=["http://127.0.0.1:*", "http://localhost:*"])
+    app = server.streamable_http_app(transport_security=security)
+
+    async def main() -> None:
+        servers = [uvicorn.Server(uvicorn.Config(bare, host="127.0.0.1", port=http_port, log_level="warning",
+                                                 access_log=False, lifespan="off")),
+                   uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=mcp_port, log_level="warning",
+                                                 access_log=False, lifespan="on"))]
+        await asyncio.gather(*(s.serve() for s in servers))
+
+    asyncio.run(main())
+
+
+def role_listeners(url: str, token: str, base: str, start: int, count: int, heartbeat: float = HEARTBEAT_SECONDS,
+                   listen_seconds: float = LISTEN_SECONDS) -> None:
+    """`count` SDK sessions named base-NNNN: identify, then keep a listen pending (re-issued at
+    once), ping every 10 s, ack mail in batches: the plugin's cadence without the plugin."""
+    import httpx2
+    from mcp import Client
+    from mcp.client.streamable_http import streamable_http_client
+
+    def out(message: dict) -> None:
+        sys.stdout.write(json.dumps(message) + "\n")
+        sys.stdout.flush()
+
+    async def session(i: int, identified: list, all_identified: asyncio.Event) -> None:
+        name = f"{base}-{i:04d}"
+        acks: asyncio.Queue = asyncio.Queue()
+
+        def on_mail(params) -> None:
+            out({"m": getattr(params, "body", ""), "n": name, "t": now()})
+            acks.put_nowait(params.id)
+
+        http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}", "Dispatch-Session": secrets.token_hex(8)},
+                                  timeout=httpx2.Timeout(30, read=LISTEN_SECONDS + 60))
+        async with http, Client(streamable_http_client(url, http_client=http), mode=MODERN,
+                                extensions=[mail_extension(on_mail)]) as client:
+            result = await client.call_tool("identify", {"name": name})
+            if result.is_error:
+                out({"error": f"identify {name}: {result.content}"})
+                return
+            identified.append(name)
+            if len(identified) == count:
+                all_identified.set()
+
+            async def acker() -> None:
+                while True:
+                    batch = [await acks.get()]
+                    while not acks.empty():
+                        batch.append(acks.get_nowait())
+                    await client.call_tool("mail.ack", {"ids": batch})
+
+            async def beat() -> None:
+                if heartbeat <= 0:
+                    return
+                await asyncio.sleep(random.uniform(0, heartbeat))
+                while True:
+                    await client.call_tool("ping", {})
+                    await asyncio.sleep(heartbeat)
+
+            tasks = [asyncio.create_task(acker()), asyncio.create_task(beat())]
+            wait_s = random.uniform(min(5, listen_seconds), listen_seconds)  # desynchronise 1,000 sessions' re-issues
+            try:
+                while True:
+                    try:
+                        await client.call_tool("listen", {"wait_s": wait_s}, read_timeout_seconds=wait_s + 30)
+                    except Exception as exc:
+                        out({"error": f"listen {name}: {type(exc).__name__}: {exc}"})
+                        await asyncio.sleep(1)
+                    wait_s = listen_seconds
+            finally:
+                for task in tasks:
+                    task.cancel()
+
+    async def main() -> None:
+        identified: list[str] = []
+        all_identified = asyncio.Event()
+        tasks = [asyncio.create_task(session(i, identified, all_identified)) for i in range(start, start + count)]
+        waiter = asyncio.create_task(all_identified.wait())
+        done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        if waiter in done:
+            out({"ready": len(identified)})
+        await asyncio.gather(*tasks, return_exceptions=True)
+        out({"ready": len(identified), "ended": True})
+
+    asyncio.run(main())
+
+
+# --------------------------------------------------------------------------------------------
+# The bench
+# --------------------------------------------------------------------------------------------
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, plan: Plan):
+        self.args, self.plan = args, plan
+        self.children = Children()
+        self.py = args.python or base_interpreter()
+        dist = Path(args.dist).resolve() if args.dist else ROOT / "dist"
+        for name in ("broker.pyz", "plugin.pyz"):
+            if not (dist / name).exists():
+                raise SystemExit(f"{dist / name} is missing: build it with `.venv/bin/python build.py`")
+        base = Path(args.workdir) if args.workdir else Path(tempfile.gettempdir())
+        base.mkdir(parents=True, exist_ok=True)
+        self.work = Path(tempfile.mkdtemp(prefix="dispatch-bench-", dir=base))
+        (self.work / "plugins").mkdir()
+        # Copy: another process may rebuild dist/ while we run, and pex keys its cache on content.
+        self.broker_pyz = self.work / "broker.pyz"
+        self.plugin_pyz = self.work / "plugin.pyz"
+        self.dist_files = {}
+        for name, target in (("broker.pyz", self.broker_pyz), ("plugin.pyz", self.plugin_pyz)):
+            shutil.copyfile(dist / name, target)
+            digest = hashlib.sha256(target.read_bytes()).hexdigest()
+            built = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime((dist / name).stat().st_mtime))
+            self.dist_files[name] = {"sha256": digest, "built": built}
+        self.dist = dist
+        self.broker_root = self.work / "pex-broker"  # fresh: the first broker start is the cold one
+        self.plugin_root = self.work / "pex-plugin"  # fresh: the first plugin start is the cold one
+        self.tokens_file = self.work / "tokens"
+        self.tokens_file.write_text("")  # exists, holds no token yet: the cold broker can start
+        self.tokens: dict[str, str] = {}
+        self.results: dict[str, Any] = {}
+        self.profiles: dict[str, str] = {}
+        self.broker_warm: list[float] = []  # every warm broker start: spare ones and the scale broker
+
+    def env(self, pex_root: Path) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("DISPATCH_", "CLAUDE_", "PEX_"))}
+        env["PEX_ROOT"] = str(pex_root)
+        env["XDG_CONFIG_HOME"] = str(self.work / "xdg-none")  # no user config.toml
+        return env
+
+    def mint(self, base: str) -> str:
+        """A token through the real CLI: `broker.pyz token add BASE --tokens FILE`."""
+        done = subprocess.run([self.py, str(self.broker_pyz), "token", "add", base, "--tokens", str(self.tokens_file)],
+                              capture_output=True, text=True, timeout=300, env=self.env(self.broker_root))
+        token = done.stdout.strip()
+        if done.returncode != 0 or not TOKEN_RE.match(token) or TOKEN_RE.match(token)[1] != base:
+            raise RuntimeError(f"token add {base} failed ({done.returncode}): {done.stdout} {done.stderr}")
+        self.tokens[base] = token
+        return token
+
+    # -- sections ---------------------------------------------------------------------------
+
+    def section_size(self) -> None:
+        self.results["size"] = {name: (self.dist / name).stat().st_size for name in ("broker.pyz", "plugin.pyz")}
+
+    async def section_startup_and_broker(self) -> BrokerProc:
+        """Cold then warm starts; returns the main broker (the cold-started one, tokens loaded)."""
+        startup: dict[str, Any] = {}
+        say("startup: cold broker (fresh PEX_ROOT)")
+        main = BrokerProc(self, "main")
+        startup["broker_cold_ms"] = round(main.start() * 1000, 1)
+        say(f"  broker cold {startup['broker_cold_ms']} ms; minting tokens with the CLI")
+        for base in ("snd", "rcv", "lsn"):
+            self.mint(base)
+        main.reload_tokens()
+
+        for i in range(self.plan.broker_warm_reps):
+            extra = BrokerProc(self, f"warm{i}")
+            self.broker_warm.append(extra.start())
+            extra.stop()
+
+        say("startup: cold plugin (fresh PEX_ROOT)")
+        closed = f"http://127.0.0.1:{free_port()}/mcp"  # initialize must not depend on the broker
+        cold = PluginProc(self, "snd-cold", self.tokens["snd"], closed)
+        await cold.spawn()
+        startup["plugin_cold_ms"] = round(await cold.handshake() * 1000, 1)
+        await cold.close()
+        samples, link = [], []
+        for i in range(self.plan.plugin_warm_reps):
+            # Against the live broker: initialize does not wait for it, the link-up time does.
+            p = PluginProc(self, f"snd-warm{i}", self.tokens["snd"], main.url)
+            await p.spawn()
+            samples.append(await p.handshake())
+            if i < (1 if self.plan.quick else 2):
+                link.append(await p.wait_connected())
+            await p.close()
+        startup["plugin_warm_ms"] = stats(samples)
+        self.results["plugin_link_ready_ms"] = stats(link)
+        say(f"  plugin cold {startup['plugin_cold_ms']} ms, warm p50 {startup['plugin_warm_ms']['p50']} ms")
+        self.results["startup"] = startup
+        return main
+
+    async def section_floor(self) -> None:
+        import httpx2
+        from mcp import Client
+        from mcp.client.streamable_http import streamable_http_client
+
+        n = self.plan.floor_n
+        floor: dict[str, Any] = {}
+        say("floor: SQLite, stdio, HTTP, MCP")
+
+        # SQLite: the broker's pattern (BEGIN IMMEDIATE, one INSERT, COMMIT) on the same filesystem.
+        db = sqlite3.connect(self.work / "floor.db", isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("CREATE TABLE m (id TEXT PRIMARY KEY, recipient TEXT, body TEXT, sent_at REAL)")
+        samples = []
+        for i in range(n + 20):
+            t0 = now()
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("INSERT INTO m VALUES (?, ?, ?, ?)", (secrets.token_hex(8), "rcv-0001", "x" * 40, time.time()))
+            db.execute("COMMIT")
+            if i >= 20:
+                samples.append(now() - t0)
+        db.close()
+        floor["sqlite_commit_ms"] = stats(samples)
+
+        # stdio: a line into a child and a line back, through asyncio pipes like the plugin's.
+        echo = self.children.add(await asyncio.create_subprocess_exec(
+            self.py, "-c", "import sys\nfor l in sys.stdin.buffer:\n sys.stdout.buffer.write(l); sys.stdout.buffer.flush()",
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE))
+        samples = []
+        line = json.dumps({"jsonrpc": "2.0", "method": CHANNEL_METHOD, "params": {"content": "x" * 40}}).encode() + b"\n"
+        for i in range(n + 20):
+            t0 = now()
+            echo.stdin.write(line)
+            await echo.stdin.drain()
+            await echo.stdout.readline()
+            if i >= 20:
+                samples.append(now() - t0)
+        echo.stdin.close()
+        await echo.wait()
+        floor["stdio_rtt_ms"] = stats(samples)
+
+        http_port, mcp_port = free_port(), free_port()
+        server = self.children.add(subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "--role", "floor-server", "--http-port", str(http_port),
+             "--mcp-port", str(mcp_port)], stdout=subprocess.DEVNULL, stderr=open(self.work / "floor-server.log", "ab")))
+        try:
+            for port in (http_port, mcp_port):
+                deadline = now() + 60
+                while True:
+                    try:
+                        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                        break
+                    except OSError:
+                        if now() > deadline or server.poll() is not None:
+                            raise RuntimeError(f"floor server did not start: {(self.work / 'floor-server.log').read_text()}")
+                        await asyncio.sleep(0.05)
+            floor["server_rss_mb"] = proc_sample(server.pid)["rss_mb"]
+
+            async with httpx2.AsyncClient(timeout=30) as http:
+                samples = []
+                for i in range(n + 20):
+                    t0 = now()
+                    r = await http.post(f"http://127.0.0.1:{http_port}/echo", json={"to": "rcv-0001", "body": "x" * 40})
+                    r.raise_for_status()
+                    if i >= 20:
+                        samples.append(now() - t0)
+            floor["http_rtt_ms"] = stats(samples)
+
+            for mode, key in ((MODERN, "mcp_2026_07_28"), (LEGACY, "mcp_2025_11_25")):
+                arrivals: list[float] = []
+                headers = {"Dispatch-Session": secrets.token_hex(8)} if mode == MODERN else {}
+                http = httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(30))
+                calls, notes = [], []
+                server_cpu0, client_cpu0 = proc_sample(server.pid)["cpu_s"], time.process_time()
+                async with http, Client(streamable_http_client(f"http://127.0.0.1:{mcp_port}/mcp", http_client=http),
+                                        mode=mode, extensions=[mail_extension(lambda p: arrivals.append(now()))]) as client:
+                    for i in range(n + 20):
+                        arrivals.clear()
+                        t0 = now()
+                        result = await client.call_tool("ping", {})
+                        t1 = now()
+                        if result.is_error:
+                            raise RuntimeError(f"floor ping: {result}")
+                        for _ in range(1000):
+                            if arrivals:
+                                break
+                            await asyncio.sleep(0)
+                        if i >= 20:
+                            calls.append(t1 - t0)
+                            if arrivals:
+                                notes.append(arrivals[0] - t0)
+                calls_made = n + 20
+                server_cpu = (proc_sample(server.pid)["cpu_s"] - server_cpu0) * 1000 / calls_made
+                client_cpu = (time.process_time() - client_cpu0) * 1000 / calls_made
+                spaced = []
+                if mode == MODERN:  # the same call with idle gaps, like the spaced latency run
+                    async with httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(30)) as http2, Client(
+                            streamable_http_client(f"http://127.0.0.1:{mcp_port}/mcp", http_client=http2), mode=mode,
+                            extensions=[mail_extension(lambda p: arrivals.append(now()))]) as client:
+                        for i in range(n // 2 + 10):
+                            arrivals.clear()
+                            t0 = now()
+                            await client.call_tool("ping", {})
+                            for _ in range(1000):
+                                if arrivals:
+                                    break
+                                await asyncio.sleep(0)
+                            if i >= 10 and arrivals:
+                                spaced.append(arrivals[0] - t0)
+                            await asyncio.sleep(LATENCY_GAP)
+                floor[key] = {"call_ms": stats(calls), "notify_ms": stats(notes), "notify_spaced_ms": stats(spaced),
+                              # CPU per call: what one tool call costs the server and the client.
+                              "server_cpu_ms": round(server_cpu, 3), "client_cpu_ms": round(client_cpu, 3)}
+        finally:
+            server.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                server.wait(10)
+
+        # The floor of send -> channel: one stdio hop in (A) and one out (B) = one pipe round trip,
+        # one request leg plus one request-related notification (the bare MCP call's notify time,
+        # 2026-07-28 era as the plugin's link), and one durable commit (the message must be stored).
+        parts = {"stdio_rtt": floor["stdio_rtt_ms"]["p50"], "mcp_notify": floor["mcp_2026_07_28"]["notify_ms"]["p50"],
+                 "sqlite_commit": floor["sqlite_commit_ms"]["p50"]}
+        floor["send_channel_floor_ms"] = round(sum(parts.values()), 3)
+        floor["send_channel_floor_parts_ms"] = parts
+        # The floor of one sequential sender: stdio round trip + MCP call + one durable commit.
+        seq_floor_s = (floor["stdio_rtt_ms"]["p50"] + floor["mcp_2026_07_28"]["call_ms"]["p50"]
+                       + floor["sqlite_commit_ms"]["p50"]) / 1000
+        floor["sequential_sender_floor_per_s"] = round(1 / seq_floor_s, 1)
+        self.results["floor"] = floor
+        say(f"  floor send->channel {floor['send_channel_floor_ms']} ms = {parts}")
+
+    async def start_plugins(self, specs: list[tuple[str, str]], url: str) -> list[PluginProc]:
+        """Spawn, handshake and connect plugins (name, base), SPAWN_BATCH at a time."""
+        plugins = [PluginProc(self, name, self.tokens[base], url) for name, base in specs]
+        for start in range(0, len(plugins), SPAWN_BATCH):
+            batch = plugins[start:start + SPAWN_BATCH]
+            for p in batch:
+                await p.spawn()
+            await asyncio.gather(*(p.handshake() for p in batch))
+            await asyncio.gather(*(p.wait_connected() for p in batch))
+        return plugins
+
+    async def wait_live(self, observer: OneShot, names: set[str], timeout: float = 120) -> None:
+        deadline = now() + timeout
+        while True:
+            live = await asyncio.to_thread(observer.live)
+            missing = names - live
+            if not missing:
+                return
+            if now() > deadline:
+                raise RuntimeError(f"{len(missing)} participants not live within {timeout}s: {sorted(missing)[:5]}")
+            await asyncio.sleep(0.25)
+
+    async def section_plugins(self, broker: BrokerProc) -> None:
+        """latency, throughput and the plugin fan-out, on one crowd of plugins."""
+        smax = max(s for s, _ in self.plan.levels)
+        bases = [sender_base(i) for i in range(1, smax + 1)]
+        for base in sorted(set(bases) - set(self.tokens)):
+            self.mint(base)
+        if set(bases) - {"snd"}:
+            broker.reload_tokens()
+        senders = [f"{base}-{i:04d}" for i, base in enumerate(bases, start=1)]
+        receivers = [f"rcv-{i:04d}" for i in range(1, smax + 1)]
+        say(f"plugins: starting {2 * smax + 1} plugin processes")
+        t0 = now()
+        crowd = await self.start_plugins([(n, n.split("-")[0]) for n in senders] + [(n, "rcv") for n in receivers]
+                                         + [("snd-fan", "snd")], broker.url)
+        by_name = {p.name: p for p in crowd}
+        observer = await asyncio.to_thread(OneShot, broker.url, self.tokens["snd"], "snd-observer")
+        await self.wait_live(observer, {p.name for p in crowd})
+        say(f"  {len(crowd)} plugins connected and listening in {now() - t0:.1f} s")
+        self.results["plugin_rss_mb"] = round(sum(proc_sample(p.proc.pid)["rss_mb"] for p in crowd) / len(crowd), 1)
+
+        await self.latency(by_name["snd-0001"], by_name["rcv-0001"], broker)
+        await self.throughput(broker, by_name, senders, receivers)
+        await self.fanout_plugins(broker, by_name["snd-fan"], [p for p in crowd if p.name != "snd-fan"])
+        self.results["broker_with_plugins"] = {k: v for k, v in broker.sample().items() if k != "cpu_s"}
+        self.results["broker_with_plugins"]["sessions"] = len(crowd)
+        await asyncio.gather(*(p.close() for p in crowd))
+
+    async def latency(self, a: PluginProc, b: PluginProc, broker: BrokerProc) -> None:
+        """Sequential sends A -> B. Back to back (the headline, measured like the floor): the next
+        send is written the moment the previous one is on B's stdout and answered at A, so every
+        process stays hot (B's ack of the previous message is still in flight). Spaced: each send
+        starts LATENCY_GAP after the previous one landed, as in a conversation, so every hop pays
+        for waking an idle process; compare it with the floor's spaced figure."""
+        plan = self.plan
+        say(f"latency: {plan.latency_n} sequential sends {a.name} -> {b.name} back to back, then "
+            f"{plan.latency_n} spaced {LATENCY_GAP * 1000:.0f} ms apart")
+        result: dict[str, Any] = {}
+        for mode, gap in (("back_to_back", 0.0), ("spaced", LATENCY_GAP)):
+            samples, rtts = [], []
+            profile = self.profile_start(broker, f"latency-{mode}", [a, b])
+            cpu0 = self.cpu_of(broker, [(a, b)])
+            for i in range(plan.latency_warmup + plan.latency_n):
+                body = f"lat-{mode}-{i}"
+                arrived = b.expect(body)
+                t0, answered = a.tool_nowait("send", to=b.name, body=body)
+                t1 = await asyncio.wait_for(arrived, 30)
+                t2, message = await asyncio.wait_for(answered, 30)
+                if message["result"].get("isError"):
+                    raise RuntimeError(f"send failed: {message}")
+                if i >= plan.latency_warmup:
+                    samples.append(t1 - t0)
+                    rtts.append(t2 - t0)
+                if gap:
+                    await asyncio.sleep(gap)
+            self.profile_stop(profile)
+            cpu1 = self.cpu_of(broker, [(a, b)])
+            run = stats(samples)
+            run["send_answer_ms"] = stats(rtts)
+            run["cpu_ms_per_msg"] = {k: round((cpu1[k] - cpu0[k]) * 1000 / (plan.latency_warmup + plan.latency_n), 3)
+                                     for k in cpu0}
+            if mode == "back_to_back":
+                result.update(run)
+            else:
+                run["gap_ms"] = LATENCY_GAP * 1000
+                result["spaced"] = run
+            say(f"  {mode}: p50 {run['p50']} ms, p99 {run['p99']} ms, max {run['max']} ms")
+        self.results["latency"] = result
+
+    async def throughput(self, broker: BrokerProc, by_name: dict, senders: list[str], receivers: list[str]) -> None:
+        runs = []
+        runs.append(await self.throughput_run(broker, [(by_name[senders[0]], by_name[receivers[0]])],
+                                              self.plan.seq_n, depth=1, tag="tq1"))
+        for s, per_sender in self.plan.levels:
+            pairs = [(by_name[senders[i]], by_name[receivers[i]]) for i in range(s)]
+            runs.append(await self.throughput_run(broker, pairs, per_sender, depth=self.plan.depth, tag=f"tp{s}",
+                                                  profile=f"throughput-{s}" if s == max(x for x, _ in self.plan.levels) else None))
+        self.results["throughput"] = runs
+
+    async def throughput_run(self, broker: BrokerProc, pairs, per_sender: int, depth: int, tag: str,
+                             profile: str | None = None) -> dict[str, Any]:
+        total = len(pairs) * per_sender
+        say(f"throughput {tag}: {len(pairs)} sender(s) x {per_sender} msgs, {depth} in flight each")
+        seen_bodies: dict[str, int] = {}
+        seen_ids: dict[str, int] = {}
+        last = [0.0]
+        complete = asyncio.Event()
+        prefix = f"{tag}-"
+
+        def sink(plugin, t, message_id, body):
+            if not body.startswith(prefix):
+                return
+            seen_ids[message_id] = seen_ids.get(message_id, 0) + 1
+            seen_bodies[body] = seen_bodies.get(body, 0) + 1
+            if seen_bodies[body] == 1:
+                last[0] = t
+                if len(seen_bodies) == total:
+                    complete.set()
+
+        for _, rcv in pairs:
+            rcv.sink = sink
+        errors, queued = [], 0
+
+        async def sender(index: int, snd: PluginProc, rcv: PluginProc) -> None:
+            nonlocal queued
+            bodies = iter(range(per_sender))
+
+            async def lane() -> None:
+                nonlocal queued
+                for n in bodies:
+                    text, is_error = await snd.tool("send", timeout=120, to=rcv.name, body=f"{tag}-{index}-{n}")
+                    if is_error:
+                        errors.append(text)
+                    elif not text.startswith("Sent."):
+                        queued += 1
+            await asyncio.gather(*(lane() for _ in range(depth)))
+
+        prof = self.profile_start(broker, profile, [pairs[0][0], pairs[0][1]]) if profile else None
+        cpu0 = self.cpu_of(broker, pairs)
+        wall0, t0 = time.time(), now()
+        await asyncio.gather(*(sender(i, s, r) for i, (s, r) in enumerate(pairs)))
+        t_sent = now()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(complete.wait(), 60 + total / 50)
+        # Acked = the broker's acked_at (the plugin acks after the channel write and flush).
+        deadline = now() + 60
+        while True:
+            count, last_ack = (await asyncio.to_thread(
+                broker.query, "SELECT count(*), max(acked_at) FROM messages WHERE acked_at IS NOT NULL AND body LIKE ?",
+                prefix + "%"))[0]
+            if count >= total - len(errors) or now() > deadline:
+                break
+            await asyncio.sleep(0.05)
+        self.profile_stop(prof)
+        cpu1 = self.cpu_of(broker, pairs)
+        await asyncio.sleep(0.5)  # room for a late duplicate to show
+        for _, rcv in pairs:
+            rcv.sink = None
+        pushes = (await asyncio.to_thread(broker.query, "SELECT count(*), coalesce(sum(attempt), 0) FROM messages "
+                                          "WHERE body LIKE ?", prefix + "%"))[0]
+        delivered_s = (last[0] - t0) if seen_bodies else float("nan")
+        acked_s = (last_ack - wall0) if last_ack else float("nan")
+        result = {
+            "senders": len(pairs), "receivers": len(pairs), "depth": depth, "messages": total,
+            "sent_per_s": round(total / (t_sent - t0), 1),
+            "delivered_per_s": round(len(seen_bodies) / delivered_s, 1) if seen_bodies else 0,
+            "acked_per_s": round(count / acked_s, 1) if last_ack else 0,
+            "delivered": len(seen_bodies), "acked": count,
+            "duplicates": sum(c - 1 for c in seen_bodies.values()) + sum(c - 1 for c in seen_ids.values()),
+            "losses": total - len(seen_bodies), "errors": len(errors), "queued": queued,
+            "pushes": pushes[1], "rows": pushes[0],
+            "cpu_ms_per_msg": {k: round((cpu1[k] - cpu0[k]) * 1000 / max(1, total), 3) for k in cpu0},
+        }
+        if errors:
+            result["first_error"] = errors[0][:300]
+        say(f"  sent {result['sent_per_s']}/s, delivered {result['delivered_per_s']}/s, acked {result['acked_per_s']}/s, "
+            f"dup {result['duplicates']}, lost {result['losses']}, errors {len(errors)}")
+        return result
+
+    @staticmethod
+    def cpu_of(broker: BrokerProc, pairs) -> dict[str, float]:
+        """CPU seconds so far: the broker, all senders, all receivers."""
+        return {"broker": broker.sample()["cpu_s"],
+                "senders": sum(proc_sample(s.proc.pid)["cpu_s"] for s, _ in pairs),
+                "receivers": sum(proc_sample(r.proc.pid)["cpu_s"] for _, r in pairs)}
+
+    async def fanout_plugins(self, broker: BrokerProc, sender: PluginProc, listeners: list[PluginProc]) -> None:
+        say(f"fan-out: send(to='*') to {len(listeners)} plugin listeners")
+        reps = []
+        for rep in range(self.plan.fanout_reps):
+            body = f"fanp-{rep}"
+            arrivals = [p.expect(body) for p in listeners]
+            prof = self.profile_start(broker, "fanout-plugins") if rep == 0 else None
+            wall0 = time.time()
+            t0, answered = sender.tool_nowait("send", to="*", body=body)
+            done, pending = await asyncio.wait(arrivals, timeout=60)
+            t_answer, message = await asyncio.wait_for(answered, 60)
+            self.profile_stop(prof)
+            acked_ms = await self.settle(broker, body, len(listeners), wall0)
+            times = sorted(f.result() - t0 for f in done if not f.exception())
+            reps.append({"listeners": len(listeners), "kind": "plugin processes", "received": len(times),
+                         "missing": len(pending), "first_ms": round(times[0] * 1000, 1) if times else None,
+                         "p50_ms": stats(times).get("p50"), "last_ms": round(times[-1] * 1000, 1) if times else None,
+                         "send_answer_ms": round((t_answer - t0) * 1000, 1), "all_acked_ms": acked_ms})
+            for f in pending:
+                f.cancel()
+            await asyncio.sleep(self.plan.pause)  # acks settle before the next round
+        self.results.setdefault("fanout", []).append(self.fanout_summary(reps))
+        say(f"  last channel write after {self.results['fanout'][-1]['last_ms']} ms (median of {len(reps)})")
+
+    @staticmethod
+    async def settle(broker: BrokerProc, body: str, expected: int, wall0: float, timeout: float = 90) -> float | None:
+        """Wait until every copy of a fan-out is acked (so the next round starts on an idle
+        broker); ms from the send to the last ack, None if not all were acked in time."""
+        deadline = now() + timeout
+        while True:
+            count, last = (await asyncio.to_thread(
+                broker.query, "SELECT count(*), max(acked_at) FROM messages WHERE body = ? AND acked_at IS NOT NULL",
+                body))[0]
+            if count >= expected:
+                return round((last - wall0) * 1000, 1)
+            if now() > deadline:
+                return None
+            await asyncio.sleep(0.05)
+
+    @staticmethod
+    def fanout_summary(reps: list[dict]) -> dict:
+        best = sorted(reps, key=lambda r: r["last_ms"] if r["last_ms"] is not None else 1e12)[len(reps) // 2]
+        summary = dict(best)
+        summary["runs_last_ms"] = [r["last_ms"] for r in reps]
+        summary["missing"] = max(r["missing"] for r in reps)
+        return summary
+
+    async def section_scale(self) -> None:
+        """A fresh broker: idle sample, then N SDK listener sessions per level; fan-out at each level."""
+        broker = BrokerProc(self, "scale")
+        self.broker_warm.append(broker.start())
+        observer = await asyncio.to_thread(OneShot, broker.url, self.tokens["snd"], "snd-observer")
+        await asyncio.sleep(self.plan.pause)
+        rows = [await self.scale_sample(broker, 0, "no sessions")]
+        say("scale: fan-out sender plugin")
+        [sender] = await self.start_plugins([("snd-fan", "snd")], broker.url)
+        workers: list[ListenerWorker] = []
+        arrivals: dict[str, list[tuple[str, float]]] = {}
+
+        def sink(name: str, t: float, body: str) -> None:
+            arrivals.setdefault(body, []).append((name, t))
+
+        have = 0
+        for level in self.plan.sdk_levels:
+            say(f"scale: {level} SDK listener sessions")
+            t_level = now()
+            while have < level:
+                count = min(LISTENERS_PER_WORKER, level - have)
+                w = ListenerWorker(self, broker, self.tokens["lsn"], "lsn", have + 1, count)
+                w.sink = sink
+                await w.spawn()
+                workers.append(w)
+                have += count
+            await asyncio.gather(*(w.ready.wait() for w in workers))
+            names = {n for w in workers for n in w.names}
+            await self.wait_live(observer, names | {"snd-fan"}, timeout=300)
+            say(f"  {level} sessions live in {now() - t_level:.1f} s")
+            await asyncio.sleep(self.plan.pause)
+            rows.append(await self.scale_sample(broker, level, "SDK sessions, plugin cadence, + 1 sender plugin",
+                                                profile=f"idle-{level}"))
+            await self.fanout_sdk(broker, sender, names, arrivals, level, workers)
+        self.results["scale"] = rows
+        if self.args.soak:
+            await self.soak(broker, sender, workers, arrivals)
+        for w in workers:
+            await w.stop()
+            if w.errors:
+                self.results.setdefault("listener_errors", []).extend(w.errors[:5])
+        await sender.close()
+        broker.stop()
+
+    async def scale_sample(self, broker: BrokerProc, sessions: int, kind: str, profile: str | None = None) -> dict:
+        prof = self.profile_start(broker, profile) if profile else None
+        before, t0 = broker.sample(), now()
+        await asyncio.sleep(self.plan.idle_window)
+        after, elapsed = broker.sample(), now() - t0
+        self.profile_stop(prof)
+        row = {"sessions": sessions, "kind": kind, "rss_mb": after["rss_mb"], "fds": after["fds"],
+               "threads": after["threads"], "cpu_pct": round((after["cpu_s"] - before["cpu_s"]) / elapsed * 100, 1),
+               "window_s": round(elapsed, 1)}
+        say(f"  {sessions} sessions: RSS {row['rss_mb']} MB, {row['fds']} fds, CPU {row['cpu_pct']}%")
+        return row
+
+    async def fanout_sdk(self, broker: BrokerProc, sender: PluginProc, names: set[str], arrivals: dict, level: int,
+                         workers: list) -> None:
+        say(f"fan-out: send(to='*') to {level} SDK listener sessions")
+        reps = []
+        for rep in range(self.plan.fanout_reps):
+            body = f"fans-{level}-{rep}"
+            prof = self.profile_start(broker, f"fanout-sdk-{level}") if rep == 0 else None
+            cpu0 = (broker.sample()["cpu_s"], sum(proc_sample(w.proc.pid)["cpu_s"] for w in workers))
+            wall0 = time.time()
+            t0, answered = sender.tool_nowait("send", to="*", body=body)
+            t_answer, message = await asyncio.wait_for(answered, 120)
+            deadline = now() + 60
+            while len({n for n, _ in arrivals.get(body, [])}) < len(names) and now() < deadline:
+                await asyncio.sleep(0.01)
+            self.profile_stop(prof)
+            acked_ms = await self.settle(broker, body, len(names), wall0)
+            cpu1 = (broker.sample()["cpu_s"], sum(proc_sample(w.proc.pid)["cpu_s"] for w in workers))
+            got = arrivals.get(body, [])
+            times = sorted(t - t0 for n, t in got)
+            received = {n for n, _ in got}
+            if names - received:  # say what the broker knows of each message that did not arrive
+                rows = await asyncio.to_thread(
+                    broker.query, "SELECT recipient, attempt, pushed_at IS NOT NULL, acked_at IS NOT NULL FROM messages "
+                    "WHERE body = ?", body)
+                self.results.setdefault("fanout_missing", []).extend(
+                    {"body": body, "recipient": r[0], "attempt": r[1], "pushed": bool(r[2]), "acked": bool(r[3])}
+                    for r in rows if r[0] in names - received)
+                self.results.setdefault("fanout_missing_not_stored", []).extend(
+                    sorted(names - received - {r[0] for r in rows})[:10])
+            reps.append({"listeners": level, "kind": "SDK sessions in worker processes", "received": len(received),
+                         "missing": len(names - received), "duplicates": len(got) - len(received),
+                         "first_ms": round(times[0] * 1000, 1) if times else None, "p50_ms": stats(times).get("p50"),
+                         "last_ms": round(times[-1] * 1000, 1) if times else None,
+                         "send_answer_ms": round((t_answer - t0) * 1000, 1), "all_acked_ms": acked_ms,
+                         # CPU seconds the round cost (send to last ack), idle load included.
+                         "cpu_s": {"broker": round(cpu1[0] - cpu0[0], 2), "listeners": round(cpu1[1] - cpu0[1], 2)}})
+            await asyncio.sleep(self.plan.pause)
+        self.results.setdefault("fanout", []).append(self.fanout_summary(reps))
+        say(f"  last notification after {self.results['fanout'][-1]['last_ms']} ms (median of {len(reps)})")
+
+    async def soak(self, broker: BrokerProc, sender: PluginProc, workers: list, arrivals: dict) -> None:
+        seconds = self.plan.soak_seconds
+        say(f"soak: {seconds:.0f} s with {sum(w.count for w in workers)} sessions, a fan-out every 30 s")
+        samples = []
+        t_start = now()
+        last = broker.sample()
+        t_last = now()
+        next_fan = t_start + 30
+        n = 0
+        while now() - t_start < seconds:
+            await asyncio.sleep(10)
+            if now() >= next_fan:
+                n += 1
+                _, answered = sender.tool_nowait("send", to="*", body=f"soak-{n}")
+                await asyncio.wait_for(answered, 120)
+                next_fan += 30
+            s, t = broker.sample(), now()
+            samples.append({"t_s": round(t - t_start), "rss_mb": s["rss_mb"], "fds": s["fds"], "threads": s["threads"],
+                            "cpu_pct": round((s["cpu_s"] - last["cpu_s"]) / (t - t_last) * 100, 1)})
+            last, t_last = s, t
+        expected = sum(w.count for w in workers)
+        delivered = [len({name for name, _ in arrivals.get(f"soak-{i}", [])}) for i in range(1, n + 1)]
+        rss = [x["rss_mb"] for x in samples]
+        self.results["soak"] = {
+            "seconds": round(now() - t_start), "sessions": expected, "fanouts": n,
+            "fanout_min_received": min(delivered) if delivered else None,
+            "rss_first_mb": rss[0], "rss_last_mb": rss[-1], "rss_max_mb": max(rss),
+            "fds_first": samples[0]["fds"], "fds_last": samples[-1]["fds"],
+            "cpu_pct_mean": round(sum(x["cpu_pct"] for x in samples) / len(samples), 1), "samples": samples}
+        say(f"  RSS {rss[0]} -> {rss[-1]} MB (max {max(rss)}), fds {samples[0]['fds']} -> {samples[-1]['fds']}")
+
+    # -- optional profiling -----------------------------------------------------------------
+
+    def profile_start(self, broker: BrokerProc, label: str | None, plugins: list | None = None):
+        """py-spy record (raw collapsed stacks, 250 Hz) of the broker and the given plugins."""
+        if not self.args.profile or not label:
+            return None
+        spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+        if not Path(spy).exists():
+            return None
+        procs = []
+        for who, pid in [("broker", broker.pid), *((p.name, p.proc.pid) for p in plugins or [])]:
+            out = Path(self.args.profile) / f"{label}.{who}.txt"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            procs.append(self.children.add(subprocess.Popen(
+                [spy, "record", "--pid", str(pid), "--format", "raw", "--rate", "250", "--output", str(out),
+                 "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
+            self.profiles[f"{label}.{who}"] = str(out)
+        time.sleep(0.5)  # let them attach
+        return procs
+
+    @staticmethod
+    def profile_stop(procs) -> None:
+        for proc in procs or []:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+        for proc in procs or []:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(30)
+
+    # -- run --------------------------------------------------------------------------------
+
+    async def run(self) -> dict[str, Any]:
+        started = time.time()
+        busy0, own0, t0 = machine_busy_s(), own_cpu_s(), now()
+        self.section_size()
+        only = set(self.args.only.split(",")) if self.args.only else {"floor", "plugins", "scale"}
+        main = await self.section_startup_and_broker()
+        try:
+            if "floor" in only:
+                await self.section_floor()
+            if "plugins" in only:
+                await self.section_plugins(main)
+        finally:
+            main.stop()
+        if "scale" in only:
+            await self.section_scale()
+        self.results["startup"]["broker_warm_ms"] = stats(self.broker_warm)
+        self.results["goals"] = goals(self.results, self.plan)
+        elapsed = now() - t0
+        others = max(0.0, (machine_busy_s() - busy0) - (own_cpu_s() - own0))
+        self.results["meta"] = {
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
+            "duration_s": round(time.time() - started, 1),
+            "command": " ".join(["python3", "bench/run.py", *sys.argv[1:]]),
+            "quick": self.plan.quick, "soak": bool(self.args.soak),
+            "machine": machine(), "python": platform.python_version(), "pyz_interpreter": self.py,
+            "filesystem": filesystem_of(self.work), "dist": str(self.dist),
+            "sqlite": sqlite3.sqlite_version, "plan": asdict(self.plan), "profiles": self.profiles,
+            "source": source_state(), "dist_files": self.dist_files,
+            # Other processes' CPU during the run, in cores: > 0.2 means the figures are noisy.
+            "other_load_cores": round(others / elapsed, 2), "load_avg_at_end": [round(x, 2) for x in os.getloadavg()],
+        }
+        return self.results
+
+    def cleanup(self) -> None:
+        self.children.kill_all()
+        if not self.args.keep:
+            shutil.rmtree(self.work, ignore_errors=True)
+        else:
+            say(f"kept {self.work}")
+
+
+# --------------------------------------------------------------------------------------------
+# Goals and the table
+# --------------------------------------------------------------------------------------------
+
+
+def goals(r: dict[str, Any], plan: Plan) -> list[dict[str, Any]]:
+    """Each goal: what, target, measured, verdict ('met', 'MISS' or 'not run')."""
+    out = []
+
+    def goal(what: str, target: str, measured: Any, ok: bool | None, note: str = "") -> None:
+        out.append({"goal": what, "target": target, "measured": measured,
+                    "verdict": "not run" if ok is None else ("met" if ok else "MISS"), "note": note})
+
+    lat, floor = r.get("latency", {}), r.get("floor", {})
+    fl = floor.get("send_channel_floor_ms")
+    if lat.get("n") and fl:
+        ratio = lat["p50"] / fl
+        goal("send→channel p50", f"≤ 1.15× floor ({1.15 * fl:.2f} ms)", f"{lat['p50']:.2f} ms = {ratio:.2f}× floor",
+             ratio <= 1.15, f"floor {fl:.2f} ms")
+        goal("send→channel p99", "< 5 ms", f"{lat['p99']:.2f} ms", lat["p99"] < 5)
+    tp = r.get("throughput", [])
+    seq = next((x for x in tp if x["depth"] == 1), None)
+    goal("1 sequential sender, delivered and acked", "≥ 400 msg/s",
+         f"{min(seq['delivered_per_s'], seq['acked_per_s']):.0f} msg/s" if seq else "-",
+         None if not seq else min(seq["delivered_per_s"], seq["acked_per_s"]) >= 400)
+    s50 = next((x for x in tp if x["senders"] == 50), None)
+    goal("50 senders → 50 receivers, delivered and acked", "≥ 1,000 msg/s",
+         f"{min(s50['delivered_per_s'], s50['acked_per_s']):.0f} msg/s" if s50 else "-",
+         None if not s50 else min(s50["delivered_per_s"], s50["acked_per_s"]) >= 1000)
+    bad = [f"{x['senders']}x{x['depth']}: dup {x['duplicates']} lost {x['losses']}" for x in tp
+           if x["duplicates"] or x["losses"]]
+    goal("throughput duplicates and losses", "0", "0" if tp and not bad else ("; ".join(bad) or "-"),
+         None if not tp else not bad)
+    fo = next((x for x in r.get("fanout", []) if x["listeners"] == 1000), None)
+    goal("fan-out to 1,000 listeners, last write", "< 1 s", f"{fo['last_ms']:.0f} ms" if fo and fo["last_ms"] else "-",
+         None if not fo else (fo["last_ms"] is not None and fo["last_ms"] < 1000 and not fo["missing"]))
+    sc = next((x for x in r.get("scale", []) if x["sessions"] == 1000), None)
+    goal("broker RSS with 1,000 idle sessions", "< 250 MB", f"{sc['rss_mb']:.0f} MB" if sc else "-",
+         None if not sc else sc["rss_mb"] < 250)
+    st = r.get("startup", {})
+    warm = st.get("plugin_warm_ms", {}).get("p50")
+    goal("plugin spawn → initialize answered, warm", "< 300 ms", f"{warm:.0f} ms" if warm else "-",
+         None if warm is None else warm < 300)
+    for name, size in r.get("size", {}).items():
+        goal(f"{name} size", "< 20 MB", f"{size / 1e6:.1f} MB", size < 20e6)
+    return out
+
+
+def table(r: dict[str, Any]) -> str:
+    """Every figure as one Markdown table: section, metric, measured, goal, verdict."""
+    rows: list[tuple[str, str, str, str, str]] = []
+    verdicts = {g["goal"]: g for g in r.get("goals", [])}
+
+    def row(section, metric, measured, goal_name=None):
+        g = verdicts.get(goal_name) if goal_name else None
+        rows.append((section, metric, measured, g["target"] if g else "", g["verdict"] if g else ""))
+
+    def ms(s: dict, key="p50") -> str:
+        return fmt_ms(s[key]) if s.get("n") else "-"
+
+    f = r.get("floor", {})
+    if f:
+        row("floor", "SQLite WAL insert+commit, synchronous=FULL (p50 / p99)",
+            f"{ms(f['sqlite_commit_ms'])} / {ms(f['sqlite_commit_ms'], 'p99')}")
+        row("floor", "stdio pipe round trip (p50)", ms(f["stdio_rtt_ms"]))
+        row("floor", "loopback HTTP round trip, Starlette+uvicorn, httpx2 (p50 / p99)",
+            f"{ms(f['http_rtt_ms'])} / {ms(f['http_rtt_ms'], 'p99')}")
+        for key, era in (("mcp_2026_07_28", "2026-07-28"), ("mcp_2025_11_25", "2025-11-25")):
+            row("floor", f"bare MCP tool call + related notify, {era} client: notify / answer (p50)",
+                f"{ms(f[key]['notify_ms'])} / {ms(f[key]['call_ms'])}")
+            row("floor", f"bare MCP tool call, {era}: CPU per call, server / client",
+                f"{fmt_ms(f[key]['server_cpu_ms'])} / {fmt_ms(f[key]['client_cpu_ms'])}")
+        parts = " + ".join(f"{v:.2f}" for v in f["send_channel_floor_parts_ms"].values())
+        row("floor", "send→channel floor = stdio rtt + MCP notify + 1 commit", f"{f['send_channel_floor_ms']:.2f} ms ({parts})")
+        row("floor", "1 sequential sender floor = 1 / (stdio rtt + MCP call + 1 commit)",
+            f"{f['sequential_sender_floor_per_s']:.0f} msg/s")
+    lat = r.get("latency", {})
+    if lat.get("n"):
+        row("latency", f"send→channel p50 ({lat['n']} sequential sends, back to back)", f"{lat['p50']:.2f} ms",
+            "send→channel p50")
+        row("latency", "send→channel p99", f"{lat['p99']:.2f} ms", "send→channel p99")
+        row("latency", "send→channel max / mean", f"{lat['max']:.2f} / {lat['mean']:.2f} ms")
+        row("latency", "send tool call answered at A (p50 / p99)",
+            f"{lat['send_answer_ms']['p50']:.2f} / {lat['send_answer_ms']['p99']:.2f} ms")
+        sp = lat.get("spaced")
+        if sp:
+            fs = f.get("mcp_2026_07_28", {}).get("notify_spaced_ms", {})
+            row("latency", f"send→channel spaced {sp['gap_ms']:.0f} ms apart (idle processes wake at each hop), p50 / p99 / max",
+                f"{sp['p50']:.2f} / {sp['p99']:.2f} / {sp['max']:.2f} ms"
+                + (f" (floor's MCP notify spaced alike: p50 {fs['p50']:.2f} ms)" if fs.get("n") else ""))
+        cpu = lat.get("cpu_ms_per_msg")
+        if cpu:
+            row("latency", "CPU per message (send + push + ack): broker / sender plugin / receiver plugin",
+                f"{cpu['broker']:.2f} / {cpu['senders']:.2f} / {cpu['receivers']:.2f} ms")
+    for t in r.get("throughput", []):
+        label = (f"{t['senders']} sender → {t['receivers']} receiver, sequential" if t["depth"] == 1 else
+                 f"{t['senders']} senders → {t['receivers']} receivers, {t['depth']} in flight each")
+        name = ("1 sequential sender, delivered and acked" if t["depth"] == 1 else
+                "50 senders → 50 receivers, delivered and acked" if t["senders"] == 50 else None)
+        row("throughput", f"{label}: delivered / acked ({t['messages']} msgs)",
+            f"{t['delivered_per_s']:.0f} / {t['acked_per_s']:.0f} msg/s", name)
+        row("throughput", f"{label}: duplicates / losses / errors; broker CPU per message",
+            f"{t['duplicates']} / {t['losses']} / {t['errors']}; {fmt_ms(t['cpu_ms_per_msg']['broker'])}",
+            "throughput duplicates and losses")
+    for fo in r.get("fanout", []):
+        name = "fan-out to 1,000 listeners, last write" if fo["listeners"] == 1000 else None
+        row("fan-out", f"send(to=\"*\") → {fo['listeners']} {fo['kind']}: last write (first / p50)",
+            f"{fmt_ms(fo['last_ms'])} ({fmt_ms(fo['first_ms'])} / {fmt_ms(fo['p50_ms'])}), missing {fo['missing']}", name)
+        row("fan-out", f"send(to=\"*\") → {fo['listeners']}: send answered at the sender / every copy acked",
+            f"{fmt_ms(fo['send_answer_ms'])} / {fmt_ms(fo.get('all_acked_ms'))}")
+        if fo.get("cpu_s"):
+            row("fan-out", f"send(to=\"*\") → {fo['listeners']}: CPU the round cost, broker / listener processes",
+                f"{fo['cpu_s']['broker']:.2f} s / {fo['cpu_s']['listeners']:.2f} s")
+    for s in r.get("scale", []):
+        name = "broker RSS with 1,000 idle sessions" if s["sessions"] == 1000 else None
+        row("scale", f"broker, {s['sessions']} live sessions: RSS / fds / threads / CPU",
+            f"{s['rss_mb']:.0f} MB / {s['fds']} / {s['threads']} / {s['cpu_pct']:.1f}%", name)
+    if r.get("broker_with_plugins"):
+        b = r["broker_with_plugins"]
+        row("scale", f"broker after the plugin runs, {b['sessions']} plugin sessions: RSS / fds",
+            f"{b['rss_mb']:.0f} MB / {b['fds']}")
+    if r.get("plugin_rss_mb"):
+        row("scale", "plugin process RSS (mean, connected)", f"{r['plugin_rss_mb']:.0f} MB")
+    soak = r.get("soak")
+    if soak:
+        row("soak", f"{soak['seconds']} s, {soak['sessions']} sessions, {soak['fanouts']} fan-outs: RSS first → last (max)",
+            f"{soak['rss_first_mb']:.0f} → {soak['rss_last_mb']:.0f} MB ({soak['rss_max_mb']:.0f})")
+        row("soak", "fds first → last; mean CPU; fewest receivers of a fan-out",
+            f"{soak['fds_first']} → {soak['fds_last']}; {soak['cpu_pct_mean']}%; {soak['fanout_min_received']}")
+    st = r.get("startup", {})
+    if st:
+        row("startup", "plugin spawn → initialize answered, cold (fresh PEX_ROOT)", f"{st['plugin_cold_ms']:.0f} ms")
+        row("startup", "plugin spawn → initialize answered, warm (p50, max)",
+            f"{st['plugin_warm_ms']['p50']:.0f} ms ({st['plugin_warm_ms']['max']:.0f})",
+            "plugin spawn → initialize answered, warm")
+        if r.get("plugin_link_ready_ms", {}).get("n"):
+            row("startup", "plugin spawn → broker link up (first ping answered), warm", ms(r["plugin_link_ready_ms"]))
+        row("startup", "broker spawn → /healthz 200, cold (fresh PEX_ROOT)", f"{st['broker_cold_ms']:.0f} ms")
+        row("startup", "broker spawn → /healthz 200, warm (p50)", ms(st["broker_warm_ms"]))
+    for name, size in r.get("size", {}).items():
+        row("size", name, f"{size / 1e6:.1f} MB ({size:,} bytes)", f"{name} size")
+
+    head = ("section", "metric", "measured", "goal", "verdict")
+    widths = [max(len(x[i]) for x in [head, *rows]) for i in range(5)]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------
+
+
+def ensure_sdk() -> None:
+    """Re-run under .venv/bin/python when this interpreter lacks the SDK (floor and listeners need it)."""
+    try:
+        import httpx2  # noqa: F401
+        import mcp  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        if VENV_PYTHON.exists() and not os.environ.get("DISPATCH_BENCH_REEXEC"):
+            os.environ["DISPATCH_BENCH_REEXEC"] = "1"
+            os.execv(str(VENV_PYTHON), [str(VENV_PYTHON), str(Path(__file__).resolve()), *sys.argv[1:]])
+        raise SystemExit("bench/run.py needs the mcp SDK: run `python3 tests/run.py` once to create .venv")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Dispatch benchmarks through the real dist/*.pyz processes.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--quick", action="store_true", help="small counts, every section, under a minute (smoke test)")
+    p.add_argument("--json", metavar="FILE", help="write every figure as JSON here")
+    p.add_argument("--soak", action="store_true", help="also keep the largest scale level for 10 minutes")
+    p.add_argument("--dist", metavar="DIR", help="directory with broker.pyz and plugin.pyz (default: dist/)")
+    p.add_argument("--python", metavar="EXE", help="interpreter for the .pyz files (default: the base python3)")
+    p.add_argument("--workdir", metavar="DIR", help="parent of the scratch directory (default: the temp dir)")
+    p.add_argument("--keep", action="store_true", help="keep the scratch directory (logs, databases)")
+    p.add_argument("--profile", metavar="DIR", help="record the broker with py-spy (raw stacks) during each phase")
+    p.add_argument("--soak-seconds", type=float, default=600.0, help=argparse.SUPPRESS)
+    p.add_argument("--only", help=argparse.SUPPRESS)  # development: floor,plugins,scale
+    p.add_argument("--plan", help=argparse.SUPPRESS)  # development: JSON overriding Plan fields
+    p.add_argument("--synchronous", default="FULL", help=argparse.SUPPRESS)  # development: NORMAL for comparison
+    # Internal roles: child processes of the bench.
+    p.add_argument("--role", choices=["floor-server", "listeners"], help=argparse.SUPPRESS)
+    p.add_argument("--http-port", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--mcp-port", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--url", help=argparse.SUPPRESS)
+    p.add_argument("--token", help=argparse.SUPPRESS)
+    p.add_argument("--base", help=argparse.SUPPRESS)
+    p.add_argument("--start", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--count", type=int, help=argparse.SUPPRESS)
+    # Development: the SDK listeners' cadence (default: the plugin's, ping every 10 s, listen 25 s).
+    p.add_argument("--heartbeat", type=float, default=HEARTBEAT_SECONDS, help=argparse.SUPPRESS)
+    p.add_argument("--listen-seconds", type=float, default=LISTEN_SECONDS, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    ensure_sdk()
+    if args.role == "floor-server":
+        role_floor_server(args.http_port, args.mcp_port)
+        return 0
+    if args.role == "listeners":
+        role_listeners(args.url, args.token, args.base, args.start, args.count, args.heartbeat, args.listen_seconds)
+        return 0
+    plan = QUICK if args.quick else FULL
+    if args.soak_seconds != 600.0:
+        plan = Plan(**{**asdict(plan), "soak_seconds": args.soak_seconds})
+    if args.plan:
+        override = {k: tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v
+                    for k, v in json.loads(args.plan).items()}
+        plan = Plan(**{**asdict(plan), **override})
+    bench = Bench(args, plan)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        results = asyncio.run(bench.run())
+    finally:
+        bench.cleanup()
+    meta = results["meta"]
+    m = meta["machine"]
+    print(f"Dispatch benchmarks, {meta['date']}: {m['cores']} cores ({m['cpu']}), {m['memory_gib']} GiB, "
+          f"Python {meta['python']}, SQLite {meta['sqlite']}, {meta['filesystem']}"
+          f"{' — QUICK (indicative only)' if meta['quick'] else ''}")
+    print(f"$ {meta['command']}   ({meta['duration_s']} s; other processes used {meta['other_load_cores']} "
+          f"of {m['cores']} cores meanwhile)")
+    print(f"source {meta['source']}; " + "; ".join(f"{n} built {d['built']}, sha256 {d['sha256'][:12]}"
+                                                  for n, d in meta["dist_files"].items()) + "\n")
+    print(table(results))
+    misses = [g for g in results["goals"] if g["verdict"] == "MISS"]
+    print(f"\n{len(misses)} goal(s) missed" + (": " + "; ".join(f"{g['goal']} {g['measured']} (goal {g['target']})"
+                                                                for g in misses) if misses else ""))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

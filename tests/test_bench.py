@@ -1,0 +1,60 @@
+"""Smoke test of the benchmark: `bench/run.py --quick` runs every section against the built zipapps.
+
+It checks that each section is reported, never the figures: timings on a shared CI machine say
+nothing, and the goals are judged in BENCHMARKS.md, not here. About 50 s on 2 cores (the first
+start of each .pyz unpacks into a fresh PEX_ROOT: that is the `cold` start-up figure).
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench" / "run.py"
+#: A hard bound for a run meant to take under a minute; a hang fails instead of blocking CI.
+TIMEOUT_S = 240
+
+SECTIONS = {
+    "size": {"broker.pyz", "plugin.pyz"},
+    "startup": {"plugin_cold_ms", "plugin_warm_ms", "broker_cold_ms", "broker_warm_ms"},
+    "floor": {"sqlite_commit_ms", "stdio_rtt_ms", "http_rtt_ms", "mcp_2026_07_28", "mcp_2025_11_25",
+              "send_channel_floor_ms"},
+    "latency": {"n", "p50", "p99", "max"},
+}
+
+
+@pytest.mark.bench
+def test_quick_bench_reports_every_section(dist, tmp_path):
+    assert dist.broker.parent == dist.plugin.parent
+    out = tmp_path / "bench.json"
+    done = subprocess.run([sys.executable, str(BENCH), "--quick", "--json", str(out), "--dist", str(dist.broker.parent),
+                           "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert done.returncode == 0, f"bench exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    report = json.loads(out.read_text())
+
+    for section, keys in SECTIONS.items():
+        assert keys <= set(report.get(section, {})), f"{section}: missing {keys - set(report.get(section, {}))}"
+    assert report["latency"]["n"] > 0
+
+    throughput = report["throughput"]
+    assert any(run["depth"] == 1 for run in throughput), "no sequential-sender run"
+    assert any(run["depth"] > 1 for run in throughput), "no pipelined run"
+    for run in throughput:
+        assert {"delivered_per_s", "acked_per_s", "duplicates", "losses"} <= set(run)
+
+    kinds = {run["kind"] for run in report["fanout"]}
+    assert any("plugin" in kind for kind in kinds) and any("SDK" in kind for kind in kinds), kinds
+    assert all(run["last_ms"] is not None for run in report["fanout"])
+
+    sessions = [row["sessions"] for row in report["scale"]]
+    assert 0 in sessions and max(sessions) > 0
+    assert all({"rss_mb", "fds", "cpu_pct"} <= set(row) for row in report["scale"])
+
+    assert report["goals"] and all(goal["verdict"] in ("met", "MISS", "not run") for goal in report["goals"])
+    assert report["meta"]["quick"] is True
+    # The printed table carries a row for every section.
+    for section in ("floor", "latency", "throughput", "fan-out", "scale", "startup", "size"):
+        assert f"| {section}" in done.stdout, f"no {section} row in the table"
