@@ -495,6 +495,7 @@ class ListenerWorker:
         self.ready = asyncio.Event()
         self.identified = 0
         self.errors: list[str] = []
+        self.reconnects: list[dict] = []  # links the worker rebuilt, as the plugin would
         self.sink = None  # callable(name, t, body)
 
     async def spawn(self) -> None:
@@ -516,11 +517,17 @@ class ListenerWorker:
             if "m" in message:
                 if self.sink:
                     self.sink(message["n"], message["t"], message["m"])
+            elif "reconnect" in message:
+                self.reconnects.append(message)
+                if len(self.reconnects) <= 2:
+                    say(f"  listener reconnect: {message['reconnect']}: {message['why']}")
             elif "ready" in message:
                 self.identified = message["ready"]
                 self.ready.set()
             elif "error" in message:
                 self.errors.append(message["error"])
+                if len(self.errors) <= 3:
+                    say(f"  listener error: {message['error'][:300]}")
         self.ready.set()
 
     async def stop(self) -> None:
@@ -617,7 +624,23 @@ def role_listeners(url: str, token: str, base: str, start: int, count: int, hear
         sys.stdout.flush()
 
     async def session(i: int, identified: list, all_identified: asyncio.Event) -> None:
+        """Stay connected like the plugin's BrokerLink: a failed link is rebuilt (identify again,
+        listen again) after a backoff doubling from 1 s to 30 s, and reported as a reconnect."""
         name = f"{base}-{i:04d}"
+        backoff = 1.0
+        while True:
+            try:
+                if await connected(name, identified, all_identified):
+                    return  # identify refused: nothing to retry
+                backoff = 1.0
+            except Exception as exc:
+                while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+                    exc = exc.exceptions[0]
+                out({"reconnect": name, "why": f"{type(exc).__name__}: {exc}"[:200]})
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 30.0)
+
+    async def connected(name: str, identified: list, all_identified: asyncio.Event) -> bool:
         acks: asyncio.Queue = asyncio.Queue()
 
         def on_mail(params) -> None:
@@ -631,24 +654,35 @@ def role_listeners(url: str, token: str, base: str, start: int, count: int, hear
             result = await client.call_tool("identify", {"name": name})
             if result.is_error:
                 out({"error": f"identify {name}: {result.content}"})
-                return
-            identified.append(name)
-            if len(identified) == count:
-                all_identified.set()
+                return True
+            if name not in identified:
+                identified.append(name)
+                if len(identified) == count:
+                    all_identified.set()
 
-            async def acker() -> None:
+            async def acker() -> None:  # like the plugin: a failed ack is reported, the mail comes again
                 while True:
                     batch = [await acks.get()]
                     while not acks.empty():
                         batch.append(acks.get_nowait())
-                    await client.call_tool("mail.ack", {"ids": batch})
+                    try:
+                        result = await client.call_tool("mail.ack", {"ids": batch})
+                        if result.is_error:
+                            out({"error": f"ack {name}: {result.content}"})
+                    except Exception as exc:
+                        out({"error": f"ack {name}: {type(exc).__name__}: {exc}"})
 
             async def beat() -> None:
                 if heartbeat <= 0:
                     return
                 await asyncio.sleep(random.uniform(0, heartbeat))
                 while True:
-                    await client.call_tool("ping", {})
+                    try:
+                        result = await client.call_tool("ping", {})
+                        if result.is_error:
+                            out({"error": f"ping {name}: {result.content}"})
+                    except Exception as exc:
+                        out({"error": f"ping {name}: {type(exc).__name__}: {exc}"})
                     await asyncio.sleep(heartbeat)
 
             tasks = [asyncio.create_task(acker()), asyncio.create_task(beat())]
@@ -656,7 +690,10 @@ def role_listeners(url: str, token: str, base: str, start: int, count: int, hear
             try:
                 while True:
                     try:
-                        await client.call_tool("listen", {"wait_s": wait_s}, read_timeout_seconds=wait_s + 30)
+                        result = await client.call_tool("listen", {"wait_s": wait_s}, read_timeout_seconds=wait_s + 30)
+                        if result.is_error:
+                            out({"error": f"listen {name}: {result.content}"})
+                            await asyncio.sleep(1)
                     except Exception as exc:
                         out({"error": f"listen {name}: {type(exc).__name__}: {exc}"})
                         await asyncio.sleep(1)
@@ -668,7 +705,14 @@ def role_listeners(url: str, token: str, base: str, start: int, count: int, hear
     async def main() -> None:
         identified: list[str] = []
         all_identified = asyncio.Event()
-        tasks = [asyncio.create_task(session(i, identified, all_identified)) for i in range(start, start + count)]
+        async def reported(i: int) -> None:
+            try:
+                await session(i, identified, all_identified)
+            except BaseException as exc:  # a session must not end silently: the bench counts on it
+                out({"error": f"session {base}-{i:04d} ended: {type(exc).__name__}: {exc!r}"[:500]})
+                raise
+
+        tasks = [asyncio.create_task(reported(i)) for i in range(start, start + count)]
         waiter = asyncio.create_task(all_identified.wait())
         done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
         if waiter in done:
@@ -1124,10 +1168,9 @@ class Bench:
         broker); ms from the send to the last ack, None if not all were acked in time."""
         deadline = now() + timeout
         while True:
-            count, last = (await asyncio.to_thread(
-                broker.query, "SELECT count(*), max(acked_at) FROM messages WHERE body = ? AND acked_at IS NOT NULL",
-                body))[0]
-            if count >= expected:
+            stored, count, last = (await asyncio.to_thread(
+                broker.query, "SELECT count(*), count(acked_at), max(acked_at) FROM messages WHERE body = ?", body))[0]
+            if stored and count >= min(expected, stored):  # one that was not live got no copy to ack
                 return round((last - wall0) * 1000, 1)
             if now() > deadline:
                 return None
@@ -1182,6 +1225,8 @@ class Bench:
             await w.stop()
             if w.errors:
                 self.results.setdefault("listener_errors", []).extend(w.errors[:5])
+                self.results["listener_error_count"] = self.results.get("listener_error_count", 0) + len(w.errors)
+            self.results["listener_reconnects"] = self.results.get("listener_reconnects", 0) + len(w.reconnects)
         await sender.close()
         broker.stop()
 
@@ -1258,11 +1303,20 @@ class Bench:
                             "cpu_pct": round((s["cpu_s"] - last["cpu_s"]) / (t - t_last) * 100, 1)})
             last, t_last = s, t
         expected = sum(w.count for w in workers)
+        observer = await asyncio.to_thread(OneShot, broker.url, self.tokens["snd"], "snd-observer")
+        live_at_end = len(await asyncio.to_thread(observer.live) & {n for w in workers for n in w.names})
+        deadline = now() + 60  # the last fan-out's copies are still arriving
+        while now() < deadline and len({name for name, _ in arrivals.get(f"soak-{n}", [])}) < expected:
+            await asyncio.sleep(0.2)
         delivered = [len({name for name, _ in arrivals.get(f"soak-{i}", [])}) for i in range(1, n + 1)]
         rss = [x["rss_mb"] for x in samples]
         self.results["soak"] = {
             "seconds": round(now() - t_start), "sessions": expected, "fanouts": n,
-            "fanout_min_received": min(delivered) if delivered else None,
+            "fanout_min_received": min(delivered) if delivered else None, "fanout_received": delivered,
+            "live_at_end": live_at_end,
+            "reconnects": sum(len(w.reconnects) for w in workers),
+            "reconnect_reasons": sorted({r["why"][:80] for w in workers for r in w.reconnects})[:5],
+            "listener_errors": sum(len(w.errors) for w in workers),
             "rss_first_mb": rss[0], "rss_last_mb": rss[-1], "rss_max_mb": max(rss),
             "fds_first": samples[0]["fds"], "fds_last": samples[-1]["fds"],
             "cpu_pct_mean": round(sum(x["cpu_pct"] for x in samples) / len(samples), 1), "samples": samples}
@@ -1469,6 +1523,8 @@ def table(r: dict[str, Any]) -> str:
             f"{soak['rss_first_mb']:.0f} → {soak['rss_last_mb']:.0f} MB ({soak['rss_max_mb']:.0f})")
         row("soak", "fds first → last; mean CPU; fewest receivers of a fan-out",
             f"{soak['fds_first']} → {soak['fds_last']}; {soak['cpu_pct_mean']}%; {soak['fanout_min_received']}")
+        row("soak", "sessions live at the end; links rebuilt by the sessions (reconnects)",
+            f"{soak.get('live_at_end')} of {soak['sessions']}; {soak.get('reconnects')}")
     st = r.get("startup", {})
     if st:
         row("startup", "plugin spawn → initialize answered, cold (fresh PEX_ROOT)", f"{st['plugin_cold_ms']:.0f} ms")
