@@ -206,9 +206,11 @@ MIGRATIONS: list[tuple[str, str]] = [
     ),
 ]
 
+#: A message for a live recipient is stamped as pushed (attempt 1) in the same commit: its
+#: first push then needs no write of its own.
 SQL_INSERT_MESSAGE = """
-INSERT INTO messages (id, chat_id, sender, recipient, body, sent_at, expires_at)
-VALUES (:id, :chat_id, :sender, :recipient, :body, :sent_at, :expires_at)
+INSERT INTO messages (id, chat_id, sender, recipient, body, sent_at, expires_at, attempt, pushed_at)
+VALUES (:id, :chat_id, :sender, :recipient, :body, :sent_at, :expires_at, :attempt, :pushed_at)
 """
 SQL_GET_MESSAGE = """
 SELECT id, chat_id, sender, recipient, body, sent_at, attempt, acked_at, expires_at
@@ -231,6 +233,12 @@ SQL_COUNT_PENDING = """
 SELECT count(*)
 FROM messages
 WHERE recipient = :recipient AND acked_at IS NULL AND expires_at > :now
+"""
+SQL_COUNT_PENDING_AMONG = """
+SELECT recipient, count(*)
+FROM messages
+WHERE recipient IN ({placeholders}) AND acked_at IS NULL AND expires_at > ?
+GROUP BY recipient
 """
 SQL_COUNT_PENDING_FROM = """
 SELECT recipient, count(*)
@@ -330,21 +338,34 @@ def iso_time(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts * 1000) % 1000:03d}Z"
 
 
+#: SQLite keeps at most this many bound parameters a statement (999 in older builds).
+SQL_PARAMETERS = 500
+
+
+def chunks(items: list, size: int = SQL_PARAMETERS):
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
 class Store:
     """The SQLite mailbox. One connection, used only from the event loop thread.
 
     Every tool is an `async def`, so the SDK runs it on the loop thread and Store calls never
-    overlap: no lock is needed. Writes happen inside `transaction()` and are committed (WAL,
-    synchronous=FULL unless told otherwise) before a tool answers, so a `send` that returned
-    survives SIGKILL and power loss.
+    overlap: no lock is needed. Writes happen inside `transaction()` and are committed before a
+    tool answers. Stored mail is committed durably (WAL, synchronous=FULL unless told
+    otherwise), so a `send` that returned survives SIGKILL and power loss. Bookkeeping (acks,
+    push stamps, last seen) is committed with synchronous=NORMAL: in WAL mode that survives a
+    broker crash but not a power cut, where the cost of a lost ack is one redelivery, which the
+    plugin drops by id. It saves an fsync on every push and ack, and the loop waits for each one.
     """
 
     def __init__(self, path: str, *, synchronous: str = "FULL"):
         self.path = path
+        self.synchronous = synchronous  #: the level of durable commits, a keyword checked by argparse
+        self.level = ""  #: the level the connection is at now
         try:
             self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute(f"PRAGMA synchronous={synchronous}")  # a fixed keyword, checked by argparse
             self.db.execute("PRAGMA busy_timeout=5000")
         except sqlite3.Error as exc:  # SQLite's own text ("unable to open database file") names no file
             raise ConfigError(f"cannot open the mailbox {path}: {exc} (the file and its directory must be "
@@ -352,11 +373,16 @@ class Store:
         self.migrate()
 
     @contextlib.contextmanager
-    def transaction(self):
+    def transaction(self, durable: bool = True):
         """All or nothing. A write SQLite cannot make (disk full, read-only file) is rolled back
         and raised as Unavailable, so a tool says why instead of crashing, and the next
-        transaction starts clean once the disk has room again."""
+        transaction starts clean once the disk has room again. `durable=False`: bookkeeping,
+        committed without an fsync (see the class docstring)."""
+        level = self.synchronous if durable else "NORMAL"
         try:
+            if level != self.level:  # WAL: a later FULL commit still syncs every earlier frame
+                self.db.execute(f"PRAGMA synchronous={level}")
+                self.level = level
             self.db.execute("BEGIN IMMEDIATE")
             yield self.db
             self.db.execute("COMMIT")
@@ -402,7 +428,7 @@ class Store:
     # -- participants -------------------------------------------------------------------------
 
     def touch(self, name: str, now: float) -> None:
-        with self.transaction() as db:
+        with self.transaction(durable=False) as db:
             db.execute(SQL_UPSERT_PARTICIPANT, {"name": name, "base": base_of(name), "now": now})
 
     def participant(self, name: str) -> tuple[str, str, float] | None:
@@ -419,12 +445,22 @@ class Store:
     def count_pending(self, recipient: str, now: float) -> int:
         return self.db.execute(SQL_COUNT_PENDING, {"recipient": recipient, "now": now}).fetchone()[0]
 
+    def count_pending_among(self, recipients: list[str], now: float) -> dict[str, int]:
+        """Pending mail of each recipient, in one query per SQL_PARAMETERS names (a fan-out)."""
+        counts: dict[str, int] = {}
+        for chunk in chunks(recipients):
+            sql = SQL_COUNT_PENDING_AMONG.format(placeholders=",".join("?" * len(chunk)))
+            counts.update(self.db.execute(sql, [*chunk, now]).fetchall())
+        return counts
+
     def pending_from(self, sender: str, now: float) -> dict[str, int]:
         return dict(self.db.execute(SQL_COUNT_PENDING_FROM, {"sender": sender, "now": now}).fetchall())
 
-    def insert(self, rows: list[dict[str, Any]]) -> None:
-        """Commit one message for each recipient, all or none."""
+    def insert(self, sender: str, rows: list[dict[str, Any]], now: float) -> None:
+        """Commit one message for each recipient, all or none, and the sender's sign of life:
+        one durable commit a send."""
         with self.transaction() as db:
+            db.execute(SQL_UPSERT_PARTICIPANT, {"name": sender, "base": base_of(sender), "now": now})
             db.executemany(SQL_INSERT_MESSAGE, rows)
 
     def pending_for(self, recipient: str, now: float, limit: int = -1) -> list[Mail]:
@@ -433,7 +469,7 @@ class Store:
 
     def mark_pushed(self, message_id: str, now: float) -> Mail | None:
         """Count one more push attempt; None when the message was acked or purged meanwhile."""
-        with self.transaction() as db:
+        with self.transaction(durable=False) as db:
             changed = db.execute(SQL_MARK_PUSHED, {"id": message_id, "now": now}).rowcount
             row = db.execute(SQL_GET_MESSAGE, (message_id,)).fetchone()
         if not changed or row is None or row[8] <= now:
@@ -449,20 +485,19 @@ class Store:
         When any id belongs to someone else nothing is acked: the call is refused whole.
         """
         owners = {}
-        for start in range(0, len(ids), 500):  # stay under SQLite's bound-parameter limit
-            chunk = ids[start : start + 500]
+        for chunk in chunks(ids):
             sql = SQL_OWNERS_OF.format(placeholders=",".join("?" * len(chunk)))
             owners.update({row[0]: row[1] for row in self.db.execute(sql, chunk)})
         foreign = [i for i in ids if i in owners and owners[i] != recipient]
         if foreign:
             return 0, foreign
-        with self.transaction() as db:
+        with self.transaction(durable=False) as db:
             acked = sum(db.execute(SQL_ACK, {"id": i, "recipient": recipient, "now": now}).rowcount for i in ids)
         return acked, []
 
     def purge_expired(self, now: float, participant_ttl: float) -> list[tuple[str, str, str]]:
         """Delete expired mail (and long-gone participants); return the unacked mail dropped."""
-        with self.transaction() as db:
+        with self.transaction(durable=False) as db:
             expired = db.execute(SQL_EXPIRED_UNACKED, {"now": now}).fetchall()
             db.execute(SQL_PURGE_EXPIRED, {"now": now})
             db.execute(SQL_PURGE_PARTICIPANTS, {"cutoff": now - participant_ttl})
@@ -632,6 +667,7 @@ class Listener:
     name: str
     link_key: str
     push: Any  # async (params) -> None, bound to the listen request's own session and id
+    #: (message id, its Mail when the send already stamped it pushed, else None: stamp at push)
     wake: asyncio.Queue = field(default_factory=asyncio.Queue)
     queued: set = field(default_factory=set)
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
@@ -642,11 +678,12 @@ class Listener:
         self.stop_reason = reason
         self.stopped.set()
 
-    def offer(self, message_id: str) -> None:
-        """Queue one message id for this listener (once, however often it is offered)."""
+    def offer(self, message_id: str, fresh: "Mail | None" = None) -> None:
+        """Queue one message for this listener (once, however often it is offered). `fresh`:
+        the message as just stored and stamped by its send, pushed without another write."""
         if message_id not in self.queued:
             self.queued.add(message_id)
-            self.wake.put_nowait(message_id)
+            self.wake.put_nowait((message_id, fresh))
 
 
 class Broker:
@@ -735,30 +772,27 @@ class Broker:
         chat_id = chat_id or self.chats.new(sender, to)
         now = time.time()
         accepted, dropped = [], {}
+        pending = self.store.count_pending_among(recipients, now)
         for name in recipients:
-            pending = self.store.count_pending(name, now)
-            if pending >= self.max_pending:
-                dropped[name] = f"mailbox full ({pending} unacked messages, limit {self.max_pending})"
+            if pending.get(name, 0) >= self.max_pending:
+                dropped[name] = f"mailbox full ({pending[name]} unacked messages, limit {self.max_pending})"
             else:
                 accepted.append(name)
         if not accepted:
             reasons = "; ".join(f"{n}: {why}" for n, why in dropped.items())
             raise Refused(f"not sent: {reasons}")
+        live = {name: self.listeners[name] for name in accepted if name in self.listeners}
         rows = [
             {"id": "m_" + secrets.token_hex(8), "chat_id": chat_id, "sender": sender, "recipient": name,
-             "body": body, "sent_at": now, "expires_at": now + self.ttl}
+             "body": body, "sent_at": now, "expires_at": now + self.ttl,
+             "attempt": 1 if name in live else 0, "pushed_at": now if name in live else None}
             for name in accepted
         ]
-        self.store.touch(sender, now)  # first: if the disk fills in between, a failed send stored nothing
-        self.store.insert(rows)
-        delivered, queued = [], False
+        self.store.insert(sender, rows, now)
         for row in rows:
-            listener = self.listeners.get(row["recipient"])
-            if listener:
-                listener.offer(row["id"])
-                delivered.append(row["recipient"])
-            else:
-                queued = True
+            if row["recipient"] in live:
+                live[row["recipient"]].offer(row["id"], Mail(row["id"], chat_id, sender, row["recipient"], body, now, 1))
+        delivered, queued = list(live), len(live) < len(accepted)
         log.info("send %s -> %s (%s): %d bytes, delivered_to=%s queued=%s dropped=%s",
                  sender, to, chat_id, size, delivered, queued, sorted(dropped))
         return {"chat_id": chat_id, "delivered_to": delivered, "dropped": sorted(dropped),
@@ -800,14 +834,14 @@ class Broker:
                 if left <= 0:
                     break
                 try:
-                    message_id = await asyncio.wait_for(listener.wake.get(), min(left, DISCONNECT_POLL))
+                    message_id, fresh = await asyncio.wait_for(listener.wake.get(), min(left, DISCONNECT_POLL))
                 except asyncio.TimeoutError:
                     if await disconnected():
                         reason = "disconnected"
                         break
                     continue
                 listener.queued.discard(message_id)
-                if not await self.push_one(listener, message_id):
+                if not await self.push_one(listener, message_id, fresh):
                     reason = "push failed"
                     break
         except asyncio.CancelledError:  # a 2026-07-28 client closed the stream, or the broker stops
@@ -823,8 +857,8 @@ class Broker:
             log.info("listen %s ended: %s", name, reason)
         return reason
 
-    async def push_one(self, listener: Listener, message_id: str) -> bool:
-        mail = self.store.mark_pushed(message_id, time.time())
+    async def push_one(self, listener: Listener, message_id: str, fresh: Mail | None = None) -> bool:
+        mail = fresh or self.store.mark_pushed(message_id, time.time())
         if mail is None:
             return True  # acked or expired since it was queued: nothing to do
         try:

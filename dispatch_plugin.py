@@ -78,6 +78,10 @@ CALL_TIMEOUT = 15.0
 BACKOFF_MAX = 30.0
 #: How long a tool call waits for a link that is still connecting before it reports the outage.
 READY_WAIT = 8.0
+#: Acks wait this long for more mail to share one `mail.ack` call. Under a stream of mail that
+#: is one call per batch instead of one a message, and each call costs the broker as much as a
+#: send; the broker pushes again only after its ack timeout (15 s), so 50 ms costs nothing.
+ACK_DELAY = 0.05
 #: Message ids remembered to drop redeliveries (the broker pushes again until it sees our ack).
 SEEN_IDS = 20_000
 #: The header that names our link to the broker (2026-07-28 has no Mcp-Session-Id).
@@ -497,6 +501,8 @@ class Channel:
         self.out = sys.stdout.buffer
         self.mail: asyncio.Queue = asyncio.Queue()
         self.seen: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self.unacked: list[str] = []  #: ids written to the transcript (or dropped as seen), to ack
+        self.ack_due = asyncio.Event()
         self.link = BrokerLink(config, self.mail.put_nowait)
         self.tasks: set[asyncio.Task] = set()
 
@@ -538,6 +544,7 @@ class Channel:
             self.respond(request_id, self.initialize_result(params))
             self.spawn(self.keep_link())
             self.spawn(self.deliver_mail())
+            self.spawn(self.ack_mail())
         elif method == "ping":
             self.respond(request_id, {})
         elif method == "tools/list":
@@ -566,17 +573,25 @@ class Channel:
     # -- inbound mail -------------------------------------------------------------------------
 
     async def deliver_mail(self) -> None:
-        """Write each new message to the transcript, then ack it (and any redelivered duplicate)."""
+        """Write each new message to the transcript the moment it arrives; only then is it (or a
+        redelivered duplicate) due for its ack."""
         while True:
-            batch = [await self.mail.get()]
-            while not self.mail.empty():
-                batch.append(self.mail.get_nowait())
-            for mail in batch:
-                self.emit(mail)
+            mail = await self.mail.get()
+            self.emit(mail)
+            self.unacked.append(mail["id"])
+            self.ack_due.set()
+
+    async def ack_mail(self) -> None:
+        """Ack what was written, in one call per ACK_DELAY at most."""
+        while True:
+            await self.ack_due.wait()
+            await asyncio.sleep(ACK_DELAY)
+            ids, self.unacked = self.unacked, []
+            self.ack_due.clear()
             try:
-                await self.link.call("mail.ack", {"ids": [m["id"] for m in batch]})
+                await self.link.call("mail.ack", {"ids": ids})
             except Exception as exc:  # unacked mail is pushed again and dropped here as a duplicate
-                log.warning("ack of %d messages failed (%s); the broker will push them again", len(batch), exc)
+                log.warning("ack of %d messages failed (%s); the broker will push them again", len(ids), exc)
 
     def emit(self, mail: dict[str, Any]) -> bool:
         """Write one message as a channel event unless it was written before. True if written."""
