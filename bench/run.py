@@ -79,6 +79,9 @@ HEARTBEAT_SECONDS = 10.0
 LISTENERS_PER_WORKER = 250
 #: Pause between spaced latency sends: lets the receiver's ack of the previous message land first.
 LATENCY_GAP = 0.02
+#: The floor the issue's absolute goals were set against: one MCP tool call + request-related
+#: notify through mcp 2.3.0 (2026-07-28 era), p50 ms, on a quiet machine of this kind.
+ISSUE_FLOOR_MS = 2.0
 #: Sender plugins per token base. A broker may rate-limit sends per base (200/s by default once it
 #: does): five senders share one, so 50 senders use 10 bases and the limit never caps the run.
 SENDERS_PER_BASE = 5
@@ -1409,27 +1412,42 @@ def goals(r: dict[str, Any], plan: Plan) -> list[dict[str, Any]]:
 
     lat, floor = r.get("latency", {}), r.get("floor", {})
     fl = floor.get("send_channel_floor_ms")
+    # The issue's absolute goals assume its floor (an MCP call + notify in ~2.0 ms). Each note
+    # also says what the goal comes to on the floor measured in this run, so a slower machine's
+    # miss can be told from a slower Dispatch.
+    stack = (floor.get("mcp_2026_07_28", {}).get("notify_ms") or {}).get("p50")
+    slower = stack / ISSUE_FLOOR_MS if stack else None
+
+    def scaled(limit: float, measured: float, unit: str, per_second: bool = False) -> str:
+        if not slower:
+            return ""
+        target = limit / slower if per_second else limit * slower
+        ok = measured >= target if per_second else measured < target
+        return (f"this run's stack is {slower:.1f}× the issue's {ISSUE_FLOOR_MS} ms floor: "
+                f"{'≥' if per_second else '<'} {target:.0f} {unit} here, {'met' if ok else 'MISS'}")
+
     if lat.get("n") and fl:
         ratio = lat["p50"] / fl
         goal("send→channel p50", f"≤ 1.15× floor ({1.15 * fl:.2f} ms)", f"{lat['p50']:.2f} ms = {ratio:.2f}× floor",
              ratio <= 1.15, f"floor {fl:.2f} ms")
-        goal("send→channel p99", "< 5 ms", f"{lat['p99']:.2f} ms", lat["p99"] < 5)
+        goal("send→channel p99", "< 5 ms", f"{lat['p99']:.2f} ms", lat["p99"] < 5, scaled(5, lat["p99"], "ms"))
     tp = r.get("throughput", [])
     seq = next((x for x in tp if x["depth"] == 1), None)
-    goal("1 sequential sender, delivered and acked", "≥ 400 msg/s",
-         f"{min(seq['delivered_per_s'], seq['acked_per_s']):.0f} msg/s" if seq else "-",
-         None if not seq else min(seq["delivered_per_s"], seq["acked_per_s"]) >= 400)
+    rate = min(seq["delivered_per_s"], seq["acked_per_s"]) if seq else None
+    goal("1 sequential sender, delivered and acked", "≥ 400 msg/s", f"{rate:.0f} msg/s" if seq else "-",
+         None if not seq else rate >= 400, scaled(400, rate, "msg/s", per_second=True) if seq else "")
     s50 = next((x for x in tp if x["senders"] == 50), None)
-    goal("50 senders → 50 receivers, delivered and acked", "≥ 1,000 msg/s",
-         f"{min(s50['delivered_per_s'], s50['acked_per_s']):.0f} msg/s" if s50 else "-",
-         None if not s50 else min(s50["delivered_per_s"], s50["acked_per_s"]) >= 1000)
+    rate = min(s50["delivered_per_s"], s50["acked_per_s"]) if s50 else None
+    goal("50 senders → 50 receivers, delivered and acked", "≥ 1,000 msg/s", f"{rate:.0f} msg/s" if s50 else "-",
+         None if not s50 else rate >= 1000, scaled(1000, rate, "msg/s", per_second=True) if s50 else "")
     bad = [f"{x['senders']}x{x['depth']}: dup {x['duplicates']} lost {x['losses']}" for x in tp
            if x["duplicates"] or x["losses"]]
     goal("throughput duplicates and losses", "0", "0" if tp and not bad else ("; ".join(bad) or "-"),
          None if not tp else not bad)
     fo = next((x for x in r.get("fanout", []) if x["listeners"] == 1000), None)
     goal("fan-out to 1,000 listeners, last write", "< 1 s", f"{fo['last_ms']:.0f} ms" if fo and fo["last_ms"] else "-",
-         None if not fo else (fo["last_ms"] is not None and fo["last_ms"] < 1000 and not fo["missing"]))
+         None if not fo else (fo["last_ms"] is not None and fo["last_ms"] < 1000 and not fo["missing"]),
+         scaled(1000, fo["last_ms"], "ms") if fo and fo["last_ms"] else "")
     sc = next((x for x in r.get("scale", []) if x["sessions"] == 1000), None)
     goal("broker RSS with 1,000 idle sessions", "< 250 MB", f"{sc['rss_mb']:.0f} MB" if sc else "-",
          None if not sc else sc["rss_mb"] < 250)
@@ -1627,6 +1645,9 @@ def main(argv: list[str] | None = None) -> int:
     misses = [g for g in results["goals"] if g["verdict"] == "MISS"]
     print(f"\n{len(misses)} goal(s) missed" + (": " + "; ".join(f"{g['goal']} {g['measured']} (goal {g['target']})"
                                                                 for g in misses) if misses else ""))
+    for g in results["goals"]:
+        if g["note"]:
+            print(f"- {g['goal']} ({g['verdict']}): {g['note']}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return 0
