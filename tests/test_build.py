@@ -186,7 +186,8 @@ def test_stand_in_zipapp_runs_main_and_imports_mcp_with_only_a_python(stand_in_d
 
 @pytest.mark.parametrize("python", each_python())
 def test_real_zipapps_serve_and_exchange_mail_with_only_a_python(dist, python, tmp_path):
-    """broker.pyz serves, and two plugin.pyz channels answer initialize and pass a message."""
+    """broker.pyz serves, and two plugin.pyz channels answer initialize, pass a message and a
+    reply, and call every tool the plugin offers, so every broker tool runs inside a zipapp."""
     from conftest import BrokerProcess, PluginProcess, plugin_env
 
     (tmp_path / "home").mkdir()
@@ -205,6 +206,13 @@ def test_real_zipapps_serve_and_exchange_mail_with_only_a_python(dist, python, t
         assert not is_error, text
         [event] = bob.wait_channel(1)
         assert event["content"] == "from a zipapp" and event["meta"]["from"] == "alice-pyz"
+        text, is_error = bob.tool("reply", chat_id=event["meta"]["chat_id"], body="back from a zipapp")
+        assert not is_error, text
+        [answer] = alice.wait_channel(1)
+        assert answer["content"] == "back from a zipapp"
+        for tool in ("who", "inbox"):
+            text, is_error = alice.tool(tool)
+            assert not is_error, text
     finally:
         for p in plugins:
             p.kill()
