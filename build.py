@@ -57,11 +57,13 @@ PIP_VERSION = "26.2.1"
 
 @dataclass(frozen=True)
 class Zipapp:
-    """One output file: which module it carries and the wheel platforms it must run on."""
+    """One output file: which module it carries, the wheel platforms it must run on, and the
+    locked projects it leaves out because nothing it runs imports them."""
 
     name: str
     module: str
     systems: tuple
+    excludes: tuple = ()
 
     @property
     def entry_point(self):
@@ -69,9 +71,23 @@ class Zipapp:
         return f"{self.module}:main"
 
 
+#: Only cffi's Python package imports pycparser (to parse C declarations when an FFI object is
+#: made); cryptography's compiled bindings load the _cffi_backend extension alone and nothing we
+#: run imports `cffi` itself. cffi and cryptography stay: `import mcp.client` and `import
+#: mcp.server` both reach mcp.server.request_state, which imports cryptography at module level.
+NEVER_IMPORTED = ("pycparser",)
+#: Only mcp's client imports jsonschema (mcp.client.session, lazily, to check a tool's result
+#: against its output schema); no server module of mcp, starlette, uvicorn or pydantic does. pex
+#: drops what only it needs: referencing, jsonschema-specifications, attrs and rpds-py (a compiled
+#: wheel per CPython x platform, ~2.9 MB of the broker). The plugin keeps it: the broker's tools
+#: declare output schemas, so the plugin's first tools/call imports jsonschema.
+CLIENT_ONLY = ("jsonschema",)
+
 ZIPAPPS = (
-    Zipapp("broker", "dispatch_broker", LINUX),  # a service on Linux hosts
-    Zipapp("plugin", "dispatch_plugin", LINUX + MACOS),  # runs wherever Claude Code does
+    # A service on Linux hosts.
+    Zipapp("broker", "dispatch_broker", LINUX, excludes=NEVER_IMPORTED + CLIENT_ONLY),
+    # Runs wherever Claude Code does.
+    Zipapp("plugin", "dispatch_plugin", LINUX + MACOS, excludes=NEVER_IMPORTED),
 )
 
 
@@ -201,6 +217,9 @@ def pex_command(zipapp, out_dir):
     ]
     for platform in pex_platforms(zipapp):
         command += ["--platform", platform]
+    # pex leaves each one out with whatever only it needs, and its runtime does not look for them.
+    for project in zipapp.excludes:
+        command += ["--exclude", project]
     return command
 
 
