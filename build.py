@@ -4,19 +4,31 @@
     pex.lock + dispatch_broker.py ──pex──> dist/broker.pyz   Linux x86_64/aarch64, CPython 3.11-3.14
     pex.lock + dispatch_plugin.py ──pex──> dist/plugin.pyz   the same + macOS arm64
     python3 dist/plugin.pyz ──1st run──> $PEX_ROOT/  (unpack every target's wheels, make a venv:
-                            ──later───> re-exec that venv     ~140 MB and ~5 s for the plugin)
+                            ──later───> re-exec that venv     ~140 MB and ~5 s for the plugin,
+                                                              ~100 MB for the broker)
 
 Each file needs only a CPython interpreter at run time: no venv, pip or network. The compiled
-wheels (pydantic_core, rpds-py, cryptography, cffi) cannot be imported from inside a zip, so the
-first run unpacks the zipapp into PEX_ROOT, which defaults to $XDG_CACHE_HOME/pex or ~/.cache/pex
-(~/Library/Caches/pex on macOS). Set PEX_ROOT to move it; the systemd unit points it at its
-CacheDirectory. If PEX_ROOT is not writable, pex unpacks into a temporary directory on every run.
+wheels (pydantic_core, cryptography, cffi, and rpds-py in the plugin) cannot be imported from
+inside a zip, so the first run unpacks the zipapp into PEX_ROOT, which defaults to
+$XDG_CACHE_HOME/pex or ~/.cache/pex (~/Library/Caches/pex on macOS). Set PEX_ROOT to move it;
+the systemd unit points it at its CacheDirectory. If PEX_ROOT is not writable, pex unpacks into a
+temporary directory on every run.
 
 Run (without pex importable, build.py first installs the pinned pex into build/venv):
     python3 build.py                 # writes dist/, prints size and sha256 of each file
     python3 build.py serve           # then runs dist/broker.pyz serve --dev from the repo root
     python3 build.py --out DIR       # somewhere else (the reproducibility test builds twice)
     python3 build.py --relock        # after changing dependencies in pyproject.toml
+
+Size (31.5 MB broker, 48.7 MB plugin): each compiled wheel but cryptography's (abi3: one per
+platform, ~4.7 MB) is carried once per CPython x platform, 8 copies in the broker and 12 in the
+plugin. pydantic_core's copies (~2.1 MB each) are over half of each file, cryptography's most of
+the rest. ZIPAPPS leaves out the locked projects nothing we run imports (see NEVER_IMPORTED and
+CLIENT_ONLY); the tests run the real files without them. pex has no smaller form of a single-file
+zipapp: it deflates at zlib's default level with no setting for it, --no-pre-install-wheels
+carries the wheels as published (~3% larger), --layout packed/loose is a directory, and --rc's
+zstd needs a native launcher fetched from outside the package index. One file per platform would
+be 17-19 MB each.
 
 Reproducible: pex writes zip entries in a fixed order dated 1980-01-01, and pex.lock pins each
 wheel by hash, so two builds of one commit with the same pex and the same build Python (pex's
@@ -57,11 +69,13 @@ PIP_VERSION = "26.2.1"
 
 @dataclass(frozen=True)
 class Zipapp:
-    """One output file: which module it carries and the wheel platforms it must run on."""
+    """One output file: which module it carries, the wheel platforms it must run on, and the
+    locked projects it leaves out because nothing it runs imports them."""
 
     name: str
     module: str
     systems: tuple
+    excludes: tuple = ()
 
     @property
     def entry_point(self):
@@ -69,9 +83,23 @@ class Zipapp:
         return f"{self.module}:main"
 
 
+#: Only cffi's Python package imports pycparser (to parse C declarations when an FFI object is
+#: made); cryptography's compiled bindings load the _cffi_backend extension alone and nothing we
+#: run imports `cffi` itself. cffi and cryptography stay: `import mcp.client` and `import
+#: mcp.server` both reach mcp.server.request_state, which imports cryptography at module level.
+NEVER_IMPORTED = ("pycparser",)
+#: Only mcp's client imports jsonschema (mcp.client.session, lazily, to check a tool's result
+#: against its output schema); no server module of mcp, starlette, uvicorn or pydantic does. pex
+#: drops what only it needs: referencing, jsonschema-specifications, attrs and rpds-py (a compiled
+#: wheel per CPython x platform, ~2.9 MB of the broker). The plugin keeps it: the broker's tools
+#: declare output schemas, so the plugin's first tools/call imports jsonschema.
+CLIENT_ONLY = ("jsonschema",)
+
 ZIPAPPS = (
-    Zipapp("broker", "dispatch_broker", LINUX),  # a service on Linux hosts
-    Zipapp("plugin", "dispatch_plugin", LINUX + MACOS),  # runs wherever Claude Code does
+    # A service on Linux hosts.
+    Zipapp("broker", "dispatch_broker", LINUX, excludes=NEVER_IMPORTED + CLIENT_ONLY),
+    # Runs wherever Claude Code does.
+    Zipapp("plugin", "dispatch_plugin", LINUX + MACOS, excludes=NEVER_IMPORTED),
 )
 
 
@@ -201,6 +229,9 @@ def pex_command(zipapp, out_dir):
     ]
     for platform in pex_platforms(zipapp):
         command += ["--platform", platform]
+    # pex leaves each one out with whatever only it needs, and its runtime does not look for them.
+    for project in zipapp.excludes:
+        command += ["--exclude", project]
     return command
 
 
