@@ -70,7 +70,8 @@ BROKER_PROTOCOL = "2026-07-28"
 CHANNEL_PROTOCOLS = ("2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")
 #: Each `listen` stays open this long; the next one is issued the moment it returns.
 LISTEN_SECONDS = 25.0
-#: A ping this often proves the link alive; a listen silent for LISTEN_SECONDS + this is dead.
+#: A ping this often proves the link alive; a listen stream silent this long (no mail, and none of
+#: the keepalives the broker writes there every 3 s) is a dead connection, however it looks to TCP.
 HEARTBEAT_SECONDS = 10.0
 #: One tool call to the broker may take this long.
 CALL_TIMEOUT = 15.0
@@ -286,9 +287,10 @@ class BrokerLink:
     """Keeps one live connection to the broker for the channel.
 
     Connect = identify (one-shot) + an SDK client on the same link id. Then a `listen` call is
-    always pending and a heartbeat ping runs beside it; when either fails the link is torn
-    down and rebuilt with capped backoff. Pushed mail goes straight to `on_mail` (a queue put:
-    the SDK's per-binding queue drops the oldest entries when a handler is slow).
+    always pending and a heartbeat ping runs beside it; when either fails, or the listen's stream
+    goes silent, the link is torn down and rebuilt with capped backoff. Pushed mail goes straight
+    to `on_mail` (a queue put: the SDK's per-binding queue drops the oldest entries when a
+    handler is slow).
     """
 
     def __init__(self, config: Config, on_mail):
@@ -300,6 +302,7 @@ class BrokerLink:
         self.down_since = time.time()
         self.down_why = "connecting"
         self.superseded_at: float | None = None
+        self.heard = time.monotonic()  # when the pending listen's stream last carried something
 
     def outage(self) -> str:
         since = time.strftime("%H:%M:%S", time.localtime(self.down_since))
@@ -330,7 +333,7 @@ class BrokerLink:
     async def connected_session(self) -> None:
         oneshot = OneShot(self.config, self.link_id)
         await asyncio.to_thread(oneshot.identify)
-        async with sdk_client(self.config, self.link_id, self.on_mail) as client:
+        async with sdk_client(self.config, self.link_id, self.mail_heard) as client:
             self.client, self.down_since = client, None
             self.ready.set()
             log.info("connected to %s as %s", self.config.url, self.config.name)
@@ -343,17 +346,13 @@ class BrokerLink:
                 # Also when the SDK cancels us because its transport died: a heartbeat left running
                 # would ping through the next link forever, and its error would go unretrieved.
                 for task in tasks:
-                    task.cancel()
-                    task.add_done_callback(lambda t: t.cancelled() or t.exception())
+                    abandon(task)
                 self.client = None
                 self.ready.clear()
 
     async def listen_forever(self) -> None:
         while True:
-            result = await asyncio.wait_for(
-                self.client.call_tool("listen", {"wait_s": LISTEN_SECONDS}, read_timeout_seconds=LISTEN_SECONDS + HEARTBEAT_SECONDS),
-                LISTEN_SECONDS + HEARTBEAT_SECONDS,
-            )
+            result = await self.listen_once()
             if result.is_error:
                 raise BrokerDown(f"listen refused: {sdk_text(result)}")
             if (result.structured_content or {}).get("ended") == "superseded":
@@ -362,6 +361,32 @@ class BrokerLink:
                 self.superseded_at = time.time()
                 log.warning("a newer session named %s receives its mail now; this one stops listening", self.config.name)
                 return
+
+    async def listen_once(self):
+        """One listen call, given up when its stream carries nothing for HEARTBEAT_SECONDS. The
+        broker writes a keepalive on it every few seconds, so that silence is a connection that
+        died without closing (a dead path, a NAT or Wi-Fi change): TCP may not notice for minutes,
+        and the heartbeat ping cannot, since it goes over a connection of its own."""
+        self.heard = time.monotonic()
+        call = asyncio.ensure_future(self.client.call_tool(
+            "listen", {"wait_s": LISTEN_SECONDS}, read_timeout_seconds=LISTEN_SECONDS + HEARTBEAT_SECONDS,
+            progress_callback=self.keepalive_heard))
+        try:
+            while not call.done():
+                silent = time.monotonic() - self.heard
+                if silent >= HEARTBEAT_SECONDS:
+                    raise BrokerDown(f"the listen stream was silent for {silent:.0f} s (no mail, no keepalive)")
+                await asyncio.wait([call], timeout=HEARTBEAT_SECONDS - silent)
+            return call.result()
+        finally:
+            abandon(call)
+
+    def mail_heard(self, mail: dict[str, Any]) -> None:
+        self.heard = time.monotonic()
+        self.on_mail(mail)
+
+    async def keepalive_heard(self, progress: float, total: float | None, message: str | None) -> None:
+        self.heard = time.monotonic()
 
     async def heartbeat(self) -> None:
         while True:
@@ -380,6 +405,12 @@ class BrokerLink:
         if result.is_error:
             raise Refused(sdk_text(result))
         return result.structured_content, sdk_text(result)
+
+
+def abandon(task: asyncio.Future) -> None:
+    """Cancel a task nobody will await, retrieving its error so none is logged as never retrieved."""
+    task.cancel()
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
 
 def import_sdk() -> None:
