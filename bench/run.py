@@ -650,6 +650,9 @@ def role_listeners(url: str, token: str, base: str, start: int, count: int, hear
             out({"m": getattr(params, "body", ""), "n": name, "t": now()})
             acks.put_nowait(params.id)
 
+        async def keepalive(progress: float, total: float | None, message: str | None) -> None:
+            pass  # the plugin's watchdog notes the time; here only the broker's cost matters
+
         http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}", "Dispatch-Session": secrets.token_hex(8)},
                                   timeout=httpx2.Timeout(30, read=LISTEN_SECONDS + 60))
         async with http, Client(streamable_http_client(url, http_client=http), mode=MODERN,
@@ -693,7 +696,9 @@ def role_listeners(url: str, token: str, base: str, start: int, count: int, hear
             try:
                 while True:
                     try:
-                        result = await client.call_tool("listen", {"wait_s": wait_s}, read_timeout_seconds=wait_s + 30)
+                        # A progress callback, as the plugin's: the broker then keeps the idle stream alive.
+                        result = await client.call_tool("listen", {"wait_s": wait_s}, read_timeout_seconds=wait_s + 30,
+                                                        progress_callback=keepalive)
                         if result.is_error:
                             out({"error": f"listen {name}: {result.content}"})
                             await asyncio.sleep(1)
