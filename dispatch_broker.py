@@ -81,15 +81,14 @@ DEFAULT_ACK_TIMEOUT = 15.0
 PUSH_TIMEOUT = 5.0
 #: The longest a single `listen` call may stay open; the plugin re-issues it at once.
 MAX_LISTEN_SECONDS = 300.0
-#: How often a pending listen checks that its HTTP client is still there (the 2025-11-25 era
-#: does not cancel the handler when the client goes away). Keeps "not live" under 2 s.
+#: How often a pending 2025-11-25-era listen checks that its HTTP client is still there (that
+#: era does not cancel the handler when the client goes away). Keeps "not live" under 2 s.
 DISCONNECT_POLL = 0.5
 #: A listen that has written nothing on its stream for this long writes a keepalive there (a
 #: progress notification, to a client that asked for progress). The plugin takes a listen stream
 #: silent for its HEARTBEAT_SECONDS (10 s) for a dead connection, the only sign it gets when a
 #: path dies without closing; a third of that, so one keepalive may be lost and the next late
-#: before it gives up. Checked on the loop's DISCONNECT_POLL wake, so no task of its own; each
-#: costs ~0.2 ms of broker CPU (measured, 300 listeners), so 1,000 idle plugins ~7 % of a core.
+#: before it gives up. The listen's own loop wakes for it, so no task of its own.
 KEEPALIVE_SECONDS = 3.0
 #: A participant whose listen ended this recently still counts as live for `*` and `who`: the
 #: plugin re-issues listen within milliseconds, and a broadcast must not miss it in that gap.
@@ -100,7 +99,8 @@ HOUSEKEEPING_INTERVAL = 1.0
 PURGE_INTERVAL = 30.0
 #: A client connection (an MCP session, or a 2026-07-28 client's Dispatch-Session link) that has
 #: made no request for this long is forgotten, by the SDK and by us alike. The SDK's own default;
-#: a plugin pings every 10 s, so only a client that vanished without closing gets there.
+#: a listening plugin re-issues its listen every 2 minutes, so only a client that vanished without
+#: closing gets there.
 DEFAULT_SESSION_IDLE_TIMEOUT = 1800.0
 #: JSON-RPC request bodies larger than this are refused by the SDK before parsing (a 64 KiB body
 #: of control characters is ~6x larger once JSON-escaped).
@@ -830,7 +830,7 @@ class Broker:
 
     # -- receiving ----------------------------------------------------------------------------
 
-    async def listen(self, name: str, link_key: str, push, keepalive, wait_s: float, disconnected) -> str:
+    async def listen(self, name: str, link_key: str, push, keepalive, wait_s: float, disconnected=None) -> str:
         """Push the participant's mail on this call's stream until wait_s passes, a newer
         listen supersedes it, or the client goes away; a keepalive when there was nothing to
         push for KEEPALIVE_SECONDS. Returns why it ended."""
@@ -854,10 +854,12 @@ class Broker:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
+                # Wake for the next disconnect check, or else when a keepalive is due.
+                wake = DISCONNECT_POLL if disconnected else written + KEEPALIVE_SECONDS - time.monotonic()
                 try:
-                    message_id, fresh = await asyncio.wait_for(listener.wake.get(), min(left, DISCONNECT_POLL))
+                    message_id, fresh = await asyncio.wait_for(listener.wake.get(), max(0.0, min(left, wake)))
                 except asyncio.TimeoutError:
-                    if await disconnected():
+                    if disconnected and await disconnected():
                         reason = "disconnected"
                         break
                     if time.monotonic() - written >= KEEPALIVE_SECONDS:
@@ -1120,7 +1122,11 @@ def build_app(broker: Broker, verifier: TokenVerifier, allowed_hosts: list[str])
         async def disconnected() -> bool:
             return request is not None and await request.is_disconnected()
 
-        return {"ended": await broker.listen(name, link.key, push, keepalive, wait_s, disconnected)}
+        # A 2025-11-25 session outlives its requests: the SDK does not cancel this handler when the
+        # client goes away, so it must be asked. A 2026-07-28 handler is cancelled with its stream,
+        # and asking 2 times a second costs more than everything else an idle listen does.
+        legacy = bool((ctx.headers or {}).get("mcp-session-id"))
+        return {"ended": await broker.listen(name, link.key, push, keepalive, wait_s, disconnected if legacy else None)}
 
     @server.tool()
     async def who(ctx: Context) -> WhoResult:

@@ -68,10 +68,13 @@ BROKER_PROTOCOL = "2026-07-28"
 #: What we answer Claude Code's `initialize` with. Never the 2026-07-28 era: Claude Code turns
 #: channels off for a server that accepts it.
 CHANNEL_PROTOCOLS = ("2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")
-#: Each `listen` stays open this long; the next one is issued the moment it returns.
-LISTEN_SECONDS = 25.0
-#: A ping this often proves the link alive; a listen stream silent this long (no mail, and none of
-#: the keepalives the broker writes there every 3 s) is a dead connection, however it looks to TCP.
+#: Each `listen` stays open this long; the next one is issued the moment it returns. The broker's
+#: keepalives keep the stream from looking idle to a proxy, and each re-issue costs the broker a
+#: tool call: at 1,000 sessions, 25 s listens took a fifth of its core.
+LISTEN_SECONDS = 120.0
+#: The heartbeat: a listen stream silent this long (no mail, and none of the keepalives the
+#: broker writes there every 3 s) is a dead connection, however it looks to TCP. A session that
+#: no longer listens (superseded) pings this often instead.
 HEARTBEAT_SECONDS = 10.0
 #: One tool call to the broker may take this long.
 CALL_TIMEOUT = 15.0
@@ -287,8 +290,8 @@ class BrokerLink:
     """Keeps one live connection to the broker for the channel.
 
     Connect = identify (one-shot) + an SDK client on the same link id. Then a `listen` call is
-    always pending and a heartbeat ping runs beside it; when either fails, or the listen's stream
-    goes silent, the link is torn down and rebuilt with capped backoff. Pushed mail goes straight
+    always pending; a listen whose stream goes silent (the heartbeat) is issued again, and when
+    a call fails the link is torn down and rebuilt with capped backoff. Pushed mail goes straight
     to `on_mail` (a queue put: the SDK's per-binding queue drops the oldest entries when a
     handler is slow).
     """
@@ -353,6 +356,8 @@ class BrokerLink:
     async def listen_forever(self) -> None:
         while True:
             result = await self.listen_once()
+            if result is None:
+                continue  # its stream went silent: listen again, on a new connection
             if result.is_error:
                 raise BrokerDown(f"listen refused: {sdk_text(result)}")
             if (result.structured_content or {}).get("ended") == "superseded":
@@ -363,10 +368,13 @@ class BrokerLink:
                 return
 
     async def listen_once(self):
-        """One listen call, given up when its stream carries nothing for HEARTBEAT_SECONDS. The
+        """One listen call; None when its stream carried nothing for HEARTBEAT_SECONDS. The
         broker writes a keepalive on it every few seconds, so that silence is a connection that
         died without closing (a dead path, a NAT or Wi-Fi change): TCP may not notice for minutes,
-        and the heartbeat ping cannot, since it goes over a connection of its own."""
+        and a ping could not, since it goes over a connection of its own. Only the listen is
+        given up, not the link: the silence may also be a broker too busy to write in time, and
+        the sends in flight on other connections must not fail for it. The next listen takes
+        over from the abandoned one, and the broker pushes it what was left unacked."""
         self.heard = time.monotonic()
         call = asyncio.ensure_future(self.client.call_tool(
             "listen", {"wait_s": LISTEN_SECONDS}, read_timeout_seconds=LISTEN_SECONDS + HEARTBEAT_SECONDS,
@@ -375,7 +383,9 @@ class BrokerLink:
             while not call.done():
                 silent = time.monotonic() - self.heard
                 if silent >= HEARTBEAT_SECONDS:
-                    raise BrokerDown(f"the listen stream was silent for {silent:.0f} s (no mail, no keepalive)")
+                    log.warning("the listen stream was silent for %.0f s (no mail, no keepalive): listening again",
+                                silent)
+                    return None
                 await asyncio.wait([call], timeout=HEARTBEAT_SECONDS - silent)
             return call.result()
         finally:
@@ -389,9 +399,13 @@ class BrokerLink:
         self.heard = time.monotonic()
 
     async def heartbeat(self) -> None:
+        """Once superseded there is no listen, and so no keepalive: a ping proves the link alive.
+        A listening link pings nothing: at 1,000 sessions, pings every 10 s took 40% of the
+        broker's core, and they could not tell a dead listen stream anyway."""
         while True:
             await asyncio.sleep(HEARTBEAT_SECONDS)
-            await self.call("ping", {})
+            if self.superseded_at:
+                await self.call("ping", {})
 
     async def call(self, tool: str, arguments: dict[str, Any]) -> tuple[Any, str]:
         """Call a broker tool over the live link: (structured, text); Refused on a tool error."""
