@@ -354,6 +354,11 @@ def chunks(items: list, size: int = SQL_PARAMETERS):
         yield items[start : start + size]
 
 
+def upsert_participant(db: sqlite3.Connection, name: str, now: float) -> None:
+    """A sign of life from `name`: known from now on, last seen `now`."""
+    db.execute(SQL_UPSERT_PARTICIPANT, {"name": name, "base": base_of(name), "now": now})
+
+
 class Store:
     """The SQLite mailbox. One connection, used only from the event loop thread.
 
@@ -436,7 +441,7 @@ class Store:
 
     def touch(self, name: str, now: float) -> None:
         with self.transaction(durable=False) as db:
-            db.execute(SQL_UPSERT_PARTICIPANT, {"name": name, "base": base_of(name), "now": now})
+            upsert_participant(db, name, now)
 
     def participant(self, name: str) -> tuple[str, str, float] | None:
         return self.db.execute(SQL_PARTICIPANT, (name,)).fetchone()
@@ -467,7 +472,7 @@ class Store:
         """Commit one message for each recipient, all or none, and the sender's sign of life:
         one durable commit a send."""
         with self.transaction() as db:
-            db.execute(SQL_UPSERT_PARTICIPANT, {"name": sender, "base": base_of(sender), "now": now})
+            upsert_participant(db, sender, now)
             db.executemany(SQL_INSERT_MESSAGE, rows)
 
     def pending_for(self, recipient: str, now: float, limit: int = -1) -> list[Mail]:

@@ -668,44 +668,40 @@ def role_listeners(url: str, token: str, base: str, start: int, count: int, hear
                 if len(identified) == count:
                     all_identified.set()
 
+            async def call(tool: str, arguments: dict, **kwargs) -> bool:
+                """A tool call as the plugin makes it: a failure is reported (the bench counts
+                them) and does not end the session. True when it succeeded."""
+                try:
+                    result = await client.call_tool(tool, arguments, **kwargs)
+                except Exception as exc:
+                    out({"error": f"{tool} {name}: {type(exc).__name__}: {exc}"})
+                    return False
+                if result.is_error:
+                    out({"error": f"{tool} {name}: {result.content}"})
+                return not result.is_error
+
             async def acker() -> None:  # like the plugin: a failed ack is reported, the mail comes again
                 while True:
                     batch = [await acks.get()]
                     while not acks.empty():
                         batch.append(acks.get_nowait())
-                    try:
-                        result = await client.call_tool("mail.ack", {"ids": batch})
-                        if result.is_error:
-                            out({"error": f"ack {name}: {result.content}"})
-                    except Exception as exc:
-                        out({"error": f"ack {name}: {type(exc).__name__}: {exc}"})
+                    await call("mail.ack", {"ids": batch})
 
             async def beat() -> None:
                 if heartbeat <= 0:
                     return
                 await asyncio.sleep(random.uniform(0, heartbeat))
                 while True:
-                    try:
-                        result = await client.call_tool("ping", {})
-                        if result.is_error:
-                            out({"error": f"ping {name}: {result.content}"})
-                    except Exception as exc:
-                        out({"error": f"ping {name}: {type(exc).__name__}: {exc}"})
+                    await call("ping", {})
                     await asyncio.sleep(heartbeat)
 
             tasks = [asyncio.create_task(acker()), asyncio.create_task(beat())]
             wait_s = random.uniform(min(5, listen_seconds), listen_seconds)  # desynchronise 1,000 sessions' re-issues
             try:
                 while True:
-                    try:
-                        # A progress callback, as the plugin's: the broker then keeps the idle stream alive.
-                        result = await client.call_tool("listen", {"wait_s": wait_s}, read_timeout_seconds=wait_s + 30,
-                                                        progress_callback=keepalive)
-                        if result.is_error:
-                            out({"error": f"listen {name}: {result.content}"})
-                            await asyncio.sleep(1)
-                    except Exception as exc:
-                        out({"error": f"listen {name}: {type(exc).__name__}: {exc}"})
+                    # A progress callback, as the plugin's: the broker then keeps the idle stream alive.
+                    if not await call("listen", {"wait_s": wait_s}, read_timeout_seconds=wait_s + 30,
+                                      progress_callback=keepalive):
                         await asyncio.sleep(1)
                     wait_s = listen_seconds
             finally:
