@@ -708,9 +708,12 @@ def run_channel() -> int:
     except ConfigError as exc:
         print(f"dispatch: {exc}", file=sys.stderr, flush=True)
         return 1
-    asyncio.run(Channel(config).run())
+    # Not asyncio.run: its clean-up waits for every worker thread, and an identify that is
+    # reconnecting through a dead path can hold one for CALL_TIMEOUT (seen in a test: the plugin
+    # outlived its 10 s to exit). Stdin is closed, so leave without waiting on the broker.
+    asyncio.new_event_loop().run_until_complete(Channel(config).run())
     sys.stdout.flush()
-    os._exit(0)  # stdin is closed: leave without waiting on open broker connections
+    os._exit(0)
 
 
 # --------------------------------------------------------------------------------------------
