@@ -35,6 +35,7 @@ import logging
 import os
 import re
 import secrets
+import signal
 import sys
 import threading
 import time
@@ -86,8 +87,11 @@ PROOF_POLL = 0.025
 #: The prompt hook waits at most this long for the channel's proof of mail the broker already
 #: pushed to it, so a message on its way into the transcript is not shown twice.
 HOOK_PROOF_WAIT = 2.0
-#: Claude Code keeps at most 10,000 characters of a hook's additionalContext; past that, mail
-#: would be acked but cut. What does not fit waits for the next prompt.
+#: `tools/list` waits at most this long for the first identify, so a refused token or name is
+#: answered as an error there, where Claude Code shows it to the user.
+VERDICT_WAIT = 2.0
+#: Claude Code shows the model only a 2 KB preview of a hook's additionalContext over 10,000
+#: characters (the rest goes to a file): mail would be acked but unseen. What does not fit waits.
 HOOK_CONTEXT_CHARS = 9_000
 #: The `inbox` tool's answer stays well under Claude Code's limit on one tool result.
 INBOX_TOOL_CHARS = 60_000
@@ -521,8 +525,9 @@ def claude_config_dir(env=os.environ) -> Path:
 
 
 def transcript_path(session_id: str, project_dir: str, env=os.environ) -> Path:
-    """Where Claude Code keeps the session's transcript: projects/<dir with / and . as ->/<id>.jsonl."""
-    return claude_config_dir(env) / "projects" / re.sub(r"[/\\.:]", "-", project_dir) / f"{session_id}.jsonl"
+    """Where Claude Code keeps the session's transcript: projects/<project dir with every character
+    but ASCII letters and digits as ->/<session id>.jsonl."""
+    return claude_config_dir(env) / "projects" / re.sub(r"[^A-Za-z0-9]", "-", project_dir) / f"{session_id}.jsonl"
 
 
 def find_transcript(session_id: str, project_dir: str, env=os.environ) -> Path:
@@ -563,11 +568,13 @@ def channel_ids(line: bytes) -> list[str]:
 
 
 class TranscriptWatcher:
-    """Reads a transcript as it grows: each look reads only what was appended since the last."""
+    """Reads a session's transcript as it grows: each look reads only what was appended since the
+    last. The file may appear only with the session's first event; until then it is looked for."""
 
-    def __init__(self, path: Path, from_start: bool = False):
-        self.path = path
-        self.offset = 0 if from_start else self.size()
+    def __init__(self, session_id: str, project_dir: str, env=os.environ):
+        self.locate = lambda: find_transcript(session_id, project_dir, env)
+        self.path = self.locate()
+        self.offset = 0
         self.partial = b""
 
     def size(self) -> int:
@@ -577,6 +584,8 @@ class TranscriptWatcher:
             return 0
 
     def new_ids(self) -> list[str]:
+        if self.offset == 0 and not self.path.exists():
+            self.path = self.locate()
         size = self.size()
         if size < self.offset:  # replaced or truncated: read it anew
             self.offset, self.partial = 0, b""
@@ -661,11 +670,12 @@ def claude_channel_flags(pid: int | None = None, depth: int = 6) -> list[str] | 
 
 
 def flags_name_us(flags: list[str], env=os.environ) -> bool:
-    """Whether channel flag values name this server, in the form our install needs. An `mcp add`
-    server cannot know the name it was given: any `server:` value may be ours."""
+    """Whether channel flag values name this server as Claude Code matches them: a plugin's
+    server by `plugin:dispatch@<its marketplace>` or by its full name `server:plugin:dispatch:dispatch`.
+    An `mcp add` server cannot know the name it was given: any other `server:` value may be ours."""
     if installed_as_plugin(env):
-        return any(f.startswith("plugin:dispatch@") for f in flags)
-    return any(f.startswith("server:") for f in flags)
+        return any(f in (f"plugin:dispatch@{marketplace(env)}", f"server:{PLUGIN_SOURCE}") for f in flags)
+    return any(f.startswith("server:") and not f.startswith("server:plugin:") for f in flags)
 
 
 def channel_expected(env=os.environ) -> bool | None:
@@ -885,6 +895,11 @@ class Channel:
     def __init__(self, config: Config, env=os.environ):
         self.config = config
         self.env = env
+        #: Why this configuration can never work (a token or name the broker refused). Claude Code
+        #: shows a tools/list error in `claude mcp list` and /mcp; a server that exits shows only
+        #: "Connection closed", and its stderr nowhere.
+        self.broken = ""
+        self.verdict = threading.Event()  #: set once the first identify has an outcome
         self.out = sys.stdout.buffer
         self.out_lock = threading.Lock()
         self.client = BrokerClient(config)
@@ -898,7 +913,7 @@ class Channel:
         self.to_ack: list[str] = []
         self.session_id = env.get("CLAUDE_CODE_SESSION_ID")
         project = env.get("CLAUDE_PROJECT_DIR") or os.getcwd()
-        self.transcript = TranscriptWatcher(find_transcript(self.session_id, project, env)) if self.session_id else None
+        self.transcript = TranscriptWatcher(self.session_id, project, env) if self.session_id else None
         self.expected = channel_expected(env)
         #: 'trying' (listening, nothing proven yet), 'on' (the transcript showed an event) or 'off'.
         self.mode = "trying"
@@ -949,7 +964,11 @@ class Channel:
         elif method == "ping":
             self.respond(request_id, {})
         elif method == "tools/list":
-            self.respond(request_id, {"tools": tool_list()})
+            self.verdict.wait(VERDICT_WAIT)
+            if self.broken:
+                self.respond(request_id, error=(-32000, self.broken))
+            else:
+                self.respond(request_id, {"tools": tool_list()})
         elif method == "tools/call":
             start_thread(self.call_tool, request_id, params)
         else:  # includes server/discover: -32601 makes Claude Code fall back to initialize
@@ -969,19 +988,23 @@ class Channel:
 
     def keep_link(self) -> None:
         """Identify, then listen while the channel may be on; reconnect with capped backoff.
-        A configuration that can never work ends the process: Claude Code shows it as failed."""
+        A configuration that can never work stops the link, and every answer says why."""
         backoff = 1.0
         while True:
             try:
                 self.client.identify()
                 self.link_up()
                 backoff = 1.0
+                self.recall_proven()
                 self.receive()
             except ConfigError as exc:
-                print(f"dispatch: {exc}", file=sys.stderr, flush=True)
-                os._exit(1)
+                self.broken = f"Dispatch: {exc}"
+                log.error("%s", exc)
+                self.verdict.set()
+                return
             except DispatchError as exc:
                 self.link_down(str(exc))
+            self.verdict.set()
             time.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX)
 
@@ -990,6 +1013,15 @@ class Channel:
             log.info("connected to %s as %s", self.config.url, self.config.name)
         self.down_since = None
         self.ready.set()
+        self.verdict.set()
+
+    def recall_proven(self) -> None:
+        """What the transcript already shows (a resumed session, a restarted server) is proven:
+        the broker may push it again, and it must not be shown twice."""
+        if self.transcript is not None:
+            with self.lock:
+                for message_id in self.transcript.new_ids():
+                    self.remember(message_id)
 
     def link_down(self, why: str) -> None:
         self.ready.clear()
@@ -1121,6 +1153,8 @@ class Channel:
             self.respond(request_id, error=(-32602, f"Unknown tool: {name}"))
             return
         try:
+            if self.broken:
+                raise ConfigError(self.broken)
             text, is_error = handler(**arguments), False
         except TypeError as exc:
             text, is_error = f"Bad arguments for {name}: {exc}", True
@@ -1181,16 +1215,37 @@ def start_thread(target, *args) -> None:
     threading.Thread(target=target, args=args, daemon=True).start()
 
 
+def refuse_initialize(why: str) -> None:
+    """A configuration that cannot load: answer `initialize` with why, so `claude mcp list` and
+    /mcp show the server failed with that sentence (its stderr they show nowhere)."""
+    for line in sys.stdin.buffer:
+        try:
+            message = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(message, dict) and message.get("id") is not None:
+            sys.stdout.write(json.dumps({"jsonrpc": "2.0", "id": message["id"],
+                                         "error": {"code": -32000, "message": why}}) + "\n")
+            sys.stdout.flush()
+
+
 def run_channel() -> int:
+    # Claude Code ends its servers with SIGINT, then SIGTERM a tenth of a second later, and never
+    # closes stdin: leave at once, quietly. Unacked mail is pushed again and proven by the transcript.
+    for sig in ("SIGINT", "SIGTERM"):
+        if hasattr(signal, sig):
+            signal.signal(getattr(signal, sig), lambda *_: os._exit(0))
     try:
         config = load_config()
     except ConfigError as exc:
         print(f"dispatch: {exc}", file=sys.stderr, flush=True)
+        refuse_initialize(f"Dispatch is not configured: {exc}")
         return 1
-    Channel(config).run()
+    channel = Channel(config)
+    channel.run()
     sys.stdout.flush()
     # Stdin is closed: leave now, without waiting on a listen or a reconnect in another thread.
-    os._exit(0)
+    os._exit(1 if channel.broken else 0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1414,6 +1469,12 @@ def cmd_hook_session_start(args: argparse.Namespace) -> int:
     return 0
 
 
+def prompt_channel_ids(prompt: Any) -> list[str]:
+    """A turn started by a channel event runs the prompt hook with that event as its prompt."""
+    tag = CHANNEL_TAG.match(prompt.lstrip()) if isinstance(prompt, str) else None
+    return MESSAGE_ID_ATTR.findall(tag[2]) if tag else []
+
+
 def hook_transcript(data: dict[str, Any]) -> Path | None:
     if data.get("transcript_path"):
         return Path(data["transcript_path"])
@@ -1435,12 +1496,12 @@ def cmd_hook_prompt_submit(args: argparse.Namespace) -> int:
         messages = found["messages"]
         transcript = hook_transcript(data)
         ids = {m["id"] for m in messages}
-        proven = proven_in(transcript, ids)
+        proven = proven_in(transcript, ids) | (set(prompt_channel_ids(data.get("prompt"))) & ids)
         # Mail already pushed to this session's channel may be on its way into the transcript.
         deadline = time.monotonic() + HOOK_PROOF_WAIT
         while any(m["attempt"] and m["id"] not in proven for m in messages) and time.monotonic() < deadline:
             time.sleep(0.1)
-            proven = proven_in(transcript, ids)
+            proven |= proven_in(transcript, ids)
         unseen = [m for m in messages if m["id"] not in proven]
         batch = fitting(unseen, HOOK_CONTEXT_CHARS - 600)
         if unseen and not batch:

@@ -276,7 +276,7 @@ class PluginProcess:
         if session:
             self.env.setdefault("CLAUDE_CODE_SESSION_ID", str(uuid.uuid4()))
         self.env.setdefault("CLAUDE_CONFIG_DIR", tempfile.mkdtemp(prefix="dispatch-claude-config-"))
-        self.env.setdefault("CLAUDE_PROJECT_DIR", "/work/some.project")
+        self.env.setdefault("CLAUDE_PROJECT_DIR", "/work/some.project_x")
         self.transcript = transcript_of(self.env)
         self.messages: queue.Queue = queue.Queue()
         self.channel: list[dict] = []  # every notifications/claude/channel seen, in order
@@ -359,8 +359,9 @@ class PluginProcess:
 
 
 def transcript_of(env: dict[str, str]) -> Path:
-    """Where Claude Code keeps a session's transcript: projects/<project dir with / and . as ->/<id>.jsonl."""
-    project = re.sub(r"[/.]", "-", env["CLAUDE_PROJECT_DIR"])
+    """Where Claude Code keeps a session's transcript: projects/<project dir, each character but
+    ASCII letters and digits as ->/<session id>.jsonl."""
+    project = re.sub(r"[^A-Za-z0-9]", "-", env["CLAUDE_PROJECT_DIR"])
     return Path(env["CLAUDE_CONFIG_DIR"]) / "projects" / project / f"{env.get('CLAUDE_CODE_SESSION_ID')}.jsonl"
 
 

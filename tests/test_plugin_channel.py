@@ -373,33 +373,58 @@ def stderr_lines(plugin) -> list[str]:
     return [line for line in plugin.stderr_text().splitlines() if line.strip()]
 
 
-@pytest.mark.parametrize("url", [None, "ftp://127.0.0.1:8765/mcp", "127.0.0.1:8765"])
-def test_plugin_exits_non_zero_with_one_stderr_line_when_dispatch_url_is_bad(plugins, url):
+@pytest.mark.parametrize("url", [None, "ftp://127.0.0.1:8765/mcp", "127.0.0.1:8765", "http://192.0.2.7:8765/mcp"])
+def test_initialize_is_answered_with_the_reason_when_dispatch_url_is_bad_and_the_plugin_exits_1(plugins, url):
+    """Claude Code shows an initialize error in `claude mcp list` and /mcp as the server's Issue;
+    a server's stderr it shows nowhere."""
     env = offline_env()
     if url is None:
         del env["DISPATCH_URL"]
     else:
         env["DISPATCH_URL"] = url
     p = plugins(env)
-    assert wait_exit(p, 10) != 0
+    error = p.request("initialize", {"protocolVersion": "2025-11-25", "capabilities": {},
+                                     "clientInfo": {"name": "claude-code", "version": "2.1.330"}})["error"]
+    assert error["message"].startswith("Dispatch is not configured: ") and "DISPATCH_URL" in error["message"]
+    p.proc.stdin.close()
+    assert wait_exit(p, 10) == 1
     [line] = stderr_lines(p)
     assert "DISPATCH_URL" in line and "Traceback" not in line
 
 
-def test_plugin_answers_initialize_then_exits_non_zero_when_the_broker_refuses_the_token(plugins, shared_broker):
-    p = plugins({**plugin_env(shared_broker, "test"), "DISPATCH_TOKEN": unknown_token("test")})
-    p.handshake()
-    assert wait_exit(p, 10) != 0
-    [line] = stderr_lines(p)
-    assert "refused the token" in line and "DISPATCH_TOKEN" in line
+def test_plain_http_to_another_host_is_refused_unless_dispatch_allow_http_is_set(plugins):
+    env = offline_env(DISPATCH_URL="http://192.0.2.7:8765/mcp")
+    p = plugins(env)
+    error = initialize_error(p)
+    assert "not this machine" in error and "DISPATCH_ALLOW_HTTP=1" in error
+    allowed = plugins({**env, "DISPATCH_ALLOW_HTTP": "1"})
+    assert allowed.handshake()["serverInfo"]["name"] == "dispatch"
 
 
-def test_plugin_answers_initialize_then_exits_non_zero_when_the_broker_refuses_the_name(plugins, shared_broker):
-    p = plugins(plugin_env(shared_broker, "test", "other-x"))
+def initialize_error(plugin) -> str:
+    return plugin.request("initialize", {"protocolVersion": "2025-11-25", "capabilities": {},
+                                         "clientInfo": {"name": "claude-code", "version": "2.1.330"}})["error"]["message"]
+
+
+@pytest.mark.parametrize("case", ["token", "name"])
+def test_tools_list_and_every_tool_say_why_when_the_broker_refuses_the_token_or_name(plugins, shared_broker, case):
+    """`claude mcp list` then shows "tools fetch failed — <why>" and /mcp the same as the Issue."""
+    env = ({**plugin_env(shared_broker, "test"), "DISPATCH_TOKEN": unknown_token("test")} if case == "token"
+           else plugin_env(shared_broker, "test", "other-x"))
+    p = plugins(env)
     p.handshake()
-    assert wait_exit(p, 10) != 0
-    [line] = stderr_lines(p)
-    assert "refused the name 'other-x'" in line and "base 'test'" in line
+    error = p.request("tools/list", {})["error"]["message"]
+    expected = ("refused the token" if case == "token" else "refused the name 'other-x'")
+    assert error.startswith("Dispatch: ") and expected in error, error
+    if case == "token":
+        assert "DISPATCH_TOKEN" in error
+    else:
+        assert "base 'test'" in error
+    text, is_error = p.tool("ping")
+    assert is_error and expected in text
+    p.proc.stdin.close()
+    assert wait_exit(p, 10) == 1
+    assert "Traceback" not in p.stderr_text()
 
 
 def test_plugin_exits_0_promptly_when_stdin_closes(plugins, shared_broker):
