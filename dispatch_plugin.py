@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-__version__ = "0.2.0"
+__version__ = "0.1.0"
 
 log = logging.getLogger("dispatch.plugin")
 
