@@ -146,7 +146,53 @@ def test_prompt_submit_acks_without_showing_mail_the_transcript_already_has(shar
     output, _ = hook(session_env(shared_broker), "prompt-submit", session_id, transcript_path=str(transcript))
     context = context_of(output, "UserPromptSubmit")
     assert "new to the model" in context and "already in the transcript" not in context
+    # What it showed is acked once the transcript has it (the next test); what was there, at once.
+    assert pending_ids(shared_broker, f"test-{session_id[:8]}") == [fresh_id]
+
+
+def record_hook_context(transcript, context: str) -> None:
+    """Append a prompt hook's additionalContext to a transcript as Claude Code 2.1.330 does, after the hook exits."""
+    line = {"type": "attachment", "attachment": {"type": "hook_additional_context", "content": [context],
+                                                 "hookName": "UserPromptSubmit", "toolUseID": "UserPromptSubmit",
+                                                 "hookEvent": "UserPromptSubmit"}, "uuid": str(uuid.uuid4())}
+    with open(transcript, "a") as f:
+        f.write(json.dumps(line, separators=(",", ":")) + "\n")
+
+
+def test_prompt_submit_leaves_what_it_showed_pending_until_the_transcript_records_it(shared_broker, tmp_path):
+    """Claude Code writes a hook's context to the transcript only after the hook exits: the next
+    reader of the transcript acks it (here the next prompt's hook), and never shows it again."""
+    session_id = str(uuid.uuid4())
+    [message_id] = queue_for(shared_broker, session_id, "prove me")
+    transcript = tmp_path / f"{session_id}.jsonl"
+    transcript.write_text("")  # the session has a transcript
+    env, fields = session_env(shared_broker), {"transcript_path": str(transcript)}
+    context = context_of(hook(env, "prompt-submit", session_id, **fields)[0], "UserPromptSubmit")
+    assert "prove me" in context
+    assert pending_ids(shared_broker, f"test-{session_id[:8]}") == [message_id]
+    record_hook_context(transcript, context)
+    assert hook(env, "prompt-submit", session_id, **fields) == (None, "")
     assert pending_ids(shared_broker, f"test-{session_id[:8]}") == []
+
+
+def test_the_channel_acks_mail_the_prompt_hook_showed_once_the_transcript_records_it(shared_broker, plugins):
+    from conftest import wait_connected, wait_for
+
+    session_id = str(uuid.uuid4())
+    name = f"test-{session_id[:8]}"
+    channel = plugins({**session_env(shared_broker), "CLAUDE_CODE_SESSION_ID": session_id}, accepts=False)
+    channel.handshake()
+    wait_connected(channel)
+    channel.transcript.parent.mkdir(parents=True)
+    channel.transcript.write_text("")
+    sender = plugin_env(shared_broker, "test", "test-hookpath")
+    assert run_cli(sender, "send", "--to", name, "missed by the channel").returncode == 0
+    wait_for(lambda: "channel off" in channel.tool("ping")[0], timeout=15, what="the channel off")
+    context = context_of(hook(session_env(shared_broker), "prompt-submit", session_id,
+                              transcript_path=str(channel.transcript))[0], "UserPromptSubmit")
+    assert "missed by the channel" in context and len(pending_ids(shared_broker, name)) == 1
+    record_hook_context(channel.transcript, context)
+    wait_for(lambda: pending_ids(shared_broker, name) == [], timeout=5, what="the channel's ack of the hook's mail")
 
 
 def test_prompt_submit_counts_the_channel_event_that_started_the_turn_as_shown(shared_broker, tmp_path):

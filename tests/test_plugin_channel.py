@@ -7,6 +7,7 @@ loses or holds one ack on the wire, or breaks every connection at once.
 """
 
 import contextlib
+import json
 import os
 import re
 import socket
@@ -577,3 +578,23 @@ def test_a_redelivery_of_mail_the_transcript_already_shows_is_acked_and_not_show
     second.handshake()
     wait_for(lambda: acked_at(shared_broker, event["meta"]["message_id"]), timeout=15, what="the redelivery acked")
     assert second.channel == []
+
+
+def test_the_inbox_tool_acks_what_it_returned_once_the_transcript_records_the_tool_result(plugins, shared_broker):
+    name = fresh_name("test-puller")
+    receiver = plugins(plugin_env(shared_broker, "test", name), accepts=False)
+    receiver.handshake()
+    wait_connected(receiver)
+    receiver.transcript.parent.mkdir(parents=True)
+    receiver.transcript.write_text("")
+    assert run_cli(plugin_env(shared_broker, "test", fresh_name("test-y")), "send", "--to", name, "pull").returncode == 0
+    [event] = receiver.wait_channel(1)
+    wait_for(lambda: "channel off" in receiver.tool("ping")[0], timeout=15, what="the channel off")
+    text, is_error = receiver.tool("inbox")
+    assert not is_error and '"body": "pull"' in text
+    assert acked_at(shared_broker, event["meta"]["message_id"]) is None, "acked before the transcript had it"
+    result = {"type": "user", "message": {"role": "user", "content": [
+        {"tool_use_id": "toolu_1", "type": "tool_result", "content": [{"type": "text", "text": text}]}]}}
+    with open(receiver.transcript, "a") as f:
+        f.write(json.dumps(result) + "\n")
+    wait_for(lambda: acked_at(shared_broker, event["meta"]["message_id"]), timeout=5, what="the ack of the tool result")
