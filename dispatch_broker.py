@@ -147,6 +147,8 @@ BASE_RE = re.compile(r"[a-z0-9]{1,32}")
 #: refused before any lookup.
 TOKEN_PREFIX = "dsp_"
 TOKEN_RE = re.compile(r"dsp_([a-z0-9]{1,32})_[0-9a-f]{48}")
+#: A message id as the broker makes them (`"m_" + secrets.token_hex(8)`).
+MESSAGE_ID_RE = re.compile(r"m_[0-9a-f]{16}")
 #: A sender's own id for one message (`send`/`reply`'s client_msg_id): a repeat of it from the
 #: same base within the TTL is answered with the first answer and not stored again.
 CLIENT_MSG_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -917,7 +919,8 @@ class ChatIds:
         self.key = key
 
     def _mac(self, text: str) -> str:
-        return hmac.new(self.key, text.encode(), hashlib.sha256).hexdigest()[:16]
+        # surrogatepass: a forged id may hold a lone surrogate; it must fail the MAC, not crash
+        return hmac.new(self.key, text.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()[:16]
 
     def new(self, sender: str, to: str) -> str:
         text = f"{sender}~{to}~{secrets.token_hex(4)}"
@@ -1312,6 +1315,9 @@ class Broker:
         return await written(listener, "keepalive", listener.keepalive(listened))
 
     def ack(self, name: str, ids: list[str]) -> int:
+        # An id of another shape was never made here, so it is nobody's: skipped, not looked up
+        # (a lone surrogate in one made SQLite's encoder raise, and the call crash).
+        ids = [i for i in ids if MESSAGE_ID_RE.fullmatch(i)]
         acked, foreign = self.store.ack(name, ids, time.time())
         if foreign:
             log.warning("refused ack: %s tried to ack %d messages addressed to others", name, len(foreign))
