@@ -701,3 +701,35 @@ def test_sends_during_a_broker_kill_9_and_restart_are_each_stored_once_when_retr
     assert failed == []
     assert len(outcomes) == 4 * per_sender
     assert sorted(stored) == sorted(accepted)  # accepted = stored, each once
+    sink = RetryingSender(broker, "frontend", "frontend-sink")
+    sink.call("identify", {"name": "frontend-sink"})
+    delivered = [m["body"] for m in sink.call("inbox", {"limit": 1000})["structuredContent"]["messages"]]
+    assert sorted(delivered) == sorted(accepted)  # accepted = delivered, 0 duplicates
+
+
+@pytest.mark.faults
+@pytest.mark.anyio
+async def test_a_fan_out_flood_stores_at_most_the_burst_plus_the_rate_in_copies(broker_factory):
+    rate, burst, names, seconds = 40, 200, 40, 5.0
+    broker = start_broker(broker_factory, "--rate", str(rate), "--burst", str(burst))
+    async with contextlib.AsyncExitStack() as stack:
+        b = await stack.enter_async_context(peer(broker, "backend", "backend-1"))
+        for n in range(names):
+            await stack.enter_async_context(peer(broker, "frontend", f"frontend-{n}"))
+        accepted = refused = 0
+        started = time.monotonic()
+        while time.monotonic() - started < seconds:
+            try:
+                await b.call("send", to="frontend", body="x" * 64 * 1024)
+                accepted += 1
+            except ToolFailed as exc:
+                assert "rate limited" in str(exc)
+                refused += 1
+        took = time.monotonic() - started
+
+    [(copies, stored_bytes)] = db_query(broker, "SELECT count(*), sum(length(body)) FROM messages")
+    print(f"\nfan-out to {names} for {took:.1f} s at --rate {rate} --burst {burst}: {accepted} sends accepted, "
+          f"{refused} refused, {copies} copies stored ({stored_bytes / 2**20:.1f} MiB); bound {burst} + {rate} x "
+          f"{took:.1f} s = {burst + rate * took:.0f}")
+    assert copies == accepted * names
+    assert copies <= burst + rate * took + names
