@@ -1658,7 +1658,7 @@ def exact_hosts(allowed_hosts: list[str], port: int) -> TransportSecuritySetting
     without one (behind a proxy on another port, give that port: `name:8443`)."""
     loopback = ["127.0.0.1", "localhost", "[::1]"]
     hosts = [h for name in loopback for h in (name, f"{name}:{port}")]
-    hosts += [h for name in allowed_hosts for h in ([name] if re.search(r":[0-9]+$", name) else [name, f"{name}:{port}"])]
+    hosts += [h for name in allowed_hosts for h in ([name] if re.fullmatch(r".*:[0-9]+", name) else [name, f"{name}:{port}"])]
     origins = [f"{scheme}://{h}" for scheme in ("http", "https") for name in loopback for h in (name, f"{name}:{port}")]
     return TransportSecuritySettings(enable_dns_rebinding_protection=True, allowed_hosts=hosts, allowed_origins=origins)
 

@@ -287,3 +287,16 @@ def test_host_header_of_loopback_on_this_port_is_answered(module_broker, host):
                         {**token, "Host": host.format(port=module_broker.port),
                          "Origin": f"http://{host.format(port=module_broker.port)}"})
     assert status == 200
+
+
+def test_allowed_host_is_matched_exactly_with_or_without_this_port(broker_factory):
+    broker = start_broker(broker_factory, "--allowed-host", "dispatch.example.net", "--allowed-host", "proxy.example.net:8443")
+    token = bearer(broker.token("backend"))
+
+    def status(host: str) -> int:
+        return http(broker.url, json.dumps(LEGACY_INITIALIZE).encode(), {**token, "Host": host})[0]
+
+    port = broker.port
+    assert [status(h) for h in ("dispatch.example.net", f"dispatch.example.net:{port}", "proxy.example.net:8443")] == [200] * 3
+    assert [status(h) for h in ("dispatch.example.net.evil", f"dispatch.example.net:{port}.evil", "dispatch.example.net:1",
+                                "proxy.example.net", f"proxy.example.net:{port}", "xdispatch.example.net")] == [421] * 6

@@ -29,7 +29,7 @@ def test_token_add_prints_exactly_one_token_line_on_stdout(added):
 
     [token] = run.stdout.splitlines()
     assert token.startswith("dsp_")
-    assert dispatch_broker.TOKEN_RE.match(token)
+    assert dispatch_broker.TOKEN_RE.fullmatch(token)
     assert token not in run.stderr  # shown once, on stdout only
 
 
