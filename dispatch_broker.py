@@ -1631,10 +1631,10 @@ def build_app(broker: Broker, verifier: TokenVerifier, allowed_hosts: list[str],
                                          headers={"WWW-Authenticate": "Bearer"})
             return PlainTextResponse(metrics_text(broker, failures), media_type=METRICS_CONTENT_TYPE)
 
-    app = server.streamable_http_app(transport_security=exact_hosts(allowed_hosts, port),
+    app = server.streamable_http_app(transport_security=host_security(allowed_hosts, port),
                                      max_request_body_size=MAX_REQUEST_BYTES,
                                      session_idle_timeout=broker.session_idle_timeout)
-    return guarded(app, failures)
+    return exact_hosts(guarded(app, failures), allowed_hosts, port)
 
 
 def within_bytes(mails, budget: int) -> list[dict[str, Any]]:
@@ -1651,16 +1651,38 @@ def within_bytes(mails, budget: int) -> list[dict[str, Any]]:
     return taken
 
 
-def exact_hosts(allowed_hosts: list[str], port: int) -> TransportSecuritySettings:
-    """DNS-rebinding protection with exact Host and Origin values only. The SDK's `host:*`
-    pattern is a prefix test that lets `127.0.0.1:8765.evil` through, so none is used: loopback
-    with or without this port, and each --allowed-host as given, or with this port when given
-    without one (behind a proxy on another port, give that port: `name:8443`)."""
-    loopback = ["127.0.0.1", "localhost", "[::1]"]
-    hosts = [h for name in loopback for h in (name, f"{name}:{port}")]
-    hosts += [h for name in allowed_hosts for h in ([name] if re.fullmatch(r".*:[0-9]+", name) else [name, f"{name}:{port}"])]
-    origins = [f"{scheme}://{h}" for scheme in ("http", "https") for name in loopback for h in (name, f"{name}:{port}")]
+def host_security(allowed_hosts: list[str], port: int) -> TransportSecuritySettings:
+    """The SDK's DNS-rebinding protection: loopback and each --allowed-host, on any port. Its
+    `host:*` pattern is a prefix test that lets `127.0.0.1:8765.evil` through, so `exact_hosts`
+    checks the whole value first."""
+    names = ["127.0.0.1", "localhost", "[::1]", *(h.rsplit(":", 1)[0] if re.search(r":[0-9]+$", h) else h
+                                                  for h in allowed_hosts)]
+    hosts = [h for name in names for h in (name, f"{name}:*")]
+    origins = [f"{scheme}://{h}" for scheme in ("http", "https") for name in names[:3] for h in (name, f"{name}:*")]
     return TransportSecuritySettings(enable_dns_rebinding_protection=True, allowed_hosts=hosts, allowed_origins=origins)
+
+
+def exact_hosts(app, allowed_hosts: list[str], port: int):
+    """Refuse a Host that is not exactly loopback (with any port, or none: a TCP forwarder or an
+    SSH tunnel, `ssh -L 9000:127.0.0.1:8765`, keeps its own) or an --allowed-host (as given, or
+    with this port when given without one), and an Origin that is not exactly loopback; the SDK's
+    own check follows."""
+    loopback = r"(?:127\.0\.0\.1|localhost|\[::1\])(?::[0-9]{1,5})?"
+    allowed = [re.escape(h) + ("" if re.fullmatch(r".*:[0-9]+", h) else f"(?::{port})?") for h in allowed_hosts]
+    host_re = re.compile("|".join([loopback, *allowed]), re.IGNORECASE)
+    origin_re = re.compile(r"https?://(?:127\.0\.0\.1|localhost|\[::1\])(?::[0-9]{1,5})?", re.IGNORECASE)
+
+    async def checked(scope, receive, send):
+        if scope["type"] == "http":
+            headers = dict(scope["headers"])
+            host, origin = headers.get(b"host", b"").decode("latin-1"), headers.get(b"origin")
+            if not host_re.fullmatch(host):
+                return await PlainTextResponse("Invalid Host header", status_code=421)(scope, receive, send)
+            if origin is not None and not origin_re.fullmatch(origin.decode("latin-1")):
+                return await PlainTextResponse("Invalid Origin header", status_code=403)(scope, receive, send)
+        return await app(scope, receive, send)
+
+    return checked
 
 
 def guarded(app, failures: AuthFailures):
