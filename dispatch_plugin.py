@@ -73,6 +73,9 @@ LISTEN_SECONDS = 120.0
 HEARTBEAT_SECONDS = 10.0
 #: One tool call to the broker may take this long.
 CALL_TIMEOUT = 15.0
+#: A send or reply whose answer never came (a broker restart, a timeout) is tried again for this
+#: long, with the same client_msg_id: the broker answers a repeat with the first answer.
+SEND_RETRY_SECONDS = 10.0
 #: Reconnect backoff doubles from 1 s up to this cap.
 BACKOFF_MAX = 30.0
 #: How long a tool call waits for a link that is still connecting before it reports the outage.
@@ -287,6 +290,19 @@ def https_proxy(host: str, env=os.environ) -> tuple[str, int] | None:
     return parts.hostname, parts.port or 8080
 
 
+def retrying(call: Callable[[], Any], seconds: float = SEND_RETRY_SECONDS) -> Any:
+    """call(), again after a growing pause while the broker cannot be reached, for `seconds`."""
+    deadline, pause = time.monotonic() + seconds, 0.25
+    while True:
+        try:
+            return call()
+        except BrokerDown:
+            if time.monotonic() + pause > deadline:
+                raise
+            time.sleep(pause)
+            pause = min(pause * 2, 2.0)
+
+
 class BrokerClient:
     """Every broker call is one 2026-07-28 POST: it carries the protocol version and client
     capabilities in `_meta`, so there is no handshake. The link id ties a process's calls to its
@@ -465,6 +481,13 @@ class BrokerClient:
                 continue
             raise Refused(text)
         raise AssertionError("unreachable")
+
+    def send(self, tool: str, **arguments: Any) -> tuple[Any, str]:
+        """`send` or `reply`, exactly once: the call carries a client message id of its own, so
+        when its answer is lost it is made again, for SEND_RETRY_SECONDS, and a broker that
+        stored it the first time answers the repeat without storing it again."""
+        arguments["client_msg_id"] = secrets.token_urlsafe(16)
+        return retrying(lambda: self.call(tool, **arguments))
 
     def identify(self) -> dict[str, Any]:
         try:
@@ -1220,10 +1243,10 @@ class Channel:
         return self.client
 
     def tool_send(self, to: str, body: str) -> str:
-        return describe_sent(*self.linked().call("send", to=to, body=body))
+        return describe_sent(*self.linked().send("send", to=to, body=body))
 
     def tool_reply(self, chat_id: str, body: str) -> str:
-        return describe_sent(*self.linked().call("reply", chat_id=chat_id, body=body))
+        return describe_sent(*self.linked().send("reply", chat_id=chat_id, body=body))
 
     def tool_ping(self) -> str:
         text = describe_ping(self.config, self.linked().call("ping")[0])
@@ -1312,7 +1335,8 @@ def cmd_send(args: argparse.Namespace) -> int:
     Example: python3 dispatch_plugin.py send --to backend-a8b3c1d2 "build is green"
     """
     body = sys.stdin.read().removesuffix("\n") if args.body == "-" else args.body
-    print(describe_sent(*connect_once().call("send", to=args.to, body=body)))
+    client = retrying(connect_once)  # a broker restarting right now is waited for, briefly
+    print(describe_sent(*client.send("send", to=args.to, body=body)))
     return 0
 
 

@@ -12,13 +12,14 @@ import os
 import re
 import socket
 import subprocess
+import sys
 import threading
 import time
 import uuid
 
 import pytest
 
-from conftest import (closed_url, db_query, plugin_env, record_channel_event, run_cli, unknown_token, wait_connected,
+from conftest import (PLUGIN, closed_url, db_query, plugin_env, record_channel_event, run_cli, unknown_token, wait_connected,
                       wait_for)
 
 META_KEY = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
@@ -190,11 +191,13 @@ class Proxy:
     """A TCP proxy of the test's own between a plugin and the broker. `ack="lose"` resets the
     connections of the first two requests containing "mail.ack" (the plugin's ack and its one
     retry on a fresh connection: the broker never sees that ack);
-    `ack="hold"` forwards it only once `release` is set (bounded: 30 s). `reset_all()` breaks
-    every open connection, as a network blip would."""
+    `ack="hold"` forwards it only once `release` is set (bounded: 30 s). `cut_answer=b"…"`: the
+    first request containing those bytes reaches the broker, its answer does not (the connection
+    is reset instead). `reset_all()` breaks every open connection, as a network blip would."""
 
-    def __init__(self, port: int, ack: str | None = None):
+    def __init__(self, port: int, ack: str | None = None, cut_answer: bytes | None = None):
         self.port, self.ack, self.tampered = port, ack, 0
+        self.cut_answer, self.answers_cut = cut_answer, 0
         self.release = threading.Event()
         self.server = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}/mcp"
@@ -211,13 +214,19 @@ class Proxy:
                 return
             with self.lock:
                 self.open += [client, upstream]
-            threading.Thread(target=self.pump, args=(client, upstream, True), daemon=True).start()
-            threading.Thread(target=self.pump, args=(upstream, client, False), daemon=True).start()
+            cut = threading.Event()  # this connection carried the request whose answer is lost
+            threading.Thread(target=self.pump, args=(client, upstream, True, cut), daemon=True).start()
+            threading.Thread(target=self.pump, args=(upstream, client, False, cut), daemon=True).start()
 
-    def pump(self, src: socket.socket, dst: socket.socket, inspect: bool) -> None:
+    def pump(self, src: socket.socket, dst: socket.socket, inspect: bool, cut: threading.Event) -> None:
         tail = b""
         try:
             while chunk := src.recv(65536):
+                if inspect and self.cut_answer and self.cut_answer in tail + chunk and not self.answers_cut:
+                    self.answers_cut += 1
+                    cut.set()
+                if not inspect and cut.is_set():
+                    break  # the broker answered; the client never hears it
                 if inspect and self.ack and b"mail.ack" in tail + chunk and self.first():
                     if self.ack == "lose":
                         break
@@ -598,3 +607,36 @@ def test_the_inbox_tool_acks_what_it_returned_once_the_transcript_records_the_to
     with open(receiver.transcript, "a") as f:
         f.write(json.dumps(result) + "\n")
     wait_for(lambda: acked_at(shared_broker, event["meta"]["message_id"]), timeout=5, what="the ack of the tool result")
+
+
+def stored_with_body(broker, body: str) -> int:
+    return db_query(broker, "SELECT COUNT(*) FROM messages WHERE body = ?", body)[0][0]
+
+
+def test_a_send_whose_answer_is_lost_is_made_again_and_stored_once(plugins, shared_broker):
+    proxy = Proxy(shared_broker.port, cut_answer=b'"name": "send"')
+    try:
+        receiver = plugin_env(shared_broker, "test", fresh_name("test-once"))
+        assert run_cli(receiver, "ping").returncode == 0
+        body = f"exactly once {os.urandom(4).hex()}"
+        sent = run_cli({**plugin_env(shared_broker, "test", fresh_name("test-twice")), "DISPATCH_URL": proxy.url},
+                       "send", "--to", receiver["DISPATCH_NAME"], body)
+        assert sent.returncode == 0 and sent.stdout.startswith("Sent"), sent.stdout + sent.stderr
+        assert proxy.answers_cut == 1
+        assert stored_with_body(shared_broker, body) == 1
+    finally:
+        proxy.close()
+
+
+def test_a_send_made_while_the_broker_restarts_succeeds_once(plugins, broker):
+    receiver = plugin_env(broker, "test", "test-patient")
+    assert run_cli(receiver, "ping").returncode == 0
+    broker.kill()
+    sender = subprocess.Popen([sys.executable, str(PLUGIN), "send", "--to", "test-patient", "across a restart"],
+                              env=plugin_env(broker, "test", "test-impatient"), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    time.sleep(2)
+    broker.start()  # same port, db and tokens
+    out, err = sender.communicate(timeout=30)
+    assert sender.returncode == 0 and out.startswith("Sent"), out + err
+    assert stored_with_body(broker, "across a restart") == 1
