@@ -577,7 +577,7 @@ from typing import NamedTuple  # noqa: E402
 
 #: Running build.py as a user would, with the interpreter that has pex (the test venv).
 BUILD_SCRIPT = Path(__file__).resolve().parent.parent / "build.py"
-#: A cold build downloads ~80 MB of wheels into pex's cache; a warm one takes ~50 s on 2 cores.
+#: A cold build downloads ~80 MB of wheels into pex's cache; a warm one takes ~20 s.
 BUILD_TIMEOUT_S = 900
 
 
