@@ -1,39 +1,53 @@
-"""Build Dispatch's two single-file zipapps with pex: dist/broker.pyz and dist/plugin.pyz.
+"""Build Dispatch's single-file zipapps: dist/plugin.pyz, and one dist/broker-<platform>.pyz each.
 
+    dispatch_plugin.py ──zipfile──> dist/plugin.pyz      standard library only: any OS, CPython >= 3.11
     pyproject.toml [project].dependencies ──(--relock)──> pex.lock   (every wheel pinned by sha256)
-    pex.lock + dispatch_broker.py ──pex──> dist/broker.pyz   Linux x86_64/aarch64, CPython 3.11-3.14
-    pex.lock + dispatch_plugin.py ──pex──> dist/plugin.pyz   the same + macOS arm64
-    python3 dist/plugin.pyz ──1st run──> $PEX_ROOT/  (unpack every target's wheels, make a venv:
-                            ──later───> re-exec that venv     ~140 MB and ~5 s for the plugin,
-                                                              ~100 MB for the broker)
+    pex.lock + dispatch_broker.py ──pex──> dist/broker-linux-x86_64.pyz   one per platform, each
+                                           dist/broker-linux-aarch64.pyz  for CPython 3.11-3.14
+                                           dist/broker-macos-arm64.pyz
+                                           dist/broker-macos-x86_64.pyz
+                                     copy> dist/broker.pyz   the one for the machine that builds
+    python3 dist/broker.pyz ──1st run──> $PEX_ROOT/  (unpack the wheels, make a venv: ~60 MB)
+                            ──later───> re-exec that venv
 
-Each file needs only a CPython interpreter at run time: no venv, pip or network. The compiled
-wheels (pydantic_core, cryptography, cffi, and rpds-py in the plugin) cannot be imported from
-inside a zip, so the first run unpacks the zipapp into PEX_ROOT, which defaults to
-$XDG_CACHE_HOME/pex or ~/.cache/pex (~/Library/Caches/pex on macOS). Set PEX_ROOT to move it;
-the systemd unit points it at its CacheDirectory. If PEX_ROOT is not writable, pex unpacks into a
-temporary directory on every run.
+The plugin imports only the standard library, so plugin.pyz is a plain zipapp (PEP 441) that
+CPython runs straight from the zip: two entries, dispatch_plugin.py and a __main__.py calling its
+main(), behind a `#!/usr/bin/env python3` line. Nothing is unpacked and nothing is written; one
+file serves every OS and CPU.
 
-Run (without pex importable, build.py first installs the pinned pex into build/venv):
+The broker needs the SDK's compiled wheels (pydantic_core, cryptography, cffi), which cannot be
+imported from inside a zip, so pex writes it and its first run unpacks it into PEX_ROOT, which
+defaults to $XDG_CACHE_HOME/pex or ~/.cache/pex (~/Library/Caches/pex on macOS). Set PEX_ROOT to
+move it; the systemd unit points it at its CacheDirectory. If PEX_ROOT is not writable, pex
+unpacks into a temporary directory on every run. A broker file started on a platform it was not
+built for stops in its first lines (a pex preamble, before pex looks at a wheel) with one line
+naming the right file.
+
+Run (the broker needs pex; without it build.py first installs the pinned pex into build/venv):
     python3 build.py                 # writes dist/, prints size and sha256 of each file
     python3 build.py serve           # then runs dist/broker.pyz serve --dev from the repo root
     python3 build.py --out DIR       # somewhere else (the reproducibility test builds twice)
+    python3 build.py --platform macos-arm64   # only that broker (and the plugin); repeatable
     python3 build.py --relock        # after changing dependencies in pyproject.toml
 
-Size (31.5 MB broker, 48.7 MB plugin): each compiled wheel but cryptography's (abi3: one per
-platform, ~4.7 MB) is carried once per CPython x platform, 8 copies in the broker and 12 in the
-plugin. pydantic_core's copies (~2.1 MB each) are over half of each file, cryptography's most of
-the rest. ZIPAPPS leaves out the locked projects nothing we run imports (see NEVER_IMPORTED and
-CLIENT_ONLY); the tests run the real files without them. pex has no smaller form of a single-file
-zipapp: it deflates at zlib's default level with no setting for it, --no-pre-install-wheels
-carries the wheels as published (~3% larger), --layout packed/loose is a directory, and --rc's
-zstd needs a native launcher fetched from outside the package index. One file per platform would
-be 17-19 MB each.
+Size (plugin 48 kB; brokers 15.8 MB macOS arm64, 17.0 MB Linux aarch64, 17.6 MB Linux x86_64,
+20.4 MB macOS x86_64): each compiled wheel but cryptography's (abi3) is carried once per CPython,
+4 copies a file; pydantic_core's (~2.2 MB each) are half of it. cryptography's only Intel-Mac
+wheel holds both Mac CPUs (7.8 MB against ~4.5 MB elsewhere), hence the Intel file's weight.
+BROKER_EXCLUDES leaves out the locked projects the broker never imports. pex deflates at zlib's
+default level with no setting for it (level 9 would save 0.4%); --no-pre-install-wheels carries the
+wheels as published (~3% larger); --layout packed/loose is a directory, not one file.
 
-Reproducible: pex writes zip entries in a fixed order dated 1980-01-01, and pex.lock pins each
-wheel by hash, so two builds of one commit with the same pex and the same build Python (pex's
-bootstrap differs either side of 3.12) give the same sha256. SOURCE_DATE_EPOCH is not needed.
-Downloaded wheels stay in pex's own cache (~/.cache/pex), so only the first build uses the network.
+Time: ~20 s for all five files with pex's caches warm (on 2 busy cores; running the four pex
+builds side by side was no faster); the first build also downloads ~80 MB of wheels.
+
+Reproducible: plugin.pyz is written entry by entry in a fixed order, dated 1980-01-01, mode
+0644, and stored rather than deflated (zlib builds differ in what they emit, a stored entry is
+the same bytes everywhere). pex writes zip entries in a fixed order dated 1980-01-01, and pex.lock
+pins each wheel by hash, so two builds of one commit with the same pex and the same build Python
+(pex's bootstrap differs either side of 3.12) give the same sha256. SOURCE_DATE_EPOCH is not
+needed. Downloaded wheels stay in pex's own cache (~/.cache/pex), so only the first build uses the
+network.
 """
 
 import argparse
@@ -41,10 +55,14 @@ import hashlib
 import importlib.util
 import json
 import os
+import platform
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import tomllib
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,51 +74,72 @@ ROOT = Path(__file__).resolve().parent
 LOCK_FILE = ROOT / "pex.lock"
 PYPROJECT = ROOT / "pyproject.toml"
 
-#: CPython versions every zipapp must run on; each one adds a copy of every compiled wheel.
+#: CPython versions every broker file must run on; each one adds a copy of every compiled wheel.
 PYTHONS = ("3.11", "3.12", "3.13", "3.14")
-#: manylinux2014 is glibc 2.17+, so pex picks the most portable wheel each project offers.
-LINUX = ("manylinux2014_x86_64", "manylinux2014_aarch64")
-#: macOS 11 was the first release on arm64, so its wheels run on every Apple-silicon Mac.
-MACOS = ("macosx_11_0_arm64",)
 #: One pip for locking and building, so both resolve alike. Not pex's default (26.2.2): the
 #: package index this project uses does not serve that release.
 PIP_VERSION = "26.2.1"
+#: Intel Macs get their own lock: cryptography's last release with a wheel for them (universal2,
+#: both CPUs, ~7.8 MB) is 48.0.1, and a universal lock holds one version of each project, so
+#: pex.lock would push that older and twice as heavy wheel on every other platform too.
+INTEL_MAC_LOCK_FILE = ROOT / "pex-macos-x86_64.lock"
+#: What that lock changes; every other project is pinned to pex.lock's version.
+INTEL_MAC_PINS = {"cryptography": "cryptography<49"}
 
 
 @dataclass(frozen=True)
-class Zipapp:
-    """One output file: which module it carries, the wheel platforms it must run on, and the
-    locked projects it leaves out because nothing it runs imports them."""
+class Platform:
+    """A machine a broker file is built for: its file name's suffix, the wheel platform pex
+    resolves for, and how that machine's Python names itself (sys.platform, platform.machine())."""
 
     name: str
-    module: str
-    systems: tuple
-    excludes: tuple = ()
+    title: str
+    wheel_platform: str
+    system: str
+    machines: tuple
+    lock: Path = LOCK_FILE
 
     @property
-    def entry_point(self):
-        # pex runs sys.exit(main()), so main's return value is the exit status.
-        return f"{self.module}:main"
+    def filename(self):
+        return f"broker-{self.name}.pyz"
 
+
+PLATFORMS = (
+    # manylinux2014 is glibc 2.17+, so pex picks the most portable wheel each project offers.
+    Platform("linux-x86_64", "Linux x86_64", "manylinux2014_x86_64", "linux", ("x86_64", "amd64")),
+    Platform("linux-aarch64", "Linux aarch64", "manylinux2014_aarch64", "linux", ("aarch64", "arm64")),
+    # macOS 11 was the first release on arm64, so its wheels run on every Apple-silicon Mac.
+    Platform("macos-arm64", "macOS arm64", "macosx_11_0_arm64", "darwin", ("arm64",)),
+    # 10.15 is the oldest macOS for which every locked compiled wheel has an Intel build.
+    Platform("macos-x86_64", "macOS x86_64", "macosx_10_15_x86_64", "darwin", ("x86_64",),
+             lock=INTEL_MAC_LOCK_FILE),
+)
+
+BROKER_MODULE = "dispatch_broker"
+PLUGIN_MODULE = "dispatch_plugin"
+#: The machine that builds gets a copy of its own broker under this name, the one README's
+#: commands and dispatch.service use.
+HOST_BROKER = "broker.pyz"
 
 #: Only cffi's Python package imports pycparser (to parse C declarations when an FFI object is
 #: made); cryptography's compiled bindings load the _cffi_backend extension alone and nothing we
-#: run imports `cffi` itself. cffi and cryptography stay: `import mcp.client` and `import
-#: mcp.server` both reach mcp.server.request_state, which imports cryptography at module level.
+#: run imports `cffi` itself. cffi and cryptography stay: `import mcp.server` reaches
+#: mcp.server.request_state, which imports cryptography at module level.
 NEVER_IMPORTED = ("pycparser",)
 #: Only mcp's client imports jsonschema (mcp.client.session, lazily, to check a tool's result
 #: against its output schema); no server module of mcp, starlette, uvicorn or pydantic does. pex
 #: drops what only it needs: referencing, jsonschema-specifications, attrs and rpds-py (a compiled
-#: wheel per CPython x platform, ~2.9 MB of the broker). The plugin keeps it: the broker's tools
-#: declare output schemas, so the plugin's first tools/call imports jsonschema.
+#: wheel per CPython, ~0.7 MB a file).
 CLIENT_ONLY = ("jsonschema",)
+#: Locked projects the broker files leave out; pex's runtime does not look for them.
+BROKER_EXCLUDES = NEVER_IMPORTED + CLIENT_ONLY
 
-ZIPAPPS = (
-    # A service on Linux hosts.
-    Zipapp("broker", "dispatch_broker", LINUX, excludes=NEVER_IMPORTED + CLIENT_ONLY),
-    # Runs wherever Claude Code does.
-    Zipapp("plugin", "dispatch_plugin", LINUX + MACOS, excludes=NEVER_IMPORTED),
-)
+#: plugin.pyz: `python3 plugin.pyz` and `./plugin.pyz` both run it with the first python3 on PATH.
+SHEBANG = b"#!/usr/bin/env python3\n"
+#: pex runs sys.exit(main()) for the broker; the plugin's zipapp does the same.
+PLUGIN_MAIN = f"import sys\n\nimport {PLUGIN_MODULE}\n\nsys.exit({PLUGIN_MODULE}.main())\n".encode()
+#: The earliest date a zip entry can hold: no build time leaks into the file.
+ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 
 
 class BuildError(Exception):
@@ -111,7 +150,7 @@ class BuildError(Exception):
 
 
 def runtime_requirements():
-    """What goes in the zipapps: pyproject's runtime dependencies, never its extras."""
+    """What goes in the broker files: pyproject's runtime dependencies, never its extras."""
     with PYPROJECT.open("rb") as f:
         return tomllib.load(f)["project"]["dependencies"]
 
@@ -123,38 +162,124 @@ def normalized(requirements):
     return sorted(str(Requirement(requirement)) for requirement in requirements)
 
 
-def read_lock():
-    """Return the lock, refusing one that no longer matches pyproject.toml."""
-    if not LOCK_FILE.exists():
-        raise BuildError(f"{LOCK_FILE.name} is missing: run python3 build.py --relock")
-    lock = json.loads(LOCK_FILE.read_text())
+def read_lock(path=LOCK_FILE):
+    """Return a lock, refusing one that no longer matches pyproject.toml."""
+    if not path.exists():
+        raise BuildError(f"{path.name} is missing: run python3 build.py --relock")
+    lock = json.loads(path.read_text())
     if normalized(lock["requirements"]) != normalized(runtime_requirements()):
         raise BuildError(
-            f"{LOCK_FILE.name} locks {lock['requirements']} but pyproject.toml asks for "
+            f"{path.name} locks {lock['requirements']} but pyproject.toml asks for "
             f"{runtime_requirements()}: run python3 build.py --relock"
         )
     return lock
 
 
-def relock():
-    """Rewrite pex.lock: one universal resolve that covers every target of every zipapp."""
+def locked_versions(lock):
+    return {r["project_name"]: r["version"] for r in lock["locked_resolves"][0]["locked_requirements"]}
+
+
+def lock_command(output, target_systems, constraints=None):
     newest = PYTHONS[-1].split(".")
     command = [
         sys.executable, "-m", "pex.cli", "lock", "create",
         "--style", "universal",
-        "--target-system", "linux", "--target-system", "mac",
+        *(arg for system in target_systems for arg in ("--target-system", system)),
         "--interpreter-constraint", f"CPython>={PYTHONS[0]},<{newest[0]}.{int(newest[1]) + 1}",
         "--pip-version", PIP_VERSION,
         "--no-build",  # wheels only: nothing may be compiled for a machine we are not on
         "--elide-unused-requires-dist",
         "--indent", "2",
-        "--output", str(LOCK_FILE),
-        *runtime_requirements(),
+        "--output", str(output),
     ]
-    subprocess.run(command, check=True, env=pex_environment())
+    if constraints is not None:
+        command += ["--constraints", str(constraints)]
+    return command + runtime_requirements()
 
 
-# --- build ----------------------------------------------------------------------------------
+def relock():
+    """Rewrite pex.lock (one universal resolve for Linux and macOS, every CPython), then the Intel
+    Mac lock from it."""
+    subprocess.run(lock_command(LOCK_FILE, ("linux", "mac")), check=True, env=pex_environment())
+    relock_intel_mac()
+
+
+def relock_intel_mac():
+    """Rewrite pex-macos-x86_64.lock: pex.lock's versions, but for INTEL_MAC_PINS."""
+    pins = {project: f"{project}=={version}" for project, version in locked_versions(read_lock()).items()}
+    pins.update(INTEL_MAC_PINS)
+    with tempfile.TemporaryDirectory() as tmp:
+        constraints = Path(tmp) / "constraints.txt"
+        constraints.write_text("".join(f"{pin}\n" for pin in sorted(pins.values())))
+        subprocess.run(lock_command(INTEL_MAC_LOCK_FILE, ("mac",), constraints), check=True,
+                       env=pex_environment())
+
+
+# --- plugin: a standard-library zipapp ------------------------------------------------------
+
+
+def zip_entry(name):
+    """A zip entry whose header is the same bytes whoever builds it, wherever, whenever."""
+    entry = zipfile.ZipInfo(name, date_time=ZIP_EPOCH)
+    entry.create_system = 3  # Unix, also when Windows builds: the field is part of the bytes
+    entry.external_attr = 0o100644 << 16  # a regular file, rw-r--r--
+    entry.compress_type = zipfile.ZIP_STORED
+    return entry
+
+
+def build_plugin(src_dir, out_dir):
+    """Write out_dir/plugin.pyz: the shebang line, then a zip of __main__.py and the plugin."""
+    source = src_dir / f"{PLUGIN_MODULE}.py"
+    if not source.exists():
+        raise BuildError(f"no {source.name} in {src_dir}")
+    out = out_dir / "plugin.pyz"
+    partial = out.with_name(out.name + ".partial")
+    with partial.open("wb") as f:
+        f.write(SHEBANG)  # zipimport finds the archive from its end, so a prefix is allowed
+        with zipfile.ZipFile(f, "w") as pyz:
+            pyz.writestr(zip_entry("__main__.py"), PLUGIN_MAIN)
+            pyz.writestr(zip_entry(source.name), source.read_bytes())
+    partial.chmod(0o755)
+    partial.replace(out)
+    return out
+
+
+# --- broker: one pex per platform -----------------------------------------------------------
+
+
+#: Runs before pex's bootstrap in each broker file's __main__.py, so a wrong machine hears one
+#: line instead of pex's list of wheels it could not use. %-formatting only: any python3 parses it.
+PREAMBLE = '''\
+# Dispatch: on a machine this file's compiled wheels were not built for, say so in one line.
+import platform as _platform
+import sys as _sys
+
+_files = {files!r}
+_here = (_sys.platform, _platform.machine().lower())
+if _files.get(_here) != {filename!r}:
+    _sys.exit("dispatch: {filename} is for {title}, and this machine is %s %s: %s" % (
+        _sys.platform, _platform.machine(),
+        "use %s (python3 build.py writes it)" % _files[_here] if _here in _files
+        else "install Dispatch from a checkout with pip instead (README)"))
+if _sys.implementation.name != "cpython" or not {oldest} <= _sys.version_info[:2] <= {newest}:
+    _sys.exit("dispatch: {filename} needs CPython {first} to {last}, and this is %s %d.%d" % (
+        _sys.implementation.name, _sys.version_info[0], _sys.version_info[1]))
+del _platform, _sys, _files, _here
+'''
+
+
+def preamble(target):
+    files = {(p.system, machine): p.filename for p in PLATFORMS for machine in p.machines}
+    version = lambda python: tuple(int(part) for part in python.split("."))  # noqa: E731
+    return PREAMBLE.format(files=files, filename=target.filename, title=target.title,
+                           oldest=version(PYTHONS[0]), newest=version(PYTHONS[-1]),
+                           first=PYTHONS[0], last=PYTHONS[-1])
+
+
+def host_platform():
+    """The Platform this Python runs on, or None when no broker file is built for it."""
+    here = (sys.platform, platform.machine().lower())
+    return next((p for p in PLATFORMS if here[0] == p.system and here[1] in p.machines), None)
 
 
 #: Where build.py installs pex for itself when the running Python has none (a fresh machine).
@@ -184,12 +309,12 @@ def bootstrap_pex():
     os.execv(str(python), [str(python), str(ROOT / "build.py"), *sys.argv[1:]])
 
 
-def warn_unless_pex_wrote(lock, pex_version):
+def warn_unless_pex_wrote(path, lock, pex_version):
     """The pex version is part of the output's bytes, so a different one cannot reproduce them."""
     if pex_version != lock["pex_version"]:
         print(
             f"warning: pex {pex_version} is not the pex {lock['pex_version']} that wrote "
-            f"{LOCK_FILE.name}; the zipapps will not match other builds byte for byte",
+            f"{path.name}; the broker files will not match other builds byte for byte",
             file=sys.stderr,
         )
 
@@ -199,56 +324,62 @@ def pex_environment():
     return {**os.environ, "PEX_IGNORE_RCFILES": "1"}
 
 
-def pex_platforms(zipapp):
-    """Abbreviated pex platforms, one per (system, Python) pair.
+def pex_platforms(target):
+    """Abbreviated pex platforms, one per CPython.
 
     The full version (3.12.0, not 3.12) lets pip evaluate python_full_version markers, which
     it must do for some wheels when it downloads them for a machine other than this one.
     """
-    return [
-        f"{system}-cp-{python}.0-cp{python.replace('.', '')}"
-        for system in zipapp.systems
-        for python in PYTHONS
-    ]
+    return [f"{target.wheel_platform}-cp-{python}.0-cp{python.replace('.', '')}" for python in PYTHONS]
 
 
-def pex_command(zipapp, out_dir):
+def pex_command(target, out_dir, preamble_file):
     command = [
         sys.executable, "-m", "pex",
-        "--lock", str(LOCK_FILE),
+        "--lock", str(target.lock),
         "--pip-version", PIP_VERSION,
         "--no-build",
-        "--module", zipapp.module,
-        "--entry-point", zipapp.entry_point,
+        "--module", BROKER_MODULE,
+        # pex runs sys.exit(main()), so main's return value is the exit status.
+        "--entry-point", f"{BROKER_MODULE}:main",
         # Warm starts re-exec a venv kept in PEX_ROOT: ~160 ms here, against ~730 ms for the
         # default mode, which checks every unpacked wheel on each start.
         "--venv",
-        # `./plugin.pyz` uses whichever python3 is first on PATH, like `python3 plugin.pyz`.
+        # `./broker.pyz` uses whichever python3 is first on PATH, like `python3 broker.pyz`.
         "--python-shebang", "/usr/bin/env python3",
-        "--output-file", str(out_dir / f"{zipapp.name}.pyz"),
+        "--preamble-file", str(preamble_file),
+        "--output-file", str(out_dir / target.filename),
     ]
-    for platform in pex_platforms(zipapp):
-        command += ["--platform", platform]
+    for pex_platform in pex_platforms(target):
+        command += ["--platform", pex_platform]
     # pex leaves each one out with whatever only it needs, and its runtime does not look for them.
-    for project in zipapp.excludes:
+    for project in BROKER_EXCLUDES:
         command += ["--exclude", project]
     return command
 
 
-def build(zipapp, src_dir, out_dir):
-    """Write out_dir/<name>.pyz from the module in src_dir and the locked wheels."""
-    if not (src_dir / f"{zipapp.module}.py").exists():
-        raise BuildError(f"no {zipapp.module}.py in {src_dir}")
-    # pex finds --module relative to the working directory; its stdout only echoes the path.
-    subprocess.run(pex_command(zipapp, out_dir), cwd=src_dir, env=pex_environment(),
-                   stdout=subprocess.DEVNULL, check=True)
-    return out_dir / f"{zipapp.name}.pyz"
+def build_broker(target, src_dir, out_dir):
+    """Write out_dir/broker-<platform>.pyz from dispatch_broker.py in src_dir and the locked wheels."""
+    if not (src_dir / f"{BROKER_MODULE}.py").exists():
+        raise BuildError(f"no {BROKER_MODULE}.py in {src_dir}")
+    with tempfile.TemporaryDirectory() as tmp:
+        preamble_file = Path(tmp) / "preamble.py"
+        preamble_file.write_text(preamble(target))
+        # pex finds --module relative to the working directory; its stdout only echoes the path.
+        done = subprocess.run(pex_command(target, out_dir, preamble_file), cwd=src_dir,
+                              env=pex_environment(), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        raise BuildError(f"pex failed for {target.filename} (exit {done.returncode}):\n{done.stderr}")
+    return out_dir / target.filename
 
 
 def describe(path):
-    """One line for the build log: path, size in MB and sha256."""
+    """One line for the build log: path, size and sha256."""
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    return f"{path}  {path.stat().st_size / 1e6:.1f} MB  sha256 {digest}"
+    size = path.stat().st_size
+    shown = f"{size / 1e6:.1f} MB" if size >= 1e6 else f"{size / 1e3:.0f} kB"
+    return f"{path}  {shown}  sha256 {digest}"
 
 
 # --- CLI ------------------------------------------------------------------------------------
@@ -260,10 +391,12 @@ def serve(out_dir):
     From the repo root, so ./dispatch.db, ./tokens and the dist/plugin.pyz path that `--dev`
     prints for `claude mcp add` are where README says. DISPATCH_* variables set its flags.
     """
+    broker = out_dir / HOST_BROKER
+    if not broker.exists():
+        raise BuildError(f"no {broker}: no broker file is built for this machine")
     os.chdir(ROOT)
     sys.stdout.flush()
-    broker = [sys.executable, str(out_dir / "broker.pyz"), "serve", "--dev"]
-    os.execv(sys.executable, broker)
+    os.execv(sys.executable, [sys.executable, str(broker), "serve", "--dev"])
 
 
 def parse_args(argv):
@@ -275,6 +408,9 @@ def parse_args(argv):
     parser.add_argument("--src", type=Path, default=ROOT,
                         help="directory holding dispatch_broker.py and dispatch_plugin.py "
                              "(default: this repo; tests point it at stand-in modules)")
+    parser.add_argument("--platform", dest="platforms", action="append",
+                        choices=[p.name for p in PLATFORMS],
+                        help="build only this platform's broker file (repeatable; default: all)")
     parser.add_argument("--relock", action="store_true",
                         help="rewrite pex.lock from pyproject.toml's dependencies, then build")
     return parser.parse_args(argv)
@@ -283,24 +419,36 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     started = time.monotonic()
+    targets = [p for p in PLATFORMS if args.platforms is None or p.name in args.platforms]
+    src_dir, out_dir = args.src.resolve(), args.out.resolve()
+    host = host_platform()
     try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        built = [build_plugin(src_dir, out_dir)]
         pex_version = require_pex()
         if args.relock:
             relock()
-        warn_unless_pex_wrote(read_lock(), pex_version)
-        args.out.mkdir(parents=True, exist_ok=True)
-        built = [build(zipapp, args.src.resolve(), args.out.resolve()) for zipapp in ZIPAPPS]
+        for lock in sorted({target.lock for target in targets}):
+            warn_unless_pex_wrote(lock, read_lock(lock), pex_version)
+        built += [build_broker(target, src_dir, out_dir) for target in targets]
+        if host in targets:
+            shutil.copyfile(out_dir / host.filename, out_dir / HOST_BROKER)
+            (out_dir / HOST_BROKER).chmod(0o755)
+            built.append(out_dir / HOST_BROKER)
+        elif args.command == "serve" or args.platforms is None:
+            print(f"note: no broker file is built for this machine ({sys.platform} "
+                  f"{platform.machine()}), so there is no {HOST_BROKER}", file=sys.stderr)
+        for path in built:
+            print(describe(path))
+        print(f"built in {time.monotonic() - started:.0f} s")
+        if args.command == "serve":
+            serve(out_dir)
     except BuildError as e:
         print(f"Error: {e}", file=sys.stderr)
         return 1
     except subprocess.CalledProcessError as e:
-        print(f"Error: pex failed (exit {e.returncode}); its message is above", file=sys.stderr)
+        print(f"Error: {e.cmd[2]} failed (exit {e.returncode}); its message is above", file=sys.stderr)
         return 1
-    for path in built:
-        print(describe(path))
-    print(f"built in {time.monotonic() - started:.0f} s")
-    if args.command == "serve":
-        serve(args.out.resolve())
     return 0
 
 

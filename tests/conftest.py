@@ -620,12 +620,13 @@ from typing import NamedTuple  # noqa: E402
 
 #: Running build.py as a user would, with the interpreter that has pex (the test venv).
 BUILD_SCRIPT = Path(__file__).resolve().parent.parent / "build.py"
-#: A cold build downloads ~60 MB of wheels into pex's cache; a warm one takes ~30 s.
-BUILD_TIMEOUT_S = 600
+#: A cold build downloads ~80 MB of wheels into pex's cache; a warm one takes ~20 s.
+BUILD_TIMEOUT_S = 900
 
 
 class Dist(NamedTuple):
-    """A directory of built zipapps."""
+    """A directory of built zipapps: plugin.pyz, broker-<platform>.pyz each, and broker.pyz (a
+    copy of this machine's broker file)."""
 
     dir: Path
     broker: Path
@@ -636,15 +637,22 @@ class Dist(NamedTuple):
     def at(cls, directory: Path, prebuilt: bool = False) -> "Dist":
         return cls(directory, directory / "broker.pyz", directory / "plugin.pyz", prebuilt)
 
+    def broker_for(self, platform: str) -> Path:
+        """The broker file for `platform` (linux-x86_64, macos-arm64, ...)."""
+        return self.dir / f"broker-{platform}.pyz"
+
 
 @pytest.fixture(scope="session")
 def build_zipapps():
-    """build(out_dir, src=None) -> Dist: run build.py; src swaps in stand-in modules."""
+    """build(out_dir, src=None, platforms=None) -> Dist: run build.py; src swaps in stand-in
+    modules, platforms limits the broker files to those (default: all)."""
 
-    def build(out: Path, src: Path | None = None) -> Dist:
+    def build(out: Path, src: Path | None = None, platforms: list[str] | None = None) -> Dist:
         command = [sys.executable, str(BUILD_SCRIPT), "--out", str(out)]
         if src is not None:
             command += ["--src", str(src)]
+        for platform in platforms or ():
+            command += ["--platform", platform]
         done = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
         if done.returncode != 0:
             pytest.fail(f"build.py exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
@@ -655,10 +663,9 @@ def build_zipapps():
 
 @pytest.fixture(scope="session")
 def dist(build_zipapps, tmp_path_factory) -> Dist:
-    """broker.pyz and plugin.pyz built once per session from this checkout, or taken from
-    DISPATCH_DIST (a directory written by an earlier `python3 build.py`) to skip the build."""
+    """Every zipapp built once per session from this checkout, or taken from DISPATCH_DIST (a
+    directory written by an earlier `python3 build.py`) to skip the build."""
     prebuilt = os.environ.get("DISPATCH_DIST")
     if prebuilt:
         return Dist.at(Path(prebuilt).resolve(), prebuilt=True)
     return build_zipapps(tmp_path_factory.mktemp("dist"))
-
