@@ -632,26 +632,17 @@ def transcript_proofs(line: bytes) -> list[tuple[str, str]]:
     return []
 
 
-class TranscriptWatcher:
-    """Reads a session's transcript as it grows: each look reads only what was appended since the
-    last. The file may appear only with the session's first event; until then it is looked for."""
+class GrowingFile:
+    """One file read as it grows: each look returns the whole lines appended since the last."""
 
-    def __init__(self, session_id: str, project_dir: str, env=os.environ):
-        self.locate = lambda: find_transcript(session_id, project_dir, env)
-        self.path = self.locate()
-        self.offset = 0
-        self.partial = b""
+    def __init__(self, path: Path):
+        self.path, self.offset, self.partial = path, 0, b""
 
-    def size(self) -> int:
+    def new_lines(self) -> list[bytes]:
         try:
-            return self.path.stat().st_size
+            size = self.path.stat().st_size
         except OSError:
-            return 0
-
-    def new_proofs(self) -> list[tuple[str, str]]:
-        if self.offset == 0 and not self.path.exists():
-            self.path = self.locate()
-        size = self.size()
+            return []
         if size < self.offset:  # replaced or truncated: read it anew
             self.offset, self.partial = 0, b""
         if size == self.offset:
@@ -664,7 +655,43 @@ class TranscriptWatcher:
             return []
         self.offset += len(chunk)
         *lines, self.partial = (self.partial + chunk).split(b"\n")
-        return [proof for line in lines for proof in transcript_proofs(line)]
+        return lines
+
+
+class TranscriptWatcher:
+    """Reads a session's transcript as it grows. The file may appear only with the session's
+    first event; until then it is looked for. Transcripts begun beside it later are read too:
+    after /clear, Claude Code keeps this server (and the session id it was started with) but
+    writes the session on to a new file in the same directory. Message ids are ours alone, so
+    another session's file there proves nothing of ours."""
+
+    def __init__(self, session_id: str, project_dir: str, env=os.environ):
+        self.locate = lambda: find_transcript(session_id, project_dir, env)
+        self.path = self.locate()
+        self.files = {self.path: GrowingFile(self.path)}
+        self.since = time.time()
+        self.listed = 0.0  #: the directory's mtime when it was last listed
+
+    def new_proofs(self) -> list[tuple[str, str]]:
+        if not self.path.exists() and len(self.files) == 1:
+            self.path = self.locate()
+            self.files = {self.path: GrowingFile(self.path)}
+        self.look_beside()
+        return [proof for f in list(self.files.values()) for line in f.new_lines() for proof in transcript_proofs(line)]
+
+    def look_beside(self) -> None:
+        """New transcripts in the directory: listed only when the directory changed."""
+        try:
+            changed = self.path.parent.stat().st_mtime
+            if changed == self.listed:
+                return
+            self.listed = changed
+            for entry in os.scandir(self.path.parent):
+                path = Path(entry.path)
+                if entry.name.endswith(".jsonl") and path not in self.files and entry.stat().st_mtime >= self.since:
+                    self.files[path] = GrowingFile(path)
+        except OSError:
+            pass
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,7 +7,9 @@ printed (a hook_additional_context attachment, a tool_result).
 """
 
 import json
+import os
 import sys
+import time
 
 import pytest
 
@@ -176,3 +178,19 @@ def test_proven_in_finds_only_the_asked_ids_in_a_whole_transcript(tmp_path):
     path.write_text("\n".join([TYPED_USER, *lines, DEQUEUE]) + "\n")
     assert dispatch_plugin.proven_in(path, {"m_1", "m_3", "m_9"}) == {"m_1", "m_3"}
     assert dispatch_plugin.proven_in(tmp_path / "missing.jsonl", {"m_1"}) == set()
+
+
+def test_the_watcher_reads_a_transcript_begun_beside_the_session_later_as_after_clear(tmp_path):
+    """/clear gives the session a new id and file in the same directory; the server keeps its old id."""
+    w = watcher(tmp_path)
+    w.path.parent.mkdir(parents=True)
+    w.path.write_text(TYPED_USER + "\n")
+    old = w.path.parent / "an-older-session.jsonl"
+    old.write_text(retyped(ENQUEUE, content='<channel source="dispatch" message_id="m_old">x</channel>') + "\n")
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    assert ids_of(w) == []
+    (w.path.parent / "sid-after-clear.jsonl").write_text(ENQUEUE + "\n")
+    assert ids_of(w) == ["m1"]
+    with open(w.path.parent / "sid-after-clear.jsonl", "a") as f:
+        f.write(retyped(ENQUEUE, content='<channel source="dispatch" message_id="m_2">x</channel>') + "\n")
+    assert ids_of(w) == ["m_2"]
