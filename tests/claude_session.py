@@ -25,6 +25,7 @@ import subprocess
 import threading
 import time
 import uuid
+from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -211,17 +212,124 @@ def transcript_dir(home: Path, cwd: Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
+# The plugin package, installed as a user installs it
+# ---------------------------------------------------------------------------------------------
+
+#: The plugin's files in the repository: what a marketplace install copies.
+PACKAGE = (".claude-plugin", ".mcp.json", "hooks", "dispatch_plugin.py")
+#: The marketplace and plugin names in .claude-plugin/marketplace.json.
+MARKETPLACE, PLUGIN_NAME = "dispatch", "dispatch"
+#: The MCP server name Claude Code gives the plugin's server: plugin:<plugin>:<server>.
+PLUGIN_SERVER = f"plugin:{PLUGIN_NAME}:dispatch"
+
+
+def copy_package(where: Path) -> Path:
+    """A copy of the plugin package at `where`. Where .mcp.json or the hooks still run
+    dist/plugin.pyz, that file is dispatch_plugin.py itself (python3 runs a non-zip .pyz as source),
+    so no build is needed."""
+    where.mkdir(parents=True, exist_ok=True)
+    for part in PACKAGE:
+        src, dst = ROOT / part, where / part
+        shutil.copytree(src, dst) if src.is_dir() else shutil.copy(src, dst)
+    wiring = (where / ".mcp.json").read_text() + (where / "hooks" / "hooks.json").read_text()
+    if "dist/plugin.pyz" in wiring:
+        (where / "dist").mkdir(exist_ok=True)
+        shutil.copy(ROOT / "dispatch_plugin.py", where / "dist" / "plugin.pyz")
+    return where
+
+
+def install_plugin(home: Path, project: Path, package: Path) -> str:
+    """`claude plugin marketplace add PACKAGE` and `claude plugin install dispatch@dispatch`, as a
+    user would (user scope). Returns what they printed."""
+    out = run_claude(home, "plugin", "marketplace", "add", str(package), cwd=project)
+    return out + run_claude(home, "plugin", "install", f"{PLUGIN_NAME}@{MARKETPLACE}", cwd=project)
+
+
+def python3_shim(bindir: Path, python: str) -> Path:
+    """A directory whose `python3` runs `python`, to put first on PATH: the package runs `python3`,
+    and the plugin under test may need what this interpreter has. A script, not a symlink: a
+    venv's interpreter finds its site-packages only when started by its own path."""
+    bindir.mkdir(parents=True, exist_ok=True)
+    shim = bindir / "python3"
+    shim.write_text(f"#!/bin/sh\nexec {shlex.quote(python)} \"$@\"\n")
+    shim.chmod(0o755)
+    return bindir
+
+
+# ---------------------------------------------------------------------------------------------
+# What reached the model
+# ---------------------------------------------------------------------------------------------
+
+
+def texts(request: dict) -> list[str]:
+    """Every text the model reads in a /v1/messages body's messages (not the top-level system)."""
+    found = []
+    for message in request.get("messages", []):
+        content = message.get("content")
+        blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content or []
+        for block in blocks:
+            if isinstance(block.get("text"), str):
+                found.append(block["text"])
+            elif block.get("type") == "tool_result":
+                inner = block.get("content")
+                found.extend([inner] if isinstance(inner, str) else
+                             [b.get("text", "") for b in inner or [] if isinstance(b, dict)])
+    return found
+
+
+def occurrences(needle: str, request: dict) -> int:
+    """How many times `needle` appears in what the model reads in `request`."""
+    return sum(text.count(needle) for text in texts(request))
+
+
+def transcript_lines(path: Path) -> list[dict]:
+    """The transcript's JSON lines (a torn last line, still being written, is skipped)."""
+    lines = []
+    if path.exists():
+        for raw in path.read_text(errors="replace").splitlines():
+            with contextlib.suppress(ValueError):
+                lines.append(json.loads(raw))
+    return lines
+
+
+def first_seen(needle: str, lines: list[dict]) -> tuple[float, str] | None:
+    """When and how `needle` first entered the session in the transcript: ("channel" for a
+    channel event's enqueue or user line, "hook" for hook additionalContext), else None.
+    api-request-blob and prompt_snapshot lines copy what is already there and are ignored."""
+    for line in lines:
+        kind = line.get("type")
+        if kind == "queue-operation" and needle in str(line.get("content", "")):
+            route = "channel"
+        elif kind == "user" and (line.get("origin") or {}).get("kind") == "channel" and needle in json.dumps(line):
+            route = "channel"
+        elif kind == "attachment" and (line.get("attachment") or {}).get("type") == "hook_additional_context" \
+                and needle in json.dumps(line["attachment"].get("content")):
+            route = "hook"
+        else:
+            continue
+        stamp = line.get("timestamp", "").replace("Z", "+00:00")
+        return datetime.fromisoformat(stamp).timestamp(), route
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
 # One Claude Code session in its own tmux server
 # ---------------------------------------------------------------------------------------------
 
 
 class ClaudeSession:
-    """`claude ARGS` in a detached tmux session on its own socket (`tmux -L`), killed by close()."""
+    """`claude ARGS` in a detached tmux session on its own socket (`tmux -L`), talking to `api`.
+    close() ends Claude Code with /exit (it stops its MCP servers), then kills the tmux server."""
 
-    def __init__(self, home: Path, cwd: Path, args: list[str], env: dict[str, str] | None = None,
-                 width: int = 200, height: int = 50):
-        self.home, self.cwd, self.args = home, cwd, list(args)
-        self.env = isolated_env(home, env)
+    #: The footer under the input box: Claude Code is ready for a prompt.
+    READY = r"shift\+tab to cycle|\? for shortcuts"
+    #: The --dangerously-load-development-channels warning, answered with one Enter.
+    DEV_CHANNELS = "Loading development channels"
+
+    def __init__(self, home: Path, cwd: Path, args: list[str], api: MessagesStandIn,
+                 env: dict[str, str] | None = None, width: int = 200, height: int = 50):
+        self.home, self.cwd, self.args, self.api = home, cwd, list(args), api
+        self.env = isolated_env(home, {"ANTHROPIC_API_KEY": API_KEY, "ANTHROPIC_BASE_URL": api.url, **(env or {})})
         self.socket = f"dispatch-e2e-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.width, self.height = width, height
 
@@ -229,7 +337,8 @@ class ClaudeSession:
         return subprocess.run([TMUX, "-L", self.socket, "-f", "/dev/null", *args], capture_output=True,
                               text=True, timeout=15, check=check, env=self.env)
 
-    def start(self) -> "ClaudeSession":
+    def start(self, timeout: float = 40) -> "ClaudeSession":
+        """Start Claude Code and wait until it takes prompts (accepting the dev-channels warning)."""
         launcher = self.home / "tmp" / f"launch-{self.socket}.sh"
         launcher.parent.mkdir(parents=True, exist_ok=True)
         exports = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in self.env.items() if re.fullmatch(r"\w+", k))
@@ -239,6 +348,10 @@ class ClaudeSession:
         self.tmux("new-session", "-d", "-s", "claude", "-x", str(self.width), "-y", str(self.height),
                   str(launcher))
         self.tmux("set-option", "-t", "claude", "remain-on-exit", "on", check=False)
+        ready_or_warning = f"{self.READY}|{self.DEV_CHANNELS}"
+        if self.DEV_CHANNELS in self.wait_screen(ready_or_warning, timeout).group(0):
+            self.keys("Enter")
+        self.wait_screen(self.READY, timeout)
         return self
 
     def screen(self) -> str:
@@ -250,12 +363,36 @@ class ClaudeSession:
     def type(self, text: str) -> None:
         """Type `text` literally, then press Enter."""
         self.tmux("send-keys", "-t", "claude", "-l", text)
-        time.sleep(0.2)  # let the input box take the text before Enter submits it
+        time.sleep(0.3)  # let the input box take the text before Enter submits it
         self.keys("Enter")
 
     def wait_screen(self, pattern: str, timeout: float = 30) -> re.Match:
         return wait_until(lambda: re.search(pattern, self.screen()), timeout,
                           f"{pattern!r} on the screen:\n{self.screen()}")
 
+    def submit(self, prompt: str, timeout: float = 60) -> dict:
+        """Type `prompt` and wait until the model is asked about it; that request's body."""
+        self.type(prompt)
+        return wait_until(lambda: next((r for r in reversed(self.api.messages_requests())
+                                        if occurrences(prompt, r)), None), timeout,
+                          f"a /v1/messages request with {prompt!r}; screen:\n{self.screen()}")
+
+    @property
+    def session_id(self) -> str:
+        """Claude Code's session id, from the header on its requests to the stand-in."""
+        with self.api.lock:
+            ids = [r["headers"].get("X-Claude-Code-Session-Id") for r in self.api.requests]
+        return next(i for i in ids if i)
+
+    @property
+    def transcript(self) -> Path:
+        return transcript_dir(self.home, self.cwd) / f"{self.session_id}.jsonl"
+
     def close(self) -> None:
+        """/exit (Claude Code stops its MCP servers: SIGINT, SIGTERM, SIGKILL within 0.5 s), then
+        kill the tmux server whatever state Claude Code is in."""
+        with contextlib.suppress(Exception):
+            if re.search(self.READY, self.screen()):
+                self.type("/exit")
+                wait_until(lambda: "Pane is dead" in self.screen() or not self.screen(), 10, "Claude Code to exit")
         self.tmux("kill-server", check=False)

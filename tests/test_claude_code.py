@@ -1,4 +1,5 @@
-"""Claude Code itself as the host: it validates the plugin package and reports the plugin Connected.
+"""Claude Code itself as the host: it validates the plugin package, reports the plugin Connected,
+and in a real session (tmux, a scripted Messages API on loopback) hands each message to the model once.
 
 Uses the pinned Claude Code in .claude-code/ (`npm install --prefix .claude-code
 @anthropic-ai/claude-code@2.1.330`), else `claude` on PATH; skipped when there is neither.
@@ -11,33 +12,25 @@ Every run is offline, in a throwaway HOME, from an empty working directory (the 
 It waits up to MCP_TIMEOUT ms (default 30000) for initialize + tools/list.
 """
 
+import contextlib
 import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+import claude_session as cs
+from claude_session import CLAUDE, isolated_env
+from conftest import db_query, plugin_env, run_cli, wait_for
+
 ROOT = Path(__file__).resolve().parent.parent
-PINNED = ROOT / ".claude-code" / "node_modules" / ".bin" / "claude"
-CLAUDE = str(PINNED) if PINNED.exists() else shutil.which("claude")
 PACKAGE = [".claude-plugin", ".mcp.json", "hooks"]  # the plugin's files, besides dist/plugin.pyz
 
 needs_claude = pytest.mark.skipif(CLAUDE is None, reason="Claude Code not installed: npm install --prefix "
                                   ".claude-code @anthropic-ai/claude-code@2.1.330")
-
-
-def isolated_env(home: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The caller's environment minus its Claude Code / Dispatch settings, pointed at `home`, offline."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("CLAUDE", "ANTHROPIC_", "DISPATCH_", "MCP_")) and k != "AI_AGENT"}
-    env.update(HOME=str(home), CLAUDE_CONFIG_DIR=str(home / ".claude"), CLAUDE_CODE_TMPDIR=str(home / "tmp"),
-               XDG_CONFIG_HOME=str(home / ".config"), XDG_CACHE_HOME=str(home / ".cache"),
-               CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1",  # no telemetry, update check or DNS at all
-               DISABLE_AUTOUPDATER="1")
-    env.update(extra or {})
-    return env
 
 
 def claude(*args: str, home: Path, env: dict[str, str] | None = None, cwd: Path | None = None,
@@ -103,3 +96,127 @@ def test_claude_code_reports_the_plugin_connected(broker, dist, tmp_path, via):
     else:  # the plugin package itself: .mcp.json with ${CLAUDE_PLUGIN_ROOT}
         name, out = "plugin:dispatch:dispatch", claude_mcp_list_plugin(package_with(pyz, tmp_path / "pkg"), env, home)
     assert connected(out, name), f"{out}\n{mcp_logs(home)[-4000:]}"
+
+
+# ---------------------------------------------------------------------------------------------
+# A real session: the plugin installed from its marketplace, mail sent from the shell, and what
+# the model was actually given (tests/claude_session.py drives Claude Code in tmux against a
+# scripted Messages API on loopback).
+# ---------------------------------------------------------------------------------------------
+
+needs_claude_in_tmux = pytest.mark.skipif(
+    cs.CLAUDE is None or cs.TMUX is None,
+    reason="needs Claude Code (npm install --prefix .claude-code @anthropic-ai/claude-code@2.1.330) and tmux")
+
+#: How Claude Code is started, per install mode: the flag that names the plugin's channel, none,
+#: and the `mcp add` form that does not name a plugin's server (Claude Code then drops the events).
+CHANNEL_FLAGS = {
+    "channel_on": ["--dangerously-load-development-channels", f"plugin:{cs.PLUGIN_NAME}@{cs.MARKETPLACE}"],
+    "no_flag": [],
+    "wrong_flag": ["--dangerously-load-development-channels", "server:dispatch"],
+}
+#: Mail sent to the session in each test.
+MESSAGES = 3
+#: A session's channel, where it listens at all, listens within this long of its first prompt;
+#: mail is sent after it does (or after this long), as to a session that has been up a while.
+LISTEN_S = 15
+#: Every message must have reached the model within this long of the prompt after the sends.
+DELIVERY_S = 20
+
+
+def listening(sender_env: dict[str, str], name: str) -> bool:
+    """Whether `who` (the CLI) shows `name` live: its channel is connected and listening."""
+    who = run_cli(sender_env, "who").stdout
+    return any(name in line and "live" in line and "offline" not in line for line in who.splitlines())
+
+
+def mail_state(broker, name: str) -> dict[str, tuple[str, float | None]]:
+    """body -> (id, acked_at) for every message to `name`, from the broker's database."""
+    rows = db_query(broker, "SELECT id, body, acked_at FROM messages WHERE recipient = ?", name)
+    return {body: (message_id, acked_at) for message_id, body, acked_at in rows}
+
+
+def seen_by_model(api: cs.MessagesStandIn, body: str) -> bool:
+    return any(cs.occurrences(body, r) for r in api.messages_requests())
+
+
+def delivery_report(api, session, broker, name, bodies) -> str:
+    """One line per message: times in the model's last request, route and time in the transcript,
+    ack state at the broker. For failure messages."""
+    last = api.messages_requests()[-1]
+    lines, state = cs.transcript_lines(session.transcript), mail_state(broker, name)
+    out, lost = [], 0
+    for body in bodies:
+        seen = cs.first_seen(body, lines)
+        acked = state.get(body, (None, None))[1]
+        out.append(f"  {body}: {cs.occurrences(body, last)}x in the last request; transcript: "
+                   f"{f'{seen[1]} at {seen[0]:.3f}' if seen else 'absent'}; "
+                   f"{'acked at %.3f' % acked if acked else 'not acked'}")
+        lost += bool(acked and not seen)
+    head = f"  {lost} of {len(bodies)} acked at the broker yet never shown to the model: lost\n" if lost else ""
+    return head + "\n".join(out)
+
+
+@pytest.fixture
+def claude_home(tmp_path):
+    """A throwaway HOME with the plugin installed from a copy of the package, and the project
+    directory Claude Code runs in. The package runs `python3`: ours, first on PATH."""
+    home, project = tmp_path / "home", tmp_path / "project"
+    cs.prepare_home(home, project)
+    cs.install_plugin(home, project, cs.copy_package(tmp_path / "package"))
+    return home, project, cs.python3_shim(tmp_path / "bin", sys.executable)
+
+
+@needs_claude_in_tmux
+@pytest.mark.parametrize("mode", list(CHANNEL_FLAGS))
+def test_every_message_reaches_the_model_once_and_is_acked_only_after(broker, claude_home, mode):
+    """Mail sent from the shell to a live session reaches the model exactly once — as a channel
+    event or through the UserPromptSubmit hook — whichever way Claude Code was started, and the
+    broker holds each message unacked until it is in the session's transcript."""
+    home, project, bindir = claude_home
+    env = {"DISPATCH_URL": broker.url, "DISPATCH_TOKEN": broker.token("e2e"),
+           "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}"}
+    api = cs.MessagesStandIn()
+    session = cs.ClaudeSession(home, project, CHANNEL_FLAGS[mode], api, env)
+    try:
+        session.start()
+        session.submit("first prompt")
+        name = f"e2e-{session.session_id.replace('-', '')[:8]}"  # README: <base>-<8 hex of the session id>
+        wait_for(lambda: db_query(broker, "SELECT 1 FROM participants WHERE name = ?", name), 30,
+                 what=f"{name} known to the broker (the plugin's identify)")
+
+        sender = plugin_env(broker, "peer")
+        with contextlib.suppress(AssertionError):  # a plugin may well not listen where channels are off
+            wait_for(lambda: listening(sender, name), LISTEN_S, interval=0.5, what=f"{name} listening")
+
+        nonce = os.urandom(3).hex()
+        bodies = [f"dispatch-e2e-{mode}-{nonce}-message-{i}" for i in range(MESSAGES)]
+        for body in bodies:
+            sent = run_cli(sender, "send", "--to", name, body)
+            assert sent.returncode == 0, sent.stderr
+
+        session.submit(f"second prompt {nonce}")  # where channels are off, the hook's turn
+        try:
+            wait_for(lambda: all(seen_by_model(api, b) for b in bodies), DELIVERY_S, interval=0.5,
+                     what="every message in a request to the model")
+        except AssertionError:
+            pass  # reported with the details below
+        session.submit(f"third prompt {nonce}")  # a later turn must not show any of them again
+        last = api.messages_requests()[-1]
+
+        report = delivery_report(api, session, broker, name, bodies)
+        counts = {b: cs.occurrences(b, last) for b in bodies}
+        assert all(n == 1 for n in counts.values()), f"[{mode}] each message should reach the model once:\n{report}"
+
+        lines, state = cs.transcript_lines(session.transcript), mail_state(broker, name)
+        for body in bodies:
+            acked_at = state[body][1]
+            seen = cs.first_seen(body, lines)
+            assert seen, f"[{mode}] {body} reached the model but is not in the transcript:\n{report}"
+            assert acked_at is None or acked_at >= seen[0] - 0.01, \
+                f"[{mode}] {body} was acked before it was in the transcript:\n{report}"
+        wait_for(lambda: all(a is not None for _, a in mail_state(broker, name).values()), 15, interval=0.25,
+                 what=f"[{mode}] every delivered message acked:\n{delivery_report(api, session, broker, name, bodies)}")
+    finally:
+        session.close()
+        api.close()
