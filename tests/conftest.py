@@ -255,20 +255,34 @@ async def peer(broker: BrokerProcess, base: str, name: str | None = None, mode: 
 # ---------------------------------------------------------------------------------------------
 
 import queue  # noqa: E402
+import re  # noqa: E402
+import tempfile  # noqa: E402
 import threading  # noqa: E402
+import uuid  # noqa: E402
 
 
 class PluginProcess:
-    """The channel (`plugin` with no arguments) as a child process speaking JSON-RPC on stdio."""
+    """The channel (`plugin` with no arguments) as a child process speaking JSON-RPC on stdio.
 
-    def __init__(self, command: list[str], env: dict[str, str]):
+    The test plays Claude Code: it gives the plugin a session id and a config dir, and, like a
+    Claude Code whose channel flag names the server (`accepts=True`), appends each channel event
+    it reads to the session transcript in Claude Code's own shape. With `accepts=False` it drops
+    the events, as Claude Code does without the flag. `session=False`: no session id at all."""
+
+    def __init__(self, command: list[str], env: dict[str, str], accepts: bool = True, session: bool = True):
         self.command = command
-        self.env = env
+        self.accepts = accepts
+        self.env = dict(env)
+        if session:
+            self.env.setdefault("CLAUDE_CODE_SESSION_ID", str(uuid.uuid4()))
+        self.env.setdefault("CLAUDE_CONFIG_DIR", tempfile.mkdtemp(prefix="dispatch-claude-config-"))
+        self.env.setdefault("CLAUDE_PROJECT_DIR", "/work/some.project_x")
+        self.transcript = transcript_of(self.env)
         self.messages: queue.Queue = queue.Queue()
         self.channel: list[dict] = []  # every notifications/claude/channel seen, in order
         self.next_id = 100
         self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, env=env)
+                                     stderr=subprocess.PIPE, env=self.env)
         self.started = time.monotonic()
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -277,6 +291,8 @@ class PluginProcess:
             message = json.loads(line)
             if message.get("method") == "notifications/claude/channel":
                 self.channel.append(message["params"])
+                if self.accepts and "CLAUDE_CODE_SESSION_ID" in self.env:
+                    record_channel_event(self.transcript, self.env["CLAUDE_CODE_SESSION_ID"], message["params"])
             else:
                 self.messages.put(message)
         self.messages.put(None)
@@ -342,6 +358,33 @@ class PluginProcess:
             self.proc.wait(10)
 
 
+def transcript_of(env: dict[str, str]) -> Path:
+    """Where Claude Code keeps a session's transcript: projects/<project dir, each character but
+    ASCII letters and digits as ->/<session id>.jsonl."""
+    project = re.sub(r"[^A-Za-z0-9]", "-", env["CLAUDE_PROJECT_DIR"])
+    return Path(env["CLAUDE_CONFIG_DIR"]) / "projects" / project / f"{env.get('CLAUDE_CODE_SESSION_ID')}.jsonl"
+
+
+def channel_tag(params: dict, source: str = "dispatch") -> str:
+    """A channel event as Claude Code 2.1.330 renders it: meta as attributes after `source`."""
+    attributes = "".join(f' {k}="{v}"' for k, v in params["meta"].items())
+    return f'<channel source="{source}"{attributes}>\n{params["content"]}\n</channel>'
+
+
+def record_channel_event(transcript: Path, session_id: str, params: dict, source: str = "dispatch") -> None:
+    """Append an accepted channel event to a transcript as Claude Code does: the enqueue
+    queue-operation, then the user line of channel origin."""
+    transcript.parent.mkdir(parents=True, exist_ok=True)
+    now = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
+    tag = channel_tag(params, source)
+    lines = [{"type": "queue-operation", "operation": "enqueue", "timestamp": now, "sessionId": session_id,
+              "content": tag},
+             {"type": "user", "message": {"role": "user", "content": tag}, "uuid": str(uuid.uuid4()),
+              "timestamp": now, "sessionId": session_id, "origin": {"kind": "channel", "server": source}}]
+    with open(transcript, "a") as f:
+        f.write("".join(json.dumps(line) + "\n" for line in lines))
+
+
 def plugin_env(broker: BrokerProcess, base: str, name: str | None = None, **extra: str) -> dict[str, str]:
     """A clean environment for a plugin: no user config, the broker's URL and a token for `base`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DISPATCH_", "CLAUDE_"))}
@@ -358,8 +401,8 @@ def plugins():
     """Start plugin processes (source module by default); all are stopped at the end."""
     started: list[PluginProcess] = []
 
-    def start(env: dict[str, str], command: list[str] | None = None) -> PluginProcess:
-        p = PluginProcess(command or [sys.executable, str(PLUGIN)], env)
+    def start(env: dict[str, str], command: list[str] | None = None, **host) -> PluginProcess:
+        p = PluginProcess(command or [sys.executable, str(PLUGIN)], env, **host)
         started.append(p)
         return p
 

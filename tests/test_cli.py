@@ -76,7 +76,9 @@ def test_doctor_passes_every_check_against_a_live_broker(shared_broker):
     assert all(line.startswith("✔ ") for line in lines), out
     checks = [line.split(":")[0] for line in lines]
     assert checks == ["✔ configuration", "✔ token and name", "✔ DNS 127.0.0.1", "✔ TCP 127.0.0.1",
-                      "✔ broker /healthz", "✔ auth and identify as test-doc", "✔ round trip self → broker → self"]
+                      "✔ broker /healthz", "✔ auth and identify as test-doc", "✔ round trip self → broker → self",
+                      "✔ channel"]
+    assert "--dangerously-load-development-channels server:dispatch" in lines[-1], "outside Claude Code: the flag"
     assert ok(run_cli(plugin_env(shared_broker, "test", "test-doc"), "inbox", "--peek")).startswith("0 "), \
         "doctor's round trip must leave no mail behind"
 
@@ -175,6 +177,7 @@ def test_settings_come_from_config_toml_and_the_environment_wins(shared_broker, 
     (tmp_path / "dispatch").mkdir()
     (tmp_path / "dispatch" / "config.toml").write_text(
         f'url = "{shared_broker.url}"\ntoken = "{shared_broker.token("test")}"\nname = "test-fromfile"\n')
+    (tmp_path / "dispatch" / "config.toml").chmod(0o600)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DISPATCH_", "CLAUDE_"))}
     env["XDG_CONFIG_HOME"] = str(tmp_path)
     assert "as test-fromfile " in ok(run_cli(env, "ping"))
@@ -188,3 +191,26 @@ def test_default_name_without_a_session_id_is_stable_so_replies_wait_in_its_inbo
     assert re.fullmatch(r"test-[0-9a-f]{8}", name)
     ok(run_cli(plugin_env(shared_broker, "test", "test-peer"), "send", "--to", name, "got your note"))
     assert "got your note" in ok(run_cli(shell, "inbox"))
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640])
+def test_a_config_toml_holding_a_token_that_others_can_read_is_refused_like_an_ssh_key(shared_broker, tmp_path, mode):
+    config = tmp_path / "dispatch" / "config.toml"
+    config.parent.mkdir()
+    config.write_text(f'url = "{shared_broker.url}"\ntoken = "{shared_broker.token("test")}"\n')
+    config.chmod(mode)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DISPATCH_", "CLAUDE_"))}
+    result = run_cli({**env, "XDG_CONFIG_HOME": str(tmp_path)}, "ping")
+    assert result.returncode == 1 and result.stdout == ""
+    [line] = result.stderr.splitlines()
+    assert "can be read by other users" in line and f"chmod 600 {config}" in line, line
+
+
+def test_a_config_toml_without_a_token_may_be_readable_by_others(shared_broker, tmp_path):
+    config = tmp_path / "dispatch" / "config.toml"
+    config.parent.mkdir()
+    config.write_text(f'url = "{shared_broker.url}"\nname = "test-public"\n')
+    config.chmod(0o644)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DISPATCH_", "CLAUDE_"))}
+    env.update(XDG_CONFIG_HOME=str(tmp_path), DISPATCH_TOKEN=shared_broker.token("test"))
+    assert "as test-public " in ok(run_cli(env, "ping"))

@@ -47,11 +47,11 @@ pytestmark = pytest.mark.faults
 # --------------------------------------------------------------------------------------------
 
 
-def oneshot(broker: BrokerProcess, base: str, name: str) -> dispatch_plugin.OneShot:
+def oneshot(broker: BrokerProcess, base: str, name: str) -> dispatch_plugin.BrokerClient:
     """The CLI's client (one HTTP POST a call, 2026-07-28 era), in this process."""
     config = dispatch_plugin.Config(url=broker.url, token=broker.token(base), base=base, name=name,
                                     token_source="test")
-    return dispatch_plugin.OneShot(config)
+    return dispatch_plugin.BrokerClient(config)
 
 
 @dataclass
@@ -70,7 +70,7 @@ class Attempt:
 DOWN_PAUSE = 0.5
 
 
-def push_messages(client: dispatch_plugin.OneShot, to: str, count: int, attempts: list[Attempt]) -> None:
+def push_messages(client: dispatch_plugin.BrokerClient, to: str, count: int, attempts: list[Attempt]) -> None:
     """Send `count` numbered messages as the CLI does (identify, then send); record each outcome."""
     identified = False
     for n in range(count):
