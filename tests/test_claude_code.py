@@ -214,7 +214,8 @@ def test_every_message_reaches_the_model_once_and_is_acked_only_after(broker, cl
             seen = cs.first_seen(body, lines)
             assert seen, f"[{mode}] {body} reached the model but is not in the transcript:\n{report}"
             assert acked_at is None or acked_at >= seen[0] - 0.01, \
-                f"[{mode}] {body} was acked before it was in the transcript:\n{report}"
+                f"[{mode}] {body} was acked {(seen[0] - acked_at) * 1000:.0f} ms before Claude Code wrote it into " \
+                f"the transcript ({seen[1]}): a crash in between loses it\n{report}"
         wait_for(lambda: all(a is not None for _, a in mail_state(broker, name).values()), 15, interval=0.25,
                  what=f"[{mode}] every delivered message acked:\n{delivery_report(api, session, broker, name, bodies)}")
     finally:
