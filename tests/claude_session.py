@@ -379,14 +379,21 @@ class ClaudeSession:
 
     @property
     def session_id(self) -> str:
-        """Claude Code's session id, from the header on its requests to the stand-in."""
+        """Claude Code's current session id (/clear starts a new one), from the header on its
+        latest request to the stand-in."""
         with self.api.lock:
             ids = [r["headers"].get("X-Claude-Code-Session-Id") for r in self.api.requests]
-        return next(i for i in ids if i)
+        return [i for i in ids if i][-1]
 
     @property
     def transcript(self) -> Path:
         return transcript_dir(self.home, self.cwd) / f"{self.session_id}.jsonl"
+
+    def transcript_lines(self) -> list[dict]:
+        """The lines of every transcript this Claude Code wrote in its directory (one per
+        session id: /clear starts a new file)."""
+        return [line for path in sorted(transcript_dir(self.home, self.cwd).glob("*.jsonl"))
+                for line in transcript_lines(path)]
 
     def close(self) -> None:
         """/exit (Claude Code stops its MCP servers: SIGINT, SIGTERM, SIGKILL within 0.5 s), then

@@ -130,31 +130,75 @@ def listening(sender_env: dict[str, str], name: str) -> bool:
     return any(name in line and "live" in line and "offline" not in line for line in who.splitlines())
 
 
-def mail_state(broker, name: str) -> dict[str, tuple[str, float | None]]:
-    """body -> (id, acked_at) for every message to `name`, from the broker's database."""
-    rows = db_query(broker, "SELECT id, body, acked_at FROM messages WHERE recipient = ?", name)
-    return {body: (message_id, acked_at) for message_id, body, acked_at in rows}
+def acks(broker) -> dict[str, float | None]:
+    """body -> acked_at for every message at the broker."""
+    return dict(db_query(broker, "SELECT body, acked_at FROM messages"))
 
 
 def seen_by_model(api: cs.MessagesStandIn, body: str) -> bool:
     return any(cs.occurrences(body, r) for r in api.messages_requests())
 
 
-def delivery_report(api, session, broker, name, bodies) -> str:
+def delivery_report(session: cs.ClaudeSession, broker, bodies) -> str:
     """One line per message: times in the model's last request, route and time in the transcript,
     ack state at the broker. For failure messages."""
-    last = api.messages_requests()[-1]
-    lines, state = cs.transcript_lines(session.transcript), mail_state(broker, name)
+    last = session.api.messages_requests()[-1]
+    lines, acked = session.transcript_lines(), acks(broker)
     out, lost = [], 0
     for body in bodies:
         seen = cs.first_seen(body, lines)
-        acked = state.get(body, (None, None))[1]
         out.append(f"  {body}: {cs.occurrences(body, last)}x in the last request; transcript: "
                    f"{f'{seen[1]} at {seen[0]:.3f}' if seen else 'absent'}; "
-                   f"{'acked at %.3f' % acked if acked else 'not acked'}")
-        lost += bool(acked and not seen)
+                   f"{'acked at %.3f' % acked[body] if acked.get(body) else 'not acked'}")
+        lost += bool(acked.get(body) and not seen)
     head = f"  {lost} of {len(bodies)} acked at the broker yet never shown to the model: lost\n" if lost else ""
     return head + "\n".join(out)
+
+
+def session_name(session: cs.ClaudeSession) -> str:
+    """README: a session's Dispatch name is <base>-<first 8 hex of its session id>."""
+    return f"e2e-{session.session_id.replace('-', '')[:8]}"
+
+
+def await_participant(broker, sender: dict[str, str], name: str) -> None:
+    """Wait until the broker knows `name` (the plugin identified), then until it listens, or
+    LISTEN_S: mail then goes to a session as to one that has been up a while."""
+    wait_for(lambda: db_query(broker, "SELECT 1 FROM participants WHERE name = ?", name), 30,
+             what=f"{name} known to the broker (the plugin's identify)")
+    with contextlib.suppress(AssertionError):  # a plugin may well not listen where channels are off
+        wait_for(lambda: listening(sender, name), LISTEN_S, interval=0.5, what=f"{name} listening")
+
+
+def send_and_check(session: cs.ClaudeSession, broker, sender: dict[str, str], mail: dict[str, str],
+                   label: str) -> None:
+    """Send each body in `mail` (body -> recipient name) from the CLI; type a prompt (the hook's
+    turn where channels are off) and another (a later turn must not show them again). Then each
+    body must be in the model's last request exactly once, and acked only after it entered the
+    transcript, and acked within 15 s (unacked mail is pushed again)."""
+    for body, name in mail.items():
+        sent = run_cli(sender, "send", "--to", name, body)
+        assert sent.returncode == 0, sent.stderr
+    nonce = os.urandom(3).hex()
+    session.submit(f"second prompt {nonce}")
+    with contextlib.suppress(AssertionError):  # reported with the details below
+        wait_for(lambda: all(seen_by_model(session.api, b) for b in mail), DELIVERY_S, interval=0.5,
+                 what="every message in a request to the model")
+    session.submit(f"third prompt {nonce}")
+    last, report = session.api.messages_requests()[-1], delivery_report(session, broker, mail)
+    assert all(cs.occurrences(b, last) == 1 for b in mail), f"[{label}] each message should reach the model once:\n{report}"
+
+    lines, acked = session.transcript_lines(), acks(broker)
+    for body in mail:
+        seen = cs.first_seen(body, lines)
+        assert seen, f"[{label}] {body} reached the model but is not in the transcript:\n{report}"
+        assert acked[body] is None or acked[body] >= seen[0] - 0.01, \
+            f"[{label}] {body} was acked {(seen[0] - acked[body]) * 1000:.0f} ms before Claude Code wrote it into " \
+            f"the transcript ({seen[1]}): a crash in between loses it\n{report}"
+    with contextlib.suppress(AssertionError):
+        wait_for(lambda: all(acks(broker)[b] is not None for b in mail), 15, interval=0.25, what="acks")
+    assert all(acks(broker)[b] is not None for b in mail), \
+        f"[{label}] shown to the model but never acked (the broker will push it again):\n" \
+        f"{delivery_report(session, broker, mail)}"
 
 
 @pytest.fixture
@@ -167,57 +211,52 @@ def claude_home(tmp_path):
     return home, project, cs.python3_shim(tmp_path / "bin", sys.executable)
 
 
+@contextlib.contextmanager
+def claude_session(broker, claude_home, flags: list[str]):
+    """Claude Code started with `flags` in the fixture's HOME, configured for `broker` as base e2e."""
+    home, project, bindir = claude_home
+    env = {"DISPATCH_URL": broker.url, "DISPATCH_TOKEN": broker.token("e2e"),
+           "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}"}
+    api = cs.MessagesStandIn()
+    session = cs.ClaudeSession(home, project, flags, api, env)
+    try:
+        yield session.start()
+    finally:
+        session.close()
+        api.close()
+
+
 @needs_claude_in_tmux
 @pytest.mark.parametrize("mode", list(CHANNEL_FLAGS))
 def test_every_message_reaches_the_model_once_and_is_acked_only_after(broker, claude_home, mode):
     """Mail sent from the shell to a live session reaches the model exactly once — as a channel
     event or through the UserPromptSubmit hook — whichever way Claude Code was started, and the
     broker holds each message unacked until it is in the session's transcript."""
-    home, project, bindir = claude_home
-    env = {"DISPATCH_URL": broker.url, "DISPATCH_TOKEN": broker.token("e2e"),
-           "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}"}
-    api = cs.MessagesStandIn()
-    session = cs.ClaudeSession(home, project, CHANNEL_FLAGS[mode], api, env)
-    try:
-        session.start()
+    with claude_session(broker, claude_home, CHANNEL_FLAGS[mode]) as session:
         session.submit("first prompt")
-        name = f"e2e-{session.session_id.replace('-', '')[:8]}"  # README: <base>-<8 hex of the session id>
-        wait_for(lambda: db_query(broker, "SELECT 1 FROM participants WHERE name = ?", name), 30,
-                 what=f"{name} known to the broker (the plugin's identify)")
-
-        sender = plugin_env(broker, "peer")
-        with contextlib.suppress(AssertionError):  # a plugin may well not listen where channels are off
-            wait_for(lambda: listening(sender, name), LISTEN_S, interval=0.5, what=f"{name} listening")
-
+        name, sender = session_name(session), plugin_env(broker, "peer")
+        await_participant(broker, sender, name)
         nonce = os.urandom(3).hex()
-        bodies = [f"dispatch-e2e-{mode}-{nonce}-message-{i}" for i in range(MESSAGES)]
-        for body in bodies:
-            sent = run_cli(sender, "send", "--to", name, body)
-            assert sent.returncode == 0, sent.stderr
+        send_and_check(session, broker, sender,
+                       {f"dispatch-e2e-{mode}-{nonce}-message-{i}": name for i in range(MESSAGES)}, mode)
 
-        session.submit(f"second prompt {nonce}")  # where channels are off, the hook's turn
-        try:
-            wait_for(lambda: all(seen_by_model(api, b) for b in bodies), DELIVERY_S, interval=0.5,
-                     what="every message in a request to the model")
-        except AssertionError:
-            pass  # reported with the details below
-        session.submit(f"third prompt {nonce}")  # a later turn must not show any of them again
-        last = api.messages_requests()[-1]
 
-        report = delivery_report(api, session, broker, name, bodies)
-        counts = {b: cs.occurrences(b, last) for b in bodies}
-        assert all(n == 1 for n in counts.values()), f"[{mode}] each message should reach the model once:\n{report}"
-
-        lines, state = cs.transcript_lines(session.transcript), mail_state(broker, name)
-        for body in bodies:
-            acked_at = state[body][1]
-            seen = cs.first_seen(body, lines)
-            assert seen, f"[{mode}] {body} reached the model but is not in the transcript:\n{report}"
-            assert acked_at is None or acked_at >= seen[0] - 0.01, \
-                f"[{mode}] {body} was acked {(seen[0] - acked_at) * 1000:.0f} ms before Claude Code wrote it into " \
-                f"the transcript ({seen[1]}): a crash in between loses it\n{report}"
-        wait_for(lambda: all(a is not None for _, a in mail_state(broker, name).values()), 15, interval=0.25,
-                 what=f"[{mode}] every delivered message acked:\n{delivery_report(api, session, broker, name, bodies)}")
-    finally:
-        session.close()
-        api.close()
+@needs_claude_in_tmux
+def test_mail_to_either_name_reaches_the_model_once_after_clear(broker, claude_home):
+    """/clear gives the session a new id (new transcript, hooks see the new id) but keeps the
+    channel process, which still has the old one. Mail to the old name (a peer's reply to an
+    earlier message) and to the new one (what the hooks announce) both reach the model once and
+    are acked."""
+    with claude_session(broker, claude_home, CHANNEL_FLAGS["channel_on"]) as session:
+        session.submit("first prompt")
+        before, sender = session_name(session), plugin_env(broker, "peer")
+        await_participant(broker, sender, before)
+        session.type("/clear")
+        session.submit("after clear")
+        after = session_name(session)
+        assert after != before, "/clear should start a new session id"
+        wait_for(lambda: db_query(broker, "SELECT 1 FROM participants WHERE name = ?", after), 15,
+                 what=f"{after} known to the broker")
+        nonce = os.urandom(3).hex()
+        send_and_check(session, broker, sender, {f"dispatch-e2e-clear-{nonce}-to-old-name": before,
+                                                 f"dispatch-e2e-clear-{nonce}-to-new-name": after}, "clear")
