@@ -23,9 +23,12 @@ else ./tokens; the file holds SHA-256 hashes only and is re-read on SIGHUP.
 
 import argparse
 import asyncio
+import collections
 import contextlib
+import contextvars
 import hashlib
 import hmac
+import json
 import logging
 import os
 import re
@@ -33,6 +36,7 @@ import secrets
 import signal
 import sqlite3
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,11 +47,11 @@ from mcp.server.auth.middleware.auth_context import get_access_token
 from mcp.server.auth.provider import AccessToken
 from mcp.server.auth.settings import AuthSettings
 from mcp.server.mcpserver import Context, MCPServer
-from mcp.server.mcpserver.exceptions import ToolError
+from mcp.server.mcpserver.exceptions import ToolError, UnexpectedToolError
 from mcp.server.transport_security import TransportSecuritySettings
 from mcp_types import CallToolResult, TextContent
 from pydantic import BaseModel, Field
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, PlainTextResponse
 from typing_extensions import TypedDict  # pydantic needs this one on Python < 3.12 for nested dicts
 
 __version__ = "0.1.0"
@@ -105,15 +109,54 @@ DEFAULT_SESSION_IDLE_TIMEOUT = 1800.0
 #: JSON-RPC request bodies larger than this are refused by the SDK before parsing (a 64 KiB body
 #: of control characters is ~6x larger once JSON-escaped).
 MAX_REQUEST_BYTES = 1024 * 1024
+#: Names one base may create. A session is one name (`base-<8 hex of its session id>`) and a name
+#: is forgotten a TTL after its last sign of life once no mail waits for it, so 1000 is a thousand
+#: sessions of one project within 72 h; it also bounds a fan-out to the base at 1000 copies.
+DEFAULT_MAX_NAMES = 1000
+#: Past this many bytes of database pages in use new mail is refused; mail already accepted is
+#: never dropped for it. 1 GiB holds 15,000 bodies of 64 KiB, far more than a working mailbox,
+#: and stays a safe share of a small VPS's disk.
+DEFAULT_MAX_DB = 1 << 30
+#: Acked mail is deleted this long after its ack (at the next purge): kept a while for an
+#: operator looking into a delivery, then its space goes back to new mail.
+ACKED_KEEP = 600.0
+#: What a stored copy costs beyond its body (ids, chat id, stamps, index entries), for the
+#: --max-db check made before a send is stored.
+ROW_OVERHEAD = 256
+#: An `inbox` answer holds about this much at most; it returns fewer messages, and `pending`
+#: still counts them all. The SDK sends a result twice (structured, and as JSON text), so the
+#: messages get half. Without it `inbox(limit=1000)` over 64 KiB bodies answered tens of MB.
+INBOX_MAX_BYTES = 1024 * 1024
+#: Failed logins: one log line an address at most every AUTH_LOG_SECONDS (with the count since the
+#: previous line): one client with a wrong token made 600 lines in 0.35 s.
+AUTH_LOG_SECONDS = 5.0
+#: Failures an address may make before each further one is answered late: 0.25 s, doubling, at
+#: most AUTH_MAX_DELAY. A typo costs nothing; a guessing loop gets one try every 2 s a connection.
+AUTH_FREE_FAILURES = 3
+AUTH_MAX_DELAY = 2.0
+#: An address with no failure for this long starts afresh; at most AUTH_MAX_ADDRESSES are tracked.
+AUTH_FORGET_SECONDS = 60.0
+AUTH_MAX_ADDRESSES = 10_000
 
-#: A participant name: a base (`backend`) or base-suffix (`backend-a8b3c1d2`).
-NAME_RE = re.compile(r"^[a-z0-9]{1,32}(?:-[a-z0-9-]{1,31})?$")
-BASE_RE = re.compile(r"^[a-z0-9]{1,32}$")
+#: A participant name: a base (`backend`) or base-suffix (`backend-a8b3c1d2`). Every pattern here
+#: is used with fullmatch: `$` with .match lets a trailing newline through.
+NAME_RE = re.compile(r"[a-z0-9]{1,32}(?:-[a-z0-9-]{1,31})?")
+BASE_RE = re.compile(r"[a-z0-9]{1,32}")
 #: Tokens read `dsp_<base>_<48 hex>`: a greppable prefix for secret scanners, the base so a
 #: plugin can derive its name without a round trip, and a fixed shape so a malformed token is
 #: refused before any lookup.
 TOKEN_PREFIX = "dsp_"
-TOKEN_RE = re.compile(r"^dsp_([a-z0-9]{1,32})_[0-9a-f]{48}$")
+TOKEN_RE = re.compile(r"dsp_([a-z0-9]{1,32})_[0-9a-f]{48}")
+#: A message id as the broker makes them (`"m_" + secrets.token_hex(8)`).
+MESSAGE_ID_RE = re.compile(r"m_[0-9a-f]{16}")
+#: A sender's own id for one message (`send`/`reply`'s client_msg_id): a repeat of it from the
+#: same base within the TTL is answered with the first answer and not stored again.
+CLIENT_MSG_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+#: A Host header entry of --allowed-host: a DNS name or IPv4 address, or a bracketed IPv6
+#: address, optionally with a port.
+HOST_RE = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
+#: The metrics bearer: printable ASCII, long enough not to be guessed.
+METRICS_TOKEN_RE = re.compile(r"[\x21-\x7e]{16,256}")
 #: The header a 2026-07-28 client sends to name its link: that era has no Mcp-Session-Id.
 LINK_HEADER = "dispatch-session"
 MAIL_METHOD = "notifications/dispatch/mail"
@@ -135,13 +178,31 @@ class ConfigError(DispatchError):
 class Refused(DispatchError, ToolError):
     """A refused tool call; the SDK turns it into an isError result whose text says what and why."""
 
+    #: A fixed word for /metrics' refusals by reason (never the text: that may name people).
+    reason = "refused"
+
+    def __init__(self, message: str, reason: str | None = None):
+        super().__init__(message)
+        if reason:
+            self.reason = reason
+
 
 class RateLimited(Refused):
     """A send past its base's rate; answered after RATE_LIMITED_PAUSE."""
 
+    reason = "rate_limited"
+
+
+class StorageFull(Refused):
+    """A send that would take the database past --max-db; nothing was stored."""
+
+    reason = "storage_full"
+
 
 class Unavailable(Refused):
     """The mailbox cannot be written now (disk full, read-only or locked file); nothing was changed."""
+
+    reason = "unavailable"
 
 
 # --------------------------------------------------------------------------------------------
@@ -167,12 +228,75 @@ def base_of(name: str) -> str:
 
 
 def check_name(name: str) -> str:
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):
         raise Refused(
             f"bad name {name!r}: use a base like 'backend' ([a-z0-9]{{1,32}}) or base-suffix like "
-            "'backend-a8b3c1d2' (suffix [a-z0-9-]{1,31})"
-        )
+            "'backend-a8b3c1d2' (suffix [a-z0-9-]{1,31})", "bad_name")
     return name
+
+
+def check_client_msg_id(client_msg_id: str) -> str:
+    if not CLIENT_MSG_ID_RE.fullmatch(client_msg_id):
+        raise Refused(f"bad client_msg_id {client_msg_id!r}: use 1-64 characters of A-Z a-z 0-9 _ -; nothing sent",
+                      "bad_client_msg_id")
+    return client_msg_id
+
+
+def argument(convert):
+    """An argparse type from a converter that raises ValueError with a plain reason."""
+
+    def parse(text: str):
+        try:
+            return convert(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parse.__name__ = convert.__name__
+    return parse
+
+
+@argument
+def port_number(text: str) -> int:
+    if not re.fullmatch(r"[0-9]{1,5}", text) or not 0 < int(text) < 65536:
+        raise ValueError(f"not a TCP port: {text!r} (1-65535)")
+    return int(text)
+
+
+@argument
+def positive_int(text: str) -> int:
+    if not re.fullmatch(r"[0-9]+", text) or int(text) < 1:
+        raise ValueError(f"not a positive whole number: {text!r}")
+    return int(text)
+
+
+@argument
+def non_negative_number(text: str) -> float:
+    if not re.fullmatch(r"[0-9]+(?:\.[0-9]+)?", text):
+        raise ValueError(f"not a number >= 0: {text!r}")
+    return float(text)
+
+
+@argument
+def byte_size(text: str) -> int:
+    """'1G', '500M', '64K' (binary multiples) or bytes -> bytes."""
+    match = re.fullmatch(r"([0-9]+)([KMG]?)", text)
+    if not match or int(match[1]) < 1:
+        raise ValueError(f"not a size: {text!r} (use e.g. 500M, 1G, or bytes)")
+    return int(match[1]) << {"": 0, "K": 10, "M": 20, "G": 30}[match[2]]
+
+
+@argument
+def host_name(text: str) -> str:
+    if not HOST_RE.fullmatch(text):
+        raise ValueError(f"not a host name: {text!r} (e.g. dispatch.example.net, or with a port: dispatch.example.net:8443)")
+    return text
+
+
+@argument
+def metrics_token(text: str) -> str:
+    if not METRICS_TOKEN_RE.fullmatch(text):
+        raise ValueError("the metrics token must be 16-256 printable ASCII characters, no spaces")
+    return text
 
 
 # --------------------------------------------------------------------------------------------
@@ -211,6 +335,19 @@ MIGRATIONS: list[tuple[str, str]] = [
         );
         """,
     ),
+    (
+        "remember each client_msg_id's first answer, per base, until the TTL",
+        """
+        CREATE TABLE sent_ids (
+            base          TEXT NOT NULL,
+            client_msg_id TEXT NOT NULL,
+            answer        TEXT NOT NULL,
+            expires_at    REAL NOT NULL,
+            PRIMARY KEY (base, client_msg_id)
+        );
+        CREATE INDEX sent_ids_expiry ON sent_ids (expires_at);
+        """,
+    ),
 ]
 
 #: A message for a live recipient is stamped as pushed (attempt 1) in the same commit: its
@@ -235,6 +372,17 @@ FROM messages
 WHERE recipient = :recipient AND acked_at IS NULL AND expires_at > :now
 ORDER BY sent_at, id
 LIMIT :limit
+"""
+SQL_PENDING_IDS = """
+SELECT id
+FROM messages
+WHERE recipient = :recipient AND acked_at IS NULL AND expires_at > :now
+ORDER BY sent_at, id
+"""
+SQL_COUNT_ALL_PENDING = """
+SELECT count(*)
+FROM messages
+WHERE acked_at IS NULL AND expires_at > :now
 """
 SQL_COUNT_PENDING = """
 SELECT count(*)
@@ -281,6 +429,30 @@ SQL_PURGE_EXPIRED = """
 DELETE FROM messages
 WHERE expires_at <= :now
 """
+#: Acked mail is read by nothing (replies route by chat id, repeats by sent_ids): its space goes
+#: back to new mail ACKED_KEEP after the ack instead of counting against --max-db until the TTL.
+SQL_PURGE_ACKED = """
+DELETE FROM messages
+WHERE acked_at IS NOT NULL AND acked_at <= :cutoff
+"""
+SQL_PURGE_SENT_IDS = """
+DELETE FROM sent_ids
+WHERE expires_at <= :now
+"""
+SQL_INSERT_SENT_ID = """
+INSERT INTO sent_ids (base, client_msg_id, answer, expires_at)
+VALUES (:base, :client_msg_id, :answer, :expires_at)
+"""
+SQL_GET_SENT_ID = """
+SELECT answer
+FROM sent_ids
+WHERE base = :base AND client_msg_id = :client_msg_id AND expires_at > :now
+"""
+#: Bytes of pages in use: freed pages are reused before the file grows, so they do not count.
+SQL_DATABASE_BYTES = """
+SELECT (page_count - freelist_count) * page_size
+FROM pragma_page_count(), pragma_freelist_count(), pragma_page_size()
+"""
 SQL_UPSERT_PARTICIPANT = """
 INSERT INTO participants (name, base, first_seen, last_seen)
 VALUES (:name, :base, :now, :now)
@@ -301,6 +473,11 @@ SELECT name
 FROM participants
 WHERE base = ?
 ORDER BY name
+"""
+SQL_COUNT_PARTICIPANTS_OF_BASE = """
+SELECT count(*)
+FROM participants
+WHERE base = ?
 """
 SQL_PURGE_PARTICIPANTS = """
 DELETE FROM participants
@@ -452,10 +629,20 @@ class Store:
     def participants_of_base(self, base: str) -> list[str]:
         return [row[0] for row in self.db.execute(SQL_PARTICIPANTS_OF_BASE, (base,))]
 
+    def count_names(self, base: str) -> int:
+        return self.db.execute(SQL_COUNT_PARTICIPANTS_OF_BASE, (base,)).fetchone()[0]
+
+    def size(self) -> int:
+        """Bytes of database pages in use (WAL frames included)."""
+        return self.db.execute(SQL_DATABASE_BYTES).fetchone()[0]
+
     # -- messages -----------------------------------------------------------------------------
 
     def count_pending(self, recipient: str, now: float) -> int:
         return self.db.execute(SQL_COUNT_PENDING, {"recipient": recipient, "now": now}).fetchone()[0]
+
+    def count_all_pending(self, now: float) -> int:
+        return self.db.execute(SQL_COUNT_ALL_PENDING, {"now": now}).fetchone()[0]
 
     def count_pending_among(self, recipients: list[str], now: float) -> dict[str, int]:
         """Pending mail of each recipient, in one query per SQL_PARAMETERS names (a fan-out)."""
@@ -468,16 +655,30 @@ class Store:
     def pending_from(self, sender: str, now: float) -> dict[str, int]:
         return dict(self.db.execute(SQL_COUNT_PENDING_FROM, {"sender": sender, "now": now}).fetchall())
 
-    def insert(self, sender: str, rows: list[dict[str, Any]], now: float) -> None:
-        """Commit one message for each recipient, all or none, and the sender's sign of life:
-        one durable commit a send."""
+    def insert(self, sender: str, rows: list[dict[str, Any]], now: float, sent_id: dict[str, Any] | None = None) -> None:
+        """Commit one message for each recipient, all or none, the sender's sign of life and the
+        answer to its client_msg_id (so stored and remembered go together): one durable commit a send."""
         with self.transaction() as db:
             upsert_participant(db, sender, now)
             db.executemany(SQL_INSERT_MESSAGE, rows)
+            if sent_id:
+                db.execute(SQL_INSERT_SENT_ID, sent_id)
+
+    def sent_answer(self, base: str, client_msg_id: str, now: float) -> dict[str, Any] | None:
+        """The answer a send with this base's client_msg_id got, while remembered."""
+        row = self.db.execute(SQL_GET_SENT_ID, {"base": base, "client_msg_id": client_msg_id, "now": now}).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def iter_pending(self, recipient: str, now: float, limit: int = -1):
+        """Pending mail oldest first, one row at a time: a caller that stops early reads no more."""
+        rows = self.db.execute(SQL_PENDING_FOR, {"recipient": recipient, "now": now, "limit": limit})
+        return (Mail(*row) for row in rows)
 
     def pending_for(self, recipient: str, now: float, limit: int = -1) -> list[Mail]:
-        rows = self.db.execute(SQL_PENDING_FOR, {"recipient": recipient, "now": now, "limit": limit})
-        return [Mail(*row) for row in rows]
+        return list(self.iter_pending(recipient, now, limit))
+
+    def pending_ids(self, recipient: str, now: float) -> list[str]:
+        return [row[0] for row in self.db.execute(SQL_PENDING_IDS, {"recipient": recipient, "now": now})]
 
     def mark_pushed(self, message_id: str, now: float) -> Mail | None:
         """Count one more push attempt; None when the message was acked or purged meanwhile."""
@@ -508,10 +709,13 @@ class Store:
         return acked, []
 
     def purge_expired(self, now: float, participant_ttl: float) -> list[tuple[str, str, str]]:
-        """Delete expired mail (and long-gone participants); return the unacked mail dropped."""
+        """Delete expired and acked mail, forgotten client_msg_ids and long-gone participants;
+        return the unacked mail dropped."""
         with self.transaction(durable=False) as db:
             expired = db.execute(SQL_EXPIRED_UNACKED, {"now": now}).fetchall()
             db.execute(SQL_PURGE_EXPIRED, {"now": now})
+            db.execute(SQL_PURGE_ACKED, {"cutoff": now - ACKED_KEEP})
+            db.execute(SQL_PURGE_SENT_IDS, {"now": now})
             db.execute(SQL_PURGE_PARTICIPANTS, {"cutoff": now - participant_ttl})
         return expired
 
@@ -548,28 +752,44 @@ def read_tokens(path: Path) -> list[Token]:
         if not line or line.startswith("#"):
             continue
         parts = line.split()
-        if len(parts) != 4 or not BASE_RE.match(parts[1]) or not re.fullmatch(r"[0-9a-f]{64}", parts[2]):
+        if len(parts) != 4 or not BASE_RE.fullmatch(parts[1]) or not re.fullmatch(r"[0-9a-f]{64}", parts[2]):
             raise ConfigError(f"{path}:{number}: expected 'id base sha256 created', got {line!r}")
         tokens.append(Token(*parts))
     return tokens
 
 
 def write_tokens(path: Path, tokens: list[Token]) -> None:
-    """Rewrite the tokens file atomically, readable by its owner only."""
+    """Rewrite the tokens file atomically, readable by its owner only.
+
+    Through a new file of a random name (mkstemp: O_EXCL, so nothing planted beside it, file or
+    link, is opened), made 0600 before anything is written, then renamed over `path`: a rename
+    replaces a link at `path` itself and never writes where it points."""
     lines = ["# Dispatch tokens: id base sha256(token) created. Hashes only; see `token add`.\n"]
     lines += [f"{t.id} {t.base} {t.sha256} {t.created}\n" for t in tokens]
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.writelines(lines)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    directory = path.parent
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.writelines(lines)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):  # the rename itself survives a power cut once its directory is synced
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
 
 
 def mint_token(path: Path, base: str) -> tuple[Token, str]:
     """Append a new token for `base` and return it with its plaintext (shown once)."""
-    if not BASE_RE.match(base):
+    if not BASE_RE.fullmatch(base):
         raise ConfigError(f"bad base {base!r}: use [a-z0-9]{{1,32}}, no hyphen")
     plaintext = f"{TOKEN_PREFIX}{base}_{secrets.token_hex(24)}"
     token = Token(secrets.token_hex(4), base, hash_token(plaintext), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
@@ -594,17 +814,96 @@ class TokenVerifier:
         self.by_hash = {t.sha256: t for t in tokens}
         log.info("tokens: %d loaded from %s", len(tokens), self.path)
 
+    def ids(self) -> set[str]:
+        return {t.id for t in self.by_hash.values()}
+
     async def verify_token(self, token: str) -> AccessToken | None:
-        shape = TOKEN_RE.match(token)
+        # Why it failed goes to AuthFailures (through AUTH_NOTE), which knows the client's address
+        # and logs it at most once a window; the SDK hands this method the token alone.
+        shape = TOKEN_RE.fullmatch(token)
         if not shape:
-            log.warning("auth failure: malformed token")
+            note_auth_failure("malformed token")
             return None
         digest = hash_token(token)
         found = self.by_hash.get(digest)
         if found is None or not hmac.compare_digest(found.sha256, digest) or found.base != shape[1]:
-            log.warning("auth failure: unknown or revoked token")
+            note_auth_failure("unknown or revoked token")
             return None
         return AccessToken(token=token, client_id=found.id, scopes=[], claims={"base": found.base})
+
+
+#: Per request: a dict the auth middleware sets up and verify_token (which runs below it, in the
+#: same task) writes why a token was refused into.
+AUTH_NOTE: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("dispatch_auth_note", default=None)
+#: The refusal reasons, and their /metrics label (a fixed word, never the token).
+AUTH_REASONS = {"malformed token": "malformed", "unknown or revoked token": "unknown", "no bearer token": "missing",
+                "bad metrics token": "metrics"}
+
+
+def note_auth_failure(reason: str) -> None:
+    note = AUTH_NOTE.get()
+    if note is not None:
+        note["reason"] = reason
+
+
+@dataclass
+class Strikes:
+    """Recent failed logins of one client address."""
+
+    count: int = 0  #: failures since the address last went AUTH_FORGET_SECONDS without one
+    last: float = 0.0  #: monotonic time of the latest failure
+    logged_at: float = float("-inf")  #: monotonic time of the latest log line
+    unlogged: int = 0  #: failures since that line
+    reason: str = ""  #: the latest failure's reason
+
+
+class AuthFailures:
+    """Failed logins by client address: a log line an address at most every AUTH_LOG_SECONDS, with
+    the count since the previous line, and a growing delay before each 401 past
+    AUTH_FREE_FAILURES. Used from the event loop only."""
+
+    def __init__(self):
+        self.by_address: dict[str, Strikes] = {}
+        self.counts: collections.Counter = collections.Counter()  #: /metrics label -> failures
+
+    def record(self, address: str, reason: str) -> float:
+        """Count one failure; return how long to hold its 401 answer."""
+        now = time.monotonic()
+        strikes = self.by_address.get(address)
+        if strikes is None or now - strikes.last > AUTH_FORGET_SECONDS:
+            strikes = self.by_address[address] = Strikes()
+            self.bound()
+        strikes.count += 1
+        strikes.unlogged += 1
+        strikes.last, strikes.reason = now, reason
+        self.counts[AUTH_REASONS.get(reason, "other")] += 1
+        if now - strikes.logged_at >= AUTH_LOG_SECONDS:
+            self.report(address, strikes, now)
+        extra = strikes.count - AUTH_FREE_FAILURES
+        return 0.0 if extra <= 0 else min(AUTH_MAX_DELAY, 0.25 * 2 ** (extra - 1))
+
+    def report(self, address: str, strikes: Strikes, now: float) -> None:
+        if strikes.unlogged == 1:
+            log.warning("auth failure: %s (from %s)", strikes.reason, address)
+        else:
+            log.warning("auth failure: %s (from %s: %d more in the last %.0f s)", strikes.reason, address,
+                        strikes.unlogged, now - strikes.logged_at)
+        strikes.logged_at, strikes.unlogged = now, 0
+
+    def flush(self) -> None:
+        """Log the counts whose window has passed, and forget quiet addresses (housekeeping)."""
+        now = time.monotonic()
+        for address, strikes in list(self.by_address.items()):
+            if strikes.unlogged and now - strikes.logged_at >= AUTH_LOG_SECONDS:
+                self.report(address, strikes, now)
+            elif not strikes.unlogged and now - strikes.last > AUTH_FORGET_SECONDS:
+                del self.by_address[address]
+
+    def bound(self) -> None:
+        """Past AUTH_MAX_ADDRESSES, forget the address tracked longest (a flood of addresses must
+        not grow this without end)."""
+        while len(self.by_address) > AUTH_MAX_ADDRESSES:
+            del self.by_address[next(iter(self.by_address))]
 
 
 # --------------------------------------------------------------------------------------------
@@ -620,7 +919,8 @@ class ChatIds:
         self.key = key
 
     def _mac(self, text: str) -> str:
-        return hmac.new(self.key, text.encode(), hashlib.sha256).hexdigest()[:16]
+        # surrogatepass: a forged id may hold a lone surrogate; it must fail the MAC, not crash
+        return hmac.new(self.key, text.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()[:16]
 
     def new(self, sender: str, to: str) -> str:
         text = f"{sender}~{to}~{secrets.token_hex(4)}"
@@ -629,7 +929,7 @@ class ChatIds:
     def parties(self, chat_id: str) -> tuple[str, str]:
         parts = chat_id.split("~")
         if len(parts) != 4 or not hmac.compare_digest(self._mac("~".join(parts[:3])), parts[3]):
-            raise Refused(f"unknown chat_id {chat_id!r}: use a chat_id from a message you received or sent")
+            raise Refused(f"unknown chat_id {chat_id!r}: use a chat_id from a message you received or sent", "unknown_chat")
         return parts[0], parts[1]
 
 
@@ -639,25 +939,46 @@ class ChatIds:
 
 
 class RateLimit:
-    """A token bucket per base: `rate` sends a second on average, up to `burst` at once."""
+    """A token bucket per base: `rate` stored messages a second on average, up to `burst` at once.
+
+    A send costs one token per copy it stores (a fan-out to 40 costs 40): what fills the disk is
+    copies, not calls. A send larger than the burst may go when the bucket is full, and leaves it
+    in debt, so over time a base still stores at most `rate` copies a second."""
 
     def __init__(self, rate: float, burst: int):
         self.rate = rate
         self.burst = burst
         self.buckets: dict[str, tuple[float, float]] = {}  # base -> (tokens, monotonic time)
 
-    def wait_needed(self, base: str) -> float:
-        """Take one token for `base`: 0.0 if it had one, else the seconds until it will."""
+    def wait_needed(self, base: str, cost: int = 1) -> float:
+        """Take `cost` tokens for `base`: 0.0 if it had them, else the seconds until it will."""
         if self.rate <= 0:
             return 0.0  # --rate 0 turns the limit off
         now = time.monotonic()
         tokens, then = self.buckets.get(base, (float(self.burst), now))
         tokens = min(float(self.burst), tokens + (now - then) * self.rate)
-        if tokens < 1.0:
+        needed = float(min(cost, self.burst))
+        if tokens < needed:
             self.buckets[base] = (tokens, now)
-            return (1.0 - tokens) / self.rate
-        self.buckets[base] = (tokens - 1.0, now)
+            return (needed - tokens) / self.rate
+        self.buckets[base] = (tokens - cost, now)
         return 0.0
+
+
+class Metrics:
+    """What GET /metrics counts: plain numbers and fixed reason words, never names, bodies or
+    tokens. Counted on the event loop only."""
+
+    def __init__(self):
+        self.sends = 0  #: send/reply calls that stored mail
+        self.stored = 0  #: copies stored (a fan-out to 40 is 40)
+        self.repeats = 0  #: sends answered from a remembered client_msg_id
+        self.pushes = 0  #: mail written on a listen stream, first pushes and redeliveries
+        self.redeliveries = 0  #: pushes of attempt 2 and later
+        self.acks = 0  #: messages newly acked
+        self.expired = 0  #: unacked mail purged at its TTL
+        self.refusals: collections.Counter = collections.Counter()  #: reason -> refused tool calls
+        self.dropped: collections.Counter = collections.Counter()  #: reason -> copies not stored
 
 
 
@@ -678,6 +999,7 @@ class Listener:
 
     name: str
     link_key: str
+    token_id: str  #: the token the listen was opened with: it ends when a reload drops that token
     push: Any  # async (params) -> None, bound to the listen request's own session and id
     keepalive: Any  # async (seconds listened) -> None, on the same stream
     #: (message id, its Mail when the send already stamped it pushed, else None: stamp at push)
@@ -687,9 +1009,11 @@ class Listener:
     stop_reason: str = ""
 
     def stop(self, reason: str) -> None:
-        """End this listen early: 'superseded' by a newer one, or 'shutdown'."""
+        """End this listen early: 'superseded' by a newer one, 'revoked' or 'shutdown'. The wake
+        queue gets an empty entry so the listen loop sees it at once, not at its next timeout."""
         self.stop_reason = reason
         self.stopped.set()
+        self.wake.put_nowait((None, None))
 
     def offer(self, message_id: str, fresh: "Mail | None" = None) -> None:
         """Queue one message for this listener (once, however often it is offered). `fresh`:
@@ -715,7 +1039,8 @@ class Broker:
 
     def __init__(self, store: Store, *, ttl: float, max_body: int, max_pending: int, ack_timeout: float,
                  rate: float = DEFAULT_RATE, burst: int = DEFAULT_BURST,
-                 session_idle_timeout: float = DEFAULT_SESSION_IDLE_TIMEOUT):
+                 session_idle_timeout: float = DEFAULT_SESSION_IDLE_TIMEOUT,
+                 max_names: int = DEFAULT_MAX_NAMES, max_db: int = DEFAULT_MAX_DB):
         self.store = store
         self.limit = RateLimit(rate, burst)
         self.ttl = ttl
@@ -723,10 +1048,15 @@ class Broker:
         self.max_pending = max_pending
         self.ack_timeout = ack_timeout
         self.session_idle_timeout = session_idle_timeout
+        self.max_names = max_names
+        self.max_db = max_db
         self.chats = ChatIds(store.secret("chat_key"))
         self.links: dict[str, Link] = {}
         self.listeners: dict[str, Listener] = {}
         self.listen_ended: dict[str, float] = {}  # name -> monotonic time its last listen ended
+        #: ids of the tokens in force (set on start and every reload); None: not tracked
+        self.token_ids: set[str] | None = None
+        self.metrics = Metrics()
         self.started = time.time()
 
     # -- identity -----------------------------------------------------------------------------
@@ -735,10 +1065,32 @@ class Broker:
         check_name(name)
         if base_of(name) != link.base:
             log.warning("refused identify: token of base %r asked for name %r", link.base, name)
-            raise Refused(f"your token is for base {link.base!r}; it cannot identify as {name!r}")
+            raise Refused(f"your token is for base {link.base!r}; it cannot identify as {name!r}", "wrong_base")
+        if self.store.participant(name) is None:
+            names = self.store.count_names(link.base)
+            if names >= self.max_names:
+                log.warning("refused identify: base %r has %d names, the limit", link.base, names)
+                raise Refused(f"base {link.base!r} has {names} names, the limit (--max-names {self.max_names}): "
+                              "use one of them; a name is forgotten a TTL after its last use", "too_many_names")
         link.name = name
         self.seen(name)
         log.info("identify %s", name)
+
+    def tokens_changed(self, token_ids: set[str]) -> None:
+        """After the tokens file was (re)read: forget the links of tokens no longer in it and end
+        their listens at once, so a revoked token neither receives nor counts as live."""
+        self.token_ids = set(token_ids)
+        gone = [key for key, link in self.links.items() if link.token_id not in self.token_ids]
+        ended = [listener for listener in self.listeners.values() if listener.token_id not in self.token_ids]
+        for listener in ended:
+            listener.stop("revoked")
+        for key in gone:
+            del self.links[key]
+        if gone or ended:
+            log.info("tokens: %d links and %d listens of revoked tokens ended", len(gone), len(ended))
+
+    def token_valid(self, token_id: str) -> bool:
+        return self.token_ids is None or token_id in self.token_ids
 
     def seen(self, name: str) -> None:
         """Record a sign of life. Best effort: while the disk is full, a heartbeat or identify must
@@ -750,7 +1102,7 @@ class Broker:
     def caller(self, link: Link) -> str:
         """The identified name of this link, refusing links that never identified."""
         if link.name is None:
-            raise Refused("not identified: call identify(name) first")
+            raise Refused("not identified: call identify(name) first", "not_identified")
         return link.name
 
     def is_live(self, name: str) -> bool:
@@ -759,6 +1111,9 @@ class Broker:
         ended = self.listen_ended.get(name)
         return ended is not None and time.monotonic() - ended < LIVE_GRACE
 
+    def live_count(self) -> int:
+        return sum(1 for name in set(self.listeners) | set(self.listen_ended) if self.is_live(name))
+
     # -- sending ------------------------------------------------------------------------------
 
     def resolve(self, sender: str, to: str) -> list[str]:
@@ -766,35 +1121,81 @@ class Broker:
         if to == "*":
             names = [n for n, _, _ in self.store.participants() if n != sender and self.is_live(n)]
             if not names:
-                raise Refused("no live participant to send to: `*` reaches only participants listening now")
+                raise Refused("no live participant to send to: `*` reaches only participants listening now",
+                              "no_recipient")
             return names
         check_name(to)
-        if BASE_RE.match(to):
+        if BASE_RE.fullmatch(to):
             members = self.store.participants_of_base(to)
             names = [n for n in members if n != sender]
             if names:
                 return names
             if members:
-                raise Refused(f"you are the only participant of base {to!r}: nobody else to send to")
-            raise Refused(f"no participant of base {to!r} is known yet: nobody with that base has connected")
+                raise Refused(f"you are the only participant of base {to!r}: nobody else to send to", "no_recipient")
+            raise Refused(f"no participant of base {to!r} is known yet: nobody with that base has connected",
+                          "unknown_recipient")
         if self.store.participant(to) is None:
-            raise Refused(f"unknown recipient {to!r}: no participant of that name has ever connected (see who())")
+            raise Refused(f"unknown recipient {to!r}: no participant of that name has ever connected (see who())",
+                          "unknown_recipient")
         return [to]
 
-    def send(self, sender: str, to: str, body: str, chat_id: str | None = None) -> dict[str, Any]:
+    def send(self, sender: str, to: str, body: str, chat_id: str | None = None,
+             client_msg_id: str | None = None) -> dict[str, Any]:
+        """Store one copy for each recipient and push to the live ones. A repeat of a
+        client_msg_id from the same base gets the first answer back, and nothing is stored."""
+        if client_msg_id is not None:
+            first = self.store.sent_answer(base_of(sender), check_client_msg_id(client_msg_id), time.time())
+            if first is not None:
+                self.metrics.repeats += 1
+                log.info("send %s: repeat of client_msg_id %s, answered as first (%s)", sender, client_msg_id,
+                         first["chat_id"])
+                return {**first, "repeat_of": client_msg_id}
+        size = self.check_body(body)
+        recipients = self.resolve(sender, to)
+        # Charged per recipient, before the mailbox checks: a loop sending into full mailboxes
+        # is paced like any other (RATE_LIMITED_PAUSE), not answered as fast as it asks.
+        wait = self.limit.wait_needed(base_of(sender), len(recipients))
+        if wait:
+            log.warning("rate limited: %s (base %s), %d copies", sender, base_of(sender), len(recipients))
+            raise RateLimited(f"rate limited: base {base_of(sender)!r} may send {self.limit.rate:g} messages a second "
+                              f"(bursts of {self.limit.burst}; a send costs one per recipient, this one "
+                              f"{len(recipients)}); not sent, try again in {wait:.2f} s")
+        now = time.time()
+        accepted, dropped = self.with_room(recipients, now)
+        self.check_storage(len(accepted) * (size + ROW_OVERHEAD))
+        chat_id = chat_id or self.chats.new(sender, to)
+        live = {name: self.listeners[name] for name in accepted if name in self.listeners}
+        rows = [
+            {"id": "m_" + secrets.token_hex(8), "chat_id": chat_id, "sender": sender, "recipient": name,
+             "body": body, "sent_at": now, "expires_at": now + self.ttl,
+             "attempt": 1 if name in live else 0, "pushed_at": now if name in live else None}
+            for name in accepted
+        ]
+        result = {"chat_id": chat_id, "delivered_to": list(live), "dropped": sorted(dropped),
+                  "queued": len(live) < len(accepted), "reasons": dropped}
+        sent_id = None if client_msg_id is None else {
+            "base": base_of(sender), "client_msg_id": client_msg_id, "answer": json.dumps(result),
+            "expires_at": now + self.ttl}
+        self.store.insert(sender, rows, now, sent_id)
+        self.count_send(rows, dropped)
+        for row in rows:
+            if row["recipient"] in live:
+                live[row["recipient"]].offer(row["id"], Mail(row["id"], chat_id, sender, row["recipient"], body, now, 1))
+        log.info("send %s -> %s (%s): %d bytes, delivered_to=%s queued=%s dropped=%s",
+                 sender, to, chat_id, size, result["delivered_to"], result["queued"], sorted(dropped))
+        return result
+
+    def check_body(self, body: str) -> int:
+        """The body's size in bytes, once it is known to be storable text."""
         size = len(body.encode("utf-8", "surrogatepass"))
         if size > self.max_body:
-            raise Refused(f"body is {size} bytes; the limit is {self.max_body} bytes")
+            raise Refused(f"body is {size} bytes; the limit is {self.max_body} bytes", "body_too_large")
         if "\x00" in body or any(0xD800 <= ord(c) <= 0xDFFF for c in body):
-            raise Refused("body contains a NUL or an unpaired surrogate; send valid UTF-8 text")
-        recipients = self.resolve(sender, to)
-        wait = self.limit.wait_needed(base_of(sender))
-        if wait:
-            log.warning("rate limited: %s (base %s)", sender, base_of(sender))
-            raise RateLimited(f"rate limited: base {base_of(sender)!r} may send {self.limit.rate:g} messages a second "
-                              f"(bursts of {self.limit.burst}); not sent, try again in {wait:.2f} s")
-        chat_id = chat_id or self.chats.new(sender, to)
-        now = time.time()
+            raise Refused("body contains a NUL or an unpaired surrogate; send valid UTF-8 text", "bad_body")
+        return size
+
+    def with_room(self, recipients: list[str], now: float) -> tuple[list[str], dict[str, str]]:
+        """(recipients whose mailbox has room, {recipient: why not} for the others); refused when none has."""
         accepted, dropped = [], {}
         pending = self.store.count_pending_among(recipients, now)
         for name in recipients:
@@ -804,38 +1205,39 @@ class Broker:
                 accepted.append(name)
         if not accepted:
             reasons = "; ".join(f"{n}: {why}" for n, why in dropped.items())
-            raise Refused(f"not sent: {reasons}")
-        live = {name: self.listeners[name] for name in accepted if name in self.listeners}
-        rows = [
-            {"id": "m_" + secrets.token_hex(8), "chat_id": chat_id, "sender": sender, "recipient": name,
-             "body": body, "sent_at": now, "expires_at": now + self.ttl,
-             "attempt": 1 if name in live else 0, "pushed_at": now if name in live else None}
-            for name in accepted
-        ]
-        self.store.insert(sender, rows, now)
-        for row in rows:
-            if row["recipient"] in live:
-                live[row["recipient"]].offer(row["id"], Mail(row["id"], chat_id, sender, row["recipient"], body, now, 1))
-        delivered, queued = list(live), len(live) < len(accepted)
-        log.info("send %s -> %s (%s): %d bytes, delivered_to=%s queued=%s dropped=%s",
-                 sender, to, chat_id, size, delivered, queued, sorted(dropped))
-        return {"chat_id": chat_id, "delivered_to": delivered, "dropped": sorted(dropped),
-                "queued": queued, "reasons": dropped}
+            raise Refused(f"not sent: {reasons}", "mailbox_full")
+        return accepted, dropped
 
-    def reply(self, sender: str, chat_id: str, body: str) -> dict[str, Any]:
+    def check_storage(self, incoming: int) -> None:
+        """Refuse mail that would take the database past --max-db. Only new mail is refused:
+        nothing stored is ever deleted to make room."""
+        used = self.store.size()
+        if used + incoming > self.max_db:
+            log.warning("storage full: %d bytes in use, %d more asked, limit %d", used, incoming, self.max_db)
+            raise StorageFull(f"mailbox storage full: the broker's database holds {used / 2**20:.1f} MiB of its "
+                              f"{self.max_db / 2**20:.1f} MiB limit (--max-db) and this send needs "
+                              f"{incoming / 2**10:.0f} KiB more; not sent. Mail already accepted is kept; space "
+                              "comes back as mail is acked and expires")
+
+    def count_send(self, rows: list[dict[str, Any]], dropped: dict[str, str]) -> None:
+        self.metrics.sends += 1
+        self.metrics.stored += len(rows)
+        self.metrics.dropped["mailbox_full"] += len(dropped)
+
+    def reply(self, sender: str, chat_id: str, body: str, client_msg_id: str | None = None) -> dict[str, Any]:
         first, second = self.chats.parties(chat_id)
         if sender == first:
             to = second
-        elif sender == second or (BASE_RE.match(second) and base_of(sender) == second) or second == "*":
+        elif sender == second or (BASE_RE.fullmatch(second) and base_of(sender) == second) or second == "*":
             to = first
         else:
             log.warning("refused reply: %s is not a party of %s", sender, chat_id)
-            raise Refused(f"you ({sender}) are not a party of chat {chat_id}; start a new chat with send()")
-        return self.send(sender, to, body, chat_id=chat_id)
+            raise Refused(f"you ({sender}) are not a party of chat {chat_id}; start a new chat with send()", "not_a_party")
+        return self.send(sender, to, body, chat_id=chat_id, client_msg_id=client_msg_id)
 
     # -- receiving ----------------------------------------------------------------------------
 
-    async def listen(self, name: str, link_key: str, push, keepalive, wait_s: float, disconnected=None) -> str:
+    async def listen(self, name: str, link: Link, push, keepalive, wait_s: float, disconnected=None) -> str:
         """Push the participant's mail on this call's stream until wait_s passes, a newer
         listen supersedes it, or the client goes away; a keepalive when there was nothing to
         push for KEEPALIVE_SECONDS. Returns why it ended."""
@@ -843,11 +1245,11 @@ class Broker:
         if old:  # the newest session of a name receives; the older one is told it was superseded
             log.info("listen %s: a newer session takes over the name", name)
             old.stop("superseded")
-        listener = Listener(name, link_key, push, keepalive)
+        listener = Listener(name, link.key, link.token_id, push, keepalive)
         self.listeners[name] = listener
         self.seen(name)
-        for mail in self.store.pending_for(name, time.time()):
-            listener.offer(mail.id)  # redelivered on every new listen until acked
+        for message_id in self.store.pending_ids(name, time.time()):
+            listener.offer(message_id)  # redelivered on every new listen until acked
         started = written = time.monotonic()
         deadline = started + wait_s
         reason = "timeout"
@@ -873,7 +1275,12 @@ class Broker:
                             break
                         written = time.monotonic()
                     continue
+                if message_id is None:  # stop() woke us
+                    continue
                 listener.queued.discard(message_id)
+                if not self.token_valid(listener.token_id):  # checked again before each push
+                    reason = "revoked"
+                    break
                 if not await self.push_one(listener, message_id, fresh):
                     reason = "push failed"
                     break
@@ -899,6 +1306,8 @@ class Broker:
         if not await written(listener, f"push {mail.id}", listener.push(mail.params())):
             return False
         log.info("push %s to %s (attempt %d)", mail.id, listener.name, mail.attempt)
+        self.metrics.pushes += 1
+        self.metrics.redeliveries += mail.attempt > 1
         return True
 
     async def keep_alive(self, listener: Listener, listened: float) -> bool:
@@ -906,11 +1315,16 @@ class Broker:
         return await written(listener, "keepalive", listener.keepalive(listened))
 
     def ack(self, name: str, ids: list[str]) -> int:
+        # An id of another shape was never made here, so it is nobody's: skipped, not looked up
+        # (a lone surrogate in one made SQLite's encoder raise, and the call crash).
+        ids = [i for i in ids if MESSAGE_ID_RE.fullmatch(i)]
         acked, foreign = self.store.ack(name, ids, time.time())
         if foreign:
             log.warning("refused ack: %s tried to ack %d messages addressed to others", name, len(foreign))
-            raise Refused(f"refused: {len(foreign)} of these ids are not addressed to you ({name}); nothing acked")
+            raise Refused(f"refused: {len(foreign)} of these ids are not addressed to you ({name}); nothing acked",
+                          "foreign_ack")
         log.info("ack %s: %d of %d", name, acked, len(ids))
+        self.metrics.acks += acked
         return acked
 
     # -- housekeeping -------------------------------------------------------------------------
@@ -930,6 +1344,7 @@ class Broker:
             self.store.touch(name, now)
         for message_id, sender, recipient in self.store.purge_expired(now, self.ttl):
             log.info("expiry %s (%s -> %s): not acked within the TTL", message_id, sender, recipient)
+            self.metrics.expired += 1
 
     def forget_idle_links(self) -> None:
         idle = time.monotonic() - self.session_idle_timeout
@@ -940,12 +1355,15 @@ class Broker:
         if gone:
             log.info("links: forgot %d idle for %.0fs; %d remain", len(gone), self.session_idle_timeout, len(self.links))
 
-    async def housekeeping(self) -> None:
+    async def housekeeping(self, *also) -> None:
+        """Redeliver, purge, and call each of `also` every HOUSEKEEPING_INTERVAL."""
         purge_every = max(HOUSEKEEPING_INTERVAL, min(PURGE_INTERVAL, self.ttl / 4, self.session_idle_timeout / 4))
         last_purge = time.monotonic()
         while True:
             await asyncio.sleep(HOUSEKEEPING_INTERVAL)
             try:
+                for task in also:
+                    task()
                 self.redeliver_due()
                 if time.monotonic() - last_purge >= purge_every:
                     last_purge = time.monotonic()
@@ -1016,15 +1434,45 @@ INSTRUCTIONS = """Dispatch broker: cross-session messaging between Claude Code a
 Call identify(name) first on every connection; then send/reply/listen/inbox/mail.ack/who/ping."""
 
 
-def build_app(broker: Broker, verifier: TokenVerifier, allowed_hosts: list[str]):
-    """The Starlette app: the MCP endpoint at /mcp (bearer auth) and GET /healthz (no auth)."""
-    server = MCPServer(
+class DispatchServer(MCPServer):
+    """The SDK's MCPServer, counting refused tool calls by reason for /metrics."""
+
+    def __init__(self, *args, metrics: Metrics, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.metrics = metrics
+
+    async def call_tool(self, name, arguments, context=None):
+        try:
+            return await super().call_tool(name, arguments, context)
+        except ToolError as exc:
+            if not isinstance(exc, UnexpectedToolError):  # a crash is no refusal; the SDK logs it
+                # The SDK wraps what a tool raised; a ToolError of its own is an argument it refused.
+                self.metrics.refusals[getattr(exc.__cause__, "reason", "bad_arguments")] += 1
+            raise
+
+
+#: Text of a listen's result by how it ended (the structured result is {"ended": reason}).
+LISTEN_ENDINGS = {
+    "timeout": "listen ended: wait_s passed; listen again",
+    "superseded": "listen ended: superseded by a newer listen of the same name",
+    "revoked": "listen ended: token revoked (removed from the broker's tokens file); nothing more is pushed on it",
+    "shutdown": "listen ended: the broker is shutting down; listen again once it is back",
+}
+
+
+def build_app(broker: Broker, verifier: TokenVerifier, allowed_hosts: list[str], port: int,
+              failures: "AuthFailures | None" = None, metrics_token: str | None = None):
+    """The Starlette app: the MCP endpoint at /mcp (bearer auth), GET /healthz (no auth) and,
+    with a metrics token, GET /metrics (that bearer)."""
+    failures = failures or AuthFailures()
+    server = DispatchServer(
         "dispatch",
         version=__version__,
         instructions=INSTRUCTIONS,
         token_verifier=verifier,
         # Resource-server-only auth: no OAuth routes, just the bearer check before MCP runs.
         auth=AuthSettings(issuer_url="http://127.0.0.1", resource_server_url=None),
+        metrics=broker.metrics,
     )
 
     def link_of(ctx: Context) -> Link:
@@ -1032,14 +1480,14 @@ def build_app(broker: Broker, verifier: TokenVerifier, allowed_hosts: list[str])
         headers = ctx.headers or {}
         key = headers.get("mcp-session-id") or headers.get(LINK_HEADER)
         if token is None or not key:
-            raise Refused(f"no session: use a stateful MCP session or send a {LINK_HEADER} header")
+            raise Refused(f"no session: use a stateful MCP session or send a {LINK_HEADER} header", "no_session")
         link = broker.links.get(key)
         if link is None:
             link = broker.links[key] = Link(key, token.client_id, (token.claims or {})["base"])
         elif link.token_id != token.client_id:
             log.warning("refused: session %s replayed with another token (base %s)", key[:12],
                         (token.claims or {}).get("base"))
-            raise Refused("this session belongs to another token")
+            raise Refused("this session belongs to another token", "foreign_session")
         link.last_used = time.monotonic()
         return link
 
@@ -1048,15 +1496,18 @@ def build_app(broker: Broker, verifier: TokenVerifier, allowed_hosts: list[str])
         structured = {k: result[k] for k in ("chat_id", "delivered_to", "dropped", "queued")}
         return CallToolResult(content=[TextContent(type="text", text=text)], structured_content=structured)
 
-    async def paced(send, *args) -> CallToolResult:
+    async def paced(send, *args, **kwargs) -> CallToolResult:
         """send_result(send(*args)); a rate-limited send is refused after RATE_LIMITED_PAUSE."""
         try:
-            return send_result(send(*args))
+            return send_result(send(*args, **kwargs))
         except RateLimited:
             await asyncio.sleep(RATE_LIMITED_PAUSE)
             raise
 
     Body = Annotated[str, Field(description="The message text (UTF-8, at most 64 KiB by default).")]
+    ClientMsgId = Annotated[str | None, Field(description=(
+        "Optional: your own id for this message (1-64 of A-Z a-z 0-9 _ -). Sending again with the same id "
+        "(from your base, within the mail TTL) returns the first answer and stores nothing: retry safely."))]
 
     @server.tool()
     async def identify(
@@ -1075,19 +1526,21 @@ def build_app(broker: Broker, verifier: TokenVerifier, allowed_hosts: list[str])
         to: Annotated[str, Field(description="A participant name, a base name (all of that base), or '*' (every live participant).")],
         body: Body,
         ctx: Context,
+        client_msg_id: ClientMsgId = None,
     ) -> Annotated[CallToolResult, SendResult]:
         """Send a message. Returns chat_id, delivered_to (pushed to a live listener now),
         queued (stored for an offline recipient) and dropped (will not get it; reason in the text)."""
-        return await paced(broker.send, broker.caller(link_of(ctx)), to, body)
+        return await paced(broker.send, broker.caller(link_of(ctx)), to, body, client_msg_id=client_msg_id)
 
     @server.tool()
     async def reply(
         chat_id: Annotated[str, Field(description="The chat_id of a message you received or sent.")],
         body: Body,
         ctx: Context,
+        client_msg_id: ClientMsgId = None,
     ) -> Annotated[CallToolResult, SendResult]:
         """Reply into a chat: goes to the other party of `chat_id`. Same result as send."""
-        return await paced(broker.reply, broker.caller(link_of(ctx)), chat_id, body)
+        return await paced(broker.reply, broker.caller(link_of(ctx)), chat_id, body, client_msg_id=client_msg_id)
 
     @server.tool()
     async def ping(ctx: Context) -> PingResult:
@@ -1108,10 +1561,11 @@ def build_app(broker: Broker, verifier: TokenVerifier, allowed_hosts: list[str])
     async def listen(
         wait_s: Annotated[float, Field(description="Seconds to stay open (at most 300).", ge=0, le=MAX_LISTEN_SECONDS)],
         ctx: Context,
-    ) -> ListenResult:
+    ) -> Annotated[CallToolResult, ListenResult]:
         """Receive: while this call is pending, your mail arrives as notifications/dispatch/mail on
         this call's stream; with a progress token, notifications/progress every few seconds without
-        mail proves the stream alive. Returns after wait_s or when a newer listen of yours supersedes it."""
+        mail proves the stream alive. Returns {ended: why} after wait_s, when a newer listen of yours
+        supersedes it, or when its token is revoked."""
         link = link_of(ctx)
         name = broker.caller(link)
         session, request_id, request = ctx.session, ctx.request_id, ctx.request_context.request
@@ -1131,7 +1585,9 @@ def build_app(broker: Broker, verifier: TokenVerifier, allowed_hosts: list[str])
         # client goes away, so it must be asked. A 2026-07-28 handler is cancelled with its stream,
         # and asking 2 times a second costs more than everything else an idle listen does.
         legacy = bool((ctx.headers or {}).get("mcp-session-id"))
-        return {"ended": await broker.listen(name, link.key, push, keepalive, wait_s, disconnected if legacy else None)}
+        ended = await broker.listen(name, link, push, keepalive, wait_s, disconnected if legacy else None)
+        text = LISTEN_ENDINGS.get(ended, f"listen ended: {ended}")
+        return CallToolResult(content=[TextContent(type="text", text=text)], structured_content={"ended": ended})
 
     @server.tool()
     async def who(ctx: Context) -> WhoResult:
@@ -1151,42 +1607,126 @@ def build_app(broker: Broker, verifier: TokenVerifier, allowed_hosts: list[str])
         peek: Annotated[bool, Field(description="Only count pending mail.")] = False,
         limit: Annotated[int, Field(description="At most this many messages.", ge=1, le=1000)] = 50,
     ) -> InboxResult:
-        """Pull mode: your pending (unacked) mail, oldest first. Ack what you handled with mail.ack."""
+        """Pull mode: your pending (unacked) mail, oldest first, at most `limit` messages and about
+        1 MB (`pending` counts them all). Ack what you handled with mail.ack, then ask again."""
         name = broker.caller(link_of(ctx))
         now = time.time()
         count = broker.store.count_pending(name, now)
-        messages = [] if peek else [m.params() for m in broker.store.pending_for(name, now, limit)]
+        messages = [] if peek else within_bytes(broker.store.iter_pending(name, now, limit), INBOX_MAX_BYTES // 2)
         return {"pending": count, "messages": messages}
 
     @server.custom_route("/healthz", methods=["GET"])
     async def healthz(request):
         return JSONResponse({"ok": True, "version": __version__, "uptime": round(time.time() - broker.started, 1)})
 
-    security = TransportSecuritySettings(
-        enable_dns_rebinding_protection=True,
-        allowed_hosts=["127.0.0.1:*", "localhost:*", "[::1]:*", "127.0.0.1", "localhost"]
-        + [h for name in allowed_hosts for h in (name, f"{name}:*")],
-        allowed_origins=["http://127.0.0.1:*", "http://localhost:*", "http://[::1]:*"],
-    )
-    app = server.streamable_http_app(transport_security=security, max_request_body_size=MAX_REQUEST_BYTES,
+    if metrics_token:
+        expected = f"Bearer {metrics_token}".encode()
+
+        @server.custom_route("/metrics", methods=["GET"])
+        async def metrics(request):
+            given = request.headers.get("authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                note_auth_failure("bad metrics token")
+                return PlainTextResponse("metrics need the metrics bearer token\n", status_code=401,
+                                         headers={"WWW-Authenticate": "Bearer"})
+            return PlainTextResponse(metrics_text(broker, failures), media_type=METRICS_CONTENT_TYPE)
+
+    app = server.streamable_http_app(transport_security=exact_hosts(allowed_hosts, port),
+                                     max_request_body_size=MAX_REQUEST_BYTES,
                                      session_idle_timeout=broker.session_idle_timeout)
-    return log_missing_token(app)
+    return guarded(app, failures)
 
 
-def log_missing_token(app):
-    """The SDK answers 401 to a request with no bearer token before our verifier runs; log it too."""
+def within_bytes(mails, budget: int) -> list[dict[str, Any]]:
+    """The mails' params, oldest first, while their JSON fits in `budget` (at least one, so a
+    single large message can always be read)."""
+    taken, used = [], 0
+    for mail in mails:
+        params = mail.params()
+        size = len(json.dumps(params)) + 2
+        if taken and used + size > budget:
+            break
+        taken.append(params)
+        used += size
+    return taken
 
-    async def logged(scope, receive, send):
-        if scope["type"] == "http" and not any(k == b"authorization" for k, _ in scope["headers"]):
-            async def send_logging(message):
-                if message["type"] == "http.response.start" and message["status"] == 401:
-                    client = scope.get("client") or ("?", 0)
-                    log.warning("auth failure: no bearer token (%s %s from %s)", scope["method"], scope["path"], client[0])
-                await send(message)
-            return await app(scope, receive, send_logging)
-        return await app(scope, receive, send)
 
-    return logged
+def exact_hosts(allowed_hosts: list[str], port: int) -> TransportSecuritySettings:
+    """DNS-rebinding protection with exact Host and Origin values only. The SDK's `host:*`
+    pattern is a prefix test that lets `127.0.0.1:8765.evil` through, so none is used: loopback
+    with or without this port, and each --allowed-host as given, or with this port when given
+    without one (behind a proxy on another port, give that port: `name:8443`)."""
+    loopback = ["127.0.0.1", "localhost", "[::1]"]
+    hosts = [h for name in loopback for h in (name, f"{name}:{port}")]
+    hosts += [h for name in allowed_hosts for h in ([name] if re.search(r":[0-9]+$", name) else [name, f"{name}:{port}"])]
+    origins = [f"{scheme}://{h}" for scheme in ("http", "https") for name in loopback for h in (name, f"{name}:{port}")]
+    return TransportSecuritySettings(enable_dns_rebinding_protection=True, allowed_hosts=hosts, allowed_origins=origins)
+
+
+def guarded(app, failures: AuthFailures):
+    """Every 401 (a missing, malformed, unknown or revoked token, or a wrong metrics bearer) is
+    counted by client address in `failures`, logged through it, and answered after its delay."""
+
+    async def guard(scope, receive, send):
+        if scope["type"] != "http":
+            return await app(scope, receive, send)
+        note: dict[str, str] = {}
+        AUTH_NOTE.set(note)  # this task's context: verify_token runs below, in the same task
+
+        async def send_answer(message):
+            if message["type"] == "http.response.start" and message["status"] == 401:
+                has_token = any(k == b"authorization" for k, _ in scope["headers"])
+                reason = note.get("reason") or ("malformed Authorization header" if has_token else "no bearer token")
+                delay = failures.record((scope.get("client") or ("?", 0))[0], reason)
+                if delay:
+                    await asyncio.sleep(delay)
+            await send(message)
+
+        return await app(scope, receive, send_answer)
+
+    return guard
+
+
+#: The Prometheus text exposition format, version 0.0.4.
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def metrics_text(broker: Broker, failures: AuthFailures) -> str:
+    """GET /metrics: counts and sizes only; no names, bodies or tokens."""
+    m, now = broker.metrics, time.time()
+    families = [
+        ("dispatch_participants_live", "gauge", "Participants listening now (or within the re-listen grace).",
+         {(): broker.live_count()}),
+        ("dispatch_links", "gauge", "Client connections the broker knows (MCP sessions and Dispatch-Session links).",
+         {(): len(broker.links)}),
+        ("dispatch_mail_pending", "gauge", "Stored messages not acked yet and not expired.",
+         {(): broker.store.count_all_pending(now)}),
+        ("dispatch_database_bytes", "gauge", "Bytes of database pages in use.", {(): broker.store.size()}),
+        ("dispatch_database_limit_bytes", "gauge", "--max-db: new mail is refused past it.", {(): broker.max_db}),
+        ("dispatch_sends_total", "counter", "send and reply calls that stored mail.", {(): m.sends}),
+        ("dispatch_messages_stored_total", "counter", "Messages stored, one per recipient.", {(): m.stored}),
+        ("dispatch_repeated_sends_total", "counter", "Sends answered from an earlier client_msg_id, not stored.",
+         {(): m.repeats}),
+        ("dispatch_pushes_total", "counter", "Messages written on a listen stream, redeliveries included.",
+         {(): m.pushes}),
+        ("dispatch_redeliveries_total", "counter", "Pushes of a message not acked in time (attempt 2 and later).",
+         {(): m.redeliveries}),
+        ("dispatch_acks_total", "counter", "Messages acked.", {(): m.acks}),
+        ("dispatch_expired_total", "counter", "Unacked messages purged at their TTL.", {(): m.expired}),
+        ("dispatch_refusals_total", "counter", "Refused tool calls, by reason.",
+         {(("reason", r),): n for r, n in sorted(m.refusals.items())}),
+        ("dispatch_dropped_total", "counter", "Copies of a send not stored for one recipient, by reason.",
+         {(("reason", r),): n for r, n in sorted(m.dropped.items())}),
+        ("dispatch_auth_failures_total", "counter", "Requests refused 401, by reason.",
+         {(("reason", r),): n for r, n in sorted(failures.counts.items())}),
+    ]
+    lines = []
+    for name, kind, help_text, samples in families:
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+        for labels, number in samples.items():
+            label_text = "{" + ",".join(f'{k}="{v}"' for k, v in labels) + "}" if labels else ""
+            lines.append(f"{name}{label_text} {number}")
+    return "\n".join(lines) + "\n"
 
 
 def ping_result(broker: Broker, name: str) -> dict[str, Any]:
@@ -1198,6 +1738,8 @@ def ping_result(broker: Broker, name: str) -> dict[str, Any]:
 def describe_send(result: dict[str, Any]) -> str:
     """The tool result text: exactly what happened, in one or two lines."""
     parts = [f"chat_id {result['chat_id']}."]
+    if result.get("repeat_of"):
+        parts.append(f"A repeat of client_msg_id {result['repeat_of']}: this is the first send's answer; nothing was stored again.")
     if result["delivered_to"]:
         parts.append(f"Pushed to {', '.join(result['delivered_to'])} (live; delivery is confirmed by their ack).")
     if result["queued"]:
@@ -1241,10 +1783,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     store = Store(args.db or default_db_path(), synchronous=args.synchronous)
     broker = Broker(store, ttl=args.ttl, max_body=args.max_body, max_pending=args.max_pending,
                     ack_timeout=args.ack_timeout, rate=args.rate, burst=args.burst,
-                    session_idle_timeout=args.session_idle_timeout)
+                    session_idle_timeout=args.session_idle_timeout, max_names=args.max_names, max_db=args.max_db)
     verifier = TokenVerifier(tokens_path)
+    broker.tokens_changed(verifier.ids())
     broker.purge()  # mail whose TTL passed while the broker was down is never delivered late
-    app = build_app(broker, verifier, args.allowed_host)
+    failures = AuthFailures()
+    app = build_app(broker, verifier, args.allowed_host, args.port, failures, args.metrics_token)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=False,
                             ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key,
                             timeout_graceful_shutdown=3, lifespan="on")
@@ -1252,10 +1796,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     async def run() -> None:
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGHUP, reload_tokens, verifier)
-        housekeeping = asyncio.create_task(broker.housekeeping())
-        log.info("dispatch broker %s serving on %s://%s:%d/mcp (db %s, ttl %.0fs)", __version__,
-                 "https" if args.tls_cert else "http", args.host, args.port, store.path, args.ttl)
+        loop.add_signal_handler(signal.SIGHUP, reload_tokens, verifier, broker)
+        housekeeping = asyncio.create_task(broker.housekeeping(failures.flush))
+        log.info("durability: synchronous=%s (%s)", store.synchronous, DURABILITY[store.synchronous])
+        log.info("dispatch broker %s serving on %s://%s:%d/mcp (db %s, ttl %.0fs, metrics %s)", __version__,
+                 "https" if args.tls_cert else "http", args.host, args.port, store.path, args.ttl,
+                 "on" if args.metrics_token else "off")
         try:
             await server.serve()
         finally:
@@ -1279,11 +1825,20 @@ class ShutdownServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def reload_tokens(verifier: TokenVerifier) -> None:
+#: What each --synchronous level means for a `send` that was answered, logged at start.
+DURABILITY = {
+    "FULL": "a send is fsynced before it is answered: it survives a broker crash and a power cut",
+    "NORMAL": "a send survives a broker crash; a power cut may lose the last sends answered",
+}
+
+
+def reload_tokens(verifier: TokenVerifier, broker: Broker) -> None:
     try:
         verifier.reload()
     except ConfigError as exc:  # keep the old set rather than lock everyone out
         log.error("SIGHUP: tokens not reloaded: %s", exc)
+        return
+    broker.tokens_changed(verifier.ids())
 
 
 def print_dev_banner(args: argparse.Namespace, token: str) -> None:
@@ -1348,25 +1903,32 @@ def parser() -> argparse.ArgumentParser:
 
     env = os.environ.get
     s = command("serve", cmd_serve)
-    s.add_argument("--host", default=env("DISPATCH_HOST", DEFAULT_HOST), help="address to bind (default %(default)s)")
-    s.add_argument("--port", type=int, default=int(env("DISPATCH_PORT", DEFAULT_PORT)), help="TCP port (default %(default)s)")
-    s.add_argument("--db", default=env("DISPATCH_DB"), help="SQLite file (default $STATE_DIRECTORY/dispatch.db or ./dispatch.db)")
-    s.add_argument("--tokens", default=env("DISPATCH_TOKENS"), help="tokens file (default $CREDENTIALS_DIRECTORY/tokens or ./tokens)")
-    s.add_argument("--ttl", type=parse_duration, default=env("DISPATCH_TTL", "72h"), help="how long undelivered mail is kept (default 72h)")
-    s.add_argument("--max-body", type=int, default=int(env("DISPATCH_MAX_BODY", DEFAULT_MAX_BODY)), help="largest body in bytes (default %(default)s)")
-    s.add_argument("--max-pending", type=int, default=int(env("DISPATCH_MAX_PENDING", DEFAULT_MAX_PENDING)), help="unacked messages per recipient (default %(default)s)")
-    s.add_argument("--rate", type=float, default=float(env("DISPATCH_RATE", DEFAULT_RATE)), help="sends a second per base, 0 for no limit (default %(default)g)")
-    s.add_argument("--burst", type=int, default=int(env("DISPATCH_BURST", DEFAULT_BURST)), help="sends a base may make at once (default %(default)s)")
-    s.add_argument("--ack-timeout", type=parse_duration, default=env("DISPATCH_ACK_TIMEOUT", "15s"), help="push again if not acked within (default 15s)")
-    s.add_argument("--session-idle-timeout", type=parse_duration, default=env("DISPATCH_SESSION_IDLE_TIMEOUT", "30m"),
+    # Defaults here are the built-in ones; the environment's values are put in their place by
+    # environment_settings(), checked exactly as the flag's own values are.
+    s.add_argument("--host", default=DEFAULT_HOST, help="address to bind (default %(default)s)")
+    s.add_argument("--port", type=port_number, default=DEFAULT_PORT, help="TCP port (default %(default)s)")
+    s.add_argument("--db", help="SQLite file (default $STATE_DIRECTORY/dispatch.db or ./dispatch.db)")
+    s.add_argument("--tokens", help="tokens file (default $CREDENTIALS_DIRECTORY/tokens or ./tokens)")
+    s.add_argument("--ttl", type=parse_duration, default="72h", help="how long undelivered mail is kept (default 72h)")
+    s.add_argument("--max-body", type=positive_int, default=DEFAULT_MAX_BODY, help="largest body in bytes (default %(default)s)")
+    s.add_argument("--max-pending", type=positive_int, default=DEFAULT_MAX_PENDING, help="unacked messages per recipient (default %(default)s)")
+    s.add_argument("--max-names", type=positive_int, default=DEFAULT_MAX_NAMES, help="names one base may create (default %(default)s)")
+    s.add_argument("--max-db", type=byte_size, default="1G", help="database size past which new mail is refused, e.g. 500M, 1G (default 1G)")
+    s.add_argument("--rate", type=non_negative_number, default=DEFAULT_RATE, help="messages a second per base, one per recipient; 0 for no limit (default %(default)g)")
+    s.add_argument("--burst", type=positive_int, default=DEFAULT_BURST, help="messages a base may send at once (default %(default)s)")
+    s.add_argument("--ack-timeout", type=parse_duration, default="15s", help="push again if not acked within (default 15s)")
+    s.add_argument("--session-idle-timeout", type=parse_duration, default="30m",
                    help="forget a client connection that made no request for this long (default 30m)")
-    s.add_argument("--synchronous", choices=["FULL", "NORMAL"], default=env("DISPATCH_SYNCHRONOUS", "FULL"), help="SQLite fsync level (default FULL: survives power loss)")
-    s.add_argument("--allowed-host", action="append", default=[h for h in env("DISPATCH_ALLOWED_HOSTS", "").split(",") if h],
+    s.add_argument("--synchronous", choices=list(DURABILITY), default="FULL", help="SQLite fsync level (default FULL: survives power loss)")
+    s.add_argument("--allowed-host", action="append", type=host_name, default=[],
                    help="Host header the broker answers to besides loopback, e.g. dispatch.example.net (repeatable)")
-    s.add_argument("--tls-cert", default=env("DISPATCH_TLS_CERT"), help="PEM certificate: serve HTTPS directly")
-    s.add_argument("--tls-key", default=env("DISPATCH_TLS_KEY"), help="PEM private key for --tls-cert")
+    s.add_argument("--tls-cert", help="PEM certificate: serve HTTPS directly")
+    s.add_argument("--tls-key", help="PEM private key for --tls-cert")
+    s.add_argument("--metrics-token", type=metrics_token,
+                   help="serve GET /metrics (Prometheus text) to this bearer token; off without one. Prefer DISPATCH_METRICS_TOKEN: flags show in ps")
     s.add_argument("--dev", action="store_true", help="mint a development token (base 'dev') and print it with the lines that connect Claude Code")
     s.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.serve = s  # for environment_settings()
 
     t = sub.add_parser("token", help="Manage bearer tokens (hashes in the tokens file).")
     tsub = t.add_subparsers(dest="token_command", required=True, metavar="ACTION")
@@ -1380,12 +1942,43 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+#: serve settings whose environment variable is not DISPATCH_<FLAG>; None: no variable.
+SETTING_ENV = {"allowed_host": "DISPATCH_ALLOWED_HOSTS", "dev": None, "verbose": None, "help": None}
+
+
+def environment_settings(serve: argparse.ArgumentParser, environ) -> dict[str, Any]:
+    """dest -> value of each serve setting set in the environment, converted and checked exactly
+    as its flag is (argparse checks neither `choices` nor ranges of a default). A bad value is a
+    ConfigError naming the variable: DISPATCH_SYNCHRONOUS=OFF must not start a broker that
+    answers sends without an fsync."""
+    values = {}
+    for action in serve._actions:
+        variable = SETTING_ENV.get(action.dest, "DISPATCH_" + action.dest.upper())
+        if not action.option_strings or variable is None or variable not in environ:
+            continue
+        text = environ[variable]
+        many = isinstance(action, argparse._AppendAction)
+        items = [item for item in text.split(",") if item] if many else [text]
+        try:
+            converted = [action.type(item) if action.type else item for item in items]
+        except (argparse.ArgumentTypeError, ValueError) as exc:
+            raise ConfigError(f"{variable}={text!r}: {exc}") from None
+        if action.choices and any(value not in action.choices for value in converted):
+            raise ConfigError(f"{variable}={text!r}: use one of {', '.join(action.choices)}")
+        values[action.dest] = converted if many else converted[0]
+    return values
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
     configure_logging(getattr(args, "verbose", False))
     if args.command == "serve":
         signal.signal(signal.SIGTERM, signal.default_int_handler)  # uvicorn installs its own once running
     try:
+        if args.command == "serve":  # the environment fills in what the command line did not say
+            p.serve.set_defaults(**environment_settings(p.serve, os.environ))
+            args = p.parse_args(argv)
         return args.func(args)
     except (DispatchError, OSError, sqlite3.Error) as exc:
         print(f"Error: {exc}", file=sys.stderr)

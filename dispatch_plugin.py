@@ -28,7 +28,6 @@ environment wins. Nothing is written to disk.
 
 import argparse
 import collections
-import hashlib
 import itertools
 import json
 import logging
@@ -44,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-__version__ = "0.2.0"
+__version__ = "0.1.0"
 
 log = logging.getLogger("dispatch.plugin")
 
@@ -87,6 +86,9 @@ PROOF_POLL = 0.025
 #: The prompt hook waits at most this long for the channel's proof of mail the broker already
 #: pushed to it, so a message on its way into the transcript is not shown twice.
 HOOK_PROOF_WAIT = 2.0
+#: With no event waiting for its proof, the transcript is still looked at this often: mail the
+#: prompt hook or the inbox tool showed is acked once Claude Code has recorded it.
+IDLE_LOOK = 0.5
 #: `tools/list` waits at most this long for the first identify, so a refused token or name is
 #: answered as an error there, where Claude Code shows it to the user.
 VERDICT_WAIT = 2.0
@@ -219,6 +221,7 @@ def session_suffix(session_id: str | None) -> str:
         if hexed:
             return hexed[:8]
     import getpass
+    import hashlib
     import socket
 
     return hashlib.sha256(f"{getpass.getuser()}@{socket.gethostname()}".encode()).hexdigest()[:8]
@@ -541,11 +544,48 @@ def find_transcript(session_id: str, project_dir: str, env=os.environ) -> Path:
     return path
 
 
-def channel_ids(line: bytes) -> list[str]:
-    """The message ids of the channel events one transcript line records: an `enqueue`
-    queue-operation or a `user` line of channel origin whose content opens with our tag. A body
-    cannot fake one: only the opening tag is read, and bodies never carry a channel tag."""
-    if b"message_id=" not in line:
+#: The fields of one message as the prompt hook and the inbox tool print it (`mail_line`).
+MAIL_FIELDS = {"from", "chat_id", "message_id", "sent_at", "body"}
+
+
+def text_of(content: Any) -> str:
+    """A message content: a string, or content blocks whose text is joined."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(text_of(b.get("text", b.get("content"))) for b in content if isinstance(b, dict))
+    return ""
+
+
+def tag_ids(content: str) -> list[str]:
+    """The message id of a channel event: read from its opening tag alone. A body cannot add one:
+    bodies never carry a channel tag."""
+    tag = CHANNEL_TAG.match(content.lstrip())
+    return MESSAGE_ID_ATTR.findall(tag[2]) if tag else []
+
+
+def mail_line_ids(text: str) -> list[str]:
+    """The ids of mail our hook or inbox tool printed: lines that are whole JSON objects of
+    `mail_line`'s shape. A body is a JSON string inside one, so it cannot make a line of its own."""
+    ids = []
+    for line in text.splitlines():
+        if line.startswith('{"from": '):
+            try:
+                mail = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(mail, dict) and set(mail) == MAIL_FIELDS and isinstance(mail["message_id"], str):
+                ids.append(mail["message_id"])
+    return ids
+
+
+def transcript_proofs(line: bytes) -> list[tuple[str, str]]:
+    """(how, message id) for each message one transcript line shows the model: 'channel' for a
+    channel event (the enqueue queue-operation, or the user line of channel origin), 'hook' for
+    mail the prompt hook added (a hook_additional_context attachment), 'tool' for mail the inbox
+    tool returned (a tool_result). Every other line (typed prompts, copies of API requests) proves
+    nothing."""
+    if b"message_id" not in line:
         return []
     try:
         entry = json.loads(line)
@@ -553,18 +593,20 @@ def channel_ids(line: bytes) -> list[str]:
         return []
     if not isinstance(entry, dict):
         return []
-    if entry.get("type") == "queue-operation" and entry.get("operation") == "enqueue":
-        content = entry.get("content")
-    elif entry.get("type") == "user" and (entry.get("origin") or {}).get("kind") == "channel":
+    kind = entry.get("type")
+    if kind == "queue-operation" and entry.get("operation") == "enqueue":
+        return [("channel", i) for i in tag_ids(text_of(entry.get("content")))]
+    if kind == "user":
         content = (entry.get("message") or {}).get("content")
-        if isinstance(content, list):  # content blocks
-            content = "".join(b.get("text", "") for b in content if isinstance(b, dict))
-    else:
-        return []
-    if not isinstance(content, str):
-        return []
-    tag = CHANNEL_TAG.match(content.lstrip())
-    return MESSAGE_ID_ATTR.findall(tag[2]) if tag else []
+        if (entry.get("origin") or {}).get("kind") == "channel":
+            return [("channel", i) for i in tag_ids(text_of(content))]
+        blocks = [b for b in content if isinstance(b, dict) and b.get("type") == "tool_result"] \
+            if isinstance(content, list) else []
+        return [("tool", i) for b in blocks for i in mail_line_ids(text_of(b.get("content")))]
+    if kind == "attachment" and (entry.get("attachment") or {}).get("type") == "hook_additional_context":
+        texts = entry["attachment"].get("content") or []
+        return [("hook", i) for text in (texts if isinstance(texts, list) else [texts]) for i in mail_line_ids(text_of(text))]
+    return []
 
 
 class TranscriptWatcher:
@@ -583,7 +625,7 @@ class TranscriptWatcher:
         except OSError:
             return 0
 
-    def new_ids(self) -> list[str]:
+    def new_proofs(self) -> list[tuple[str, str]]:
         if self.offset == 0 and not self.path.exists():
             self.path = self.locate()
         size = self.size()
@@ -599,7 +641,7 @@ class TranscriptWatcher:
             return []
         self.offset += len(chunk)
         *lines, self.partial = (self.partial + chunk).split(b"\n")
-        return [i for line in lines for i in channel_ids(line)]
+        return [proof for line in lines for proof in transcript_proofs(line)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -797,7 +839,7 @@ def doctor_command(env=os.environ) -> str:
 
 
 def proven_in(path: Path | None, ids: set[str]) -> set[str]:
-    """Which of `ids` the transcript at `path` already shows as channel events."""
+    """Which of `ids` the transcript at `path` already shows the model."""
     if not path or not ids:
         return set()
     try:
@@ -806,19 +848,22 @@ def proven_in(path: Path | None, ids: set[str]) -> set[str]:
         return set()
     wanted = [i.encode() for i in ids]
     lines = (line for line in data.split(b"\n") if any(w in line for w in wanted))
-    return {found for line in lines for found in channel_ids(line)} & ids
+    return {found for line in lines for _, found in transcript_proofs(line)} & ids
 
 
 def deliver(client: BrokerClient, messages: list[dict[str, Any]], show: Callable[[list], None],
-            proven: set[str] = frozenset()) -> int:
+            proven: set[str] = frozenset(), transcript: bool = False) -> int:
     """Show what the transcript does not already have (`show` writes and flushes), and only then
-    ack all of `messages`: a closed pipe or a killed process leaves the mail pending, never lost.
-    The number shown."""
+    ack: a closed pipe or a killed process leaves the mail pending, never lost. What was shown is
+    acked here only where there is no `transcript` to prove it by; otherwise its reader (the
+    channel's prover, or the next prompt hook) acks it once Claude Code wrote it there, since
+    Claude Code records what a hook or a tool printed only after it has finished. The number shown."""
     unseen = [m for m in messages if m["id"] not in proven]
     if unseen:
         show(unseen)
-    if messages:
-        client.call("mail.ack", ids=[m["id"] for m in messages])
+    done = [m["id"] for m in messages if m["id"] in proven or not transcript]
+    if done:
+        client.call("mail.ack", ids=done)
     return len(unseen)
 
 
@@ -1020,7 +1065,7 @@ class Channel:
         the broker may push it again, and it must not be shown twice."""
         if self.transcript is not None:
             with self.lock:
-                for message_id in self.transcript.new_ids():
+                for _, message_id in self.transcript.new_proofs():
                     self.remember(message_id)
 
     def link_down(self, why: str) -> None:
@@ -1090,22 +1135,25 @@ class Channel:
                     "params": {"content": neutralize(str(mail["body"])), "meta": channel_meta(mail)}})
 
     def prove(self) -> None:
-        """While events wait for their proof, look at the transcript every PROOF_POLL; ack what
+        """Look at the transcript every PROOF_POLL while events wait for their proof, else every
+        IDLE_LOOK (mail the prompt hook or the inbox tool showed is proven there too); ack what
         it shows. An event it does not show within PROOF_SECONDS turns the channel off."""
         while True:
             with self.lock:
-                while not self.emitted and not self.to_ack:
-                    self.lock.wait()
+                if not self.emitted and not self.to_ack:
+                    self.lock.wait(IDLE_LOOK)
             time.sleep(PROOF_POLL)
-            seen = self.transcript.new_ids() if self.transcript else []
+            proofs = self.transcript.new_proofs() if self.transcript else []
+            heard = False
             with self.lock:
-                for message_id in seen:
-                    if self.emitted.pop(message_id, None) is not None:
+                for how, message_id in proofs:
+                    heard |= self.emitted.pop(message_id, None) is not None and how == "channel"
+                    if message_id not in self.proven:
                         self.remember(message_id)
                         self.to_ack.append(message_id)
                 late = [i for i, at in self.emitted.items() if time.monotonic() - at > PROOF_SECONDS]
                 ids, self.to_ack = self.to_ack, []
-            if seen and self.mode == "trying":
+            if heard and self.mode == "trying":
                 self.mode = "on"
                 log.info("channel on: the transcript shows our events")
             if late:
@@ -1202,10 +1250,9 @@ class Channel:
             return f"{found['pending']} Dispatch message(s) waiting."
         batch = fitting(found["messages"], INBOX_TOOL_CHARS) or found["messages"][:1]
         shown: list[str] = []
-        deliver(client, batch, lambda unseen: shown.append(mail_for_claude(unseen, found["pending"])), proven)
-        with self.lock:
-            for m in batch:
-                self.remember(m["id"])
+        recorded = self.transcript is not None and self.transcript.path.exists()
+        deliver(client, batch, lambda unseen: shown.append(mail_for_claude(unseen, found["pending"])), proven,
+                transcript=recorded)
         more = found["pending"] - len(batch)
         tail = f"\n({more} more waiting: call inbox again.)" if more > 0 else ""
         return (shown[0] if shown else "No new Dispatch messages: the channel already showed every waiting one.") + tail
@@ -1471,8 +1518,7 @@ def cmd_hook_session_start(args: argparse.Namespace) -> int:
 
 def prompt_channel_ids(prompt: Any) -> list[str]:
     """A turn started by a channel event runs the prompt hook with that event as its prompt."""
-    tag = CHANNEL_TAG.match(prompt.lstrip()) if isinstance(prompt, str) else None
-    return MESSAGE_ID_ATTR.findall(tag[2]) if tag else []
+    return tag_ids(prompt) if isinstance(prompt, str) else []
 
 
 def hook_transcript(data: dict[str, Any]) -> Path | None:
@@ -1513,7 +1559,8 @@ def cmd_hook_prompt_submit(args: argparse.Namespace) -> int:
         more = found["pending"] - len(proven) - len(batch)
         tail = f"\n({more} more waiting: they come with the next prompt, or call the inbox tool.)" if more > 0 else ""
         deliver(client, batch + [m for m in messages if m["id"] in proven],
-                lambda shown: hook_output("UserPromptSubmit", mail_for_claude(shown, found["pending"]) + tail), proven)
+                lambda shown: hook_output("UserPromptSubmit", mail_for_claude(shown, found["pending"]) + tail), proven,
+                transcript=bool(transcript and transcript.exists()))
     except DispatchError as exc:
         hook_output("UserPromptSubmit", f"Dispatch: {exc} (run `{doctor_command()}`)")
     return 0

@@ -3,8 +3,11 @@
 Each refusal is checked for what the caller sees and, where the broker logs it, for the log line.
 """
 
+import asyncio
 import json
 import re
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from mcp.shared.exceptions import MCPError
@@ -12,11 +15,17 @@ from conftest import (
     LEGACY_INITIALIZE,
     MODERN,
     ToolFailed,
+    broker_module,
     fresh,
     http,
+    liveness,
     logged,
     peer,
+    start_broker,
+    until_live,
 )
+
+dispatch_broker = broker_module()
 
 
 def bearer(token: str) -> dict[str, str]:
@@ -55,7 +64,8 @@ def test_mcp_endpoint_answers_401_and_logs_when_token_is_wrong(module_broker, ki
 
     assert status == 401
     assert "mcp-session-id" not in headers
-    logged(module_broker, log_line, since=mark)
+    # One line an address a window: an earlier failure from 127.0.0.1 holds this one to its count.
+    logged(module_broker, log_line, since=mark, timeout=dispatch_broker.AUTH_LOG_SECONDS + 3)
 
 
 @pytest.mark.anyio
@@ -75,7 +85,7 @@ async def test_revoked_token_gets_401_after_sighup(module_broker):
         # A connection opened before the revocation is cut off at its next request too.
         with pytest.raises(MCPError):
             await connected.call("ping")
-    logged(module_broker, "auth failure: unknown or revoked token", since=mark)
+    logged(module_broker, "auth failure: unknown or revoked token", since=mark, timeout=dispatch_broker.AUTH_LOG_SECONDS + 3)
 
 
 # -- identity -----------------------------------------------------------------------------------
@@ -172,3 +182,108 @@ async def test_dispatch_session_replayed_with_another_bases_token_is_refused(mod
         assert (await b.call("ping"))["name"] == owner
     logged(module_broker, "replayed with another token (base frontend)", since=mark)
 
+
+
+# -- hardening (issue 12) -------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("name", ["backend-x\n", "backend\n", "backend-x\n\n"])
+async def test_identify_and_send_are_refused_when_a_name_ends_with_a_newline(module_broker, name):
+    async with peer(module_broker, "backend", fresh("backend")) as b:
+        with pytest.raises(ToolFailed, match="bad name"):
+            await b.call("identify", name=name)
+        with pytest.raises(ToolFailed, match="bad name"):
+            await b.call("send", to=name, body="to a name with a newline")
+
+
+def test_token_add_is_refused_when_the_base_ends_with_a_newline(tmp_path, capsys):
+    tokens = tmp_path / "tokens"
+
+    assert dispatch_broker.main(["token", "add", "backend\n", "--tokens", str(tokens)]) == 1
+
+    assert "bad base" in capsys.readouterr().err
+    assert not tokens.exists()
+    for pattern in (dispatch_broker.NAME_RE, dispatch_broker.BASE_RE, dispatch_broker.TOKEN_RE):
+        # fullmatch everywhere: `$` with .match lets a trailing newline through
+        assert not pattern.fullmatch("backend\n") and not pattern.fullmatch(f"dsp_backend_{'0' * 48}\n")
+
+
+@pytest.mark.anyio
+async def test_a_listen_of_a_revoked_token_ends_at_once_as_revoked_and_stops_counting_live(module_broker):
+    added = module_broker.cli("token", "add", "cutoff", "--tokens", str(module_broker.tokens_file))
+    token, token_id = added.stdout.strip(), re.search(r"token (\S+) for base cutoff", added.stderr)[1]
+    module_broker.reload()
+    name = fresh("cutoff")
+    async with peer(module_broker, "cutoff", name, token=token) as listener, \
+            peer(module_broker, "backend", fresh("backend")) as sender:
+        listening = asyncio.ensure_future(listener.client.call_tool("listen", {"wait_s": 120}))
+        await until_live(sender, name)
+        module_broker.cli("token", "revoke", token_id, "--tokens", str(module_broker.tokens_file))
+        revoked_at = time.monotonic()
+        module_broker.reload()
+
+        result = await asyncio.wait_for(listening, 10)
+        took = time.monotonic() - revoked_at
+
+        assert result.structured_content == {"ended": "revoked"}
+        assert "token revoked" in result.content[0].text
+        assert not (await liveness(sender)).get(name)
+        sent = await sender.call("send", to=name, body="after the revocation")
+        assert (sent["delivered_to"], sent["queued"]) == ([], True)
+        await listener.no_mail(within=0.5)
+    print(f"\nrevoked listen ended {took:.2f} s after SIGHUP was sent")
+    assert took < 5
+
+
+def test_failed_logins_are_logged_once_a_window_with_a_count_and_answered_ever_slower(broker_factory):
+    broker = start_broker(broker_factory)
+    bad = bearer(foreign_token(broker.token("backend")))
+    initialize = json.dumps(LEGACY_INITIALIZE).encode()
+    mark = len(broker.logs())
+
+    with ThreadPoolExecutor(40) as pool:  # a burst of 40 failures from one address, as a scanner sends them
+        statuses = list(pool.map(lambda _: http(broker.url, initialize, bad)[0], range(40)))
+
+    assert statuses == [401] * 40
+    window = dispatch_broker.AUTH_LOG_SECONDS
+    log = logged(broker, "more in the last", since=mark, timeout=window + 3)
+    lines = [line for line in log.splitlines() if "auth failure" in line]
+    assert len(lines) == 2, lines  # the first at once, then one line with the count
+    assert "from 127.0.0.1" in lines[0]
+    assert re.search(r"\b39 more in the last", lines[1]), lines[1]
+    # Past a few failures each further one waits, up to AUTH_MAX_DELAY.
+    started = time.monotonic()
+    assert http(broker.url, initialize, bad)[0] == 401
+    took = time.monotonic() - started
+    assert dispatch_broker.AUTH_MAX_DELAY * 0.75 <= took <= dispatch_broker.AUTH_MAX_DELAY + 1.5, took
+    # A good token from the same address is not slowed.
+    started = time.monotonic()
+    assert http(broker.url, initialize, bearer(broker.token("backend")))[0] == 200
+    assert time.monotonic() - started < 1.0
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:{port}.evil", "localhost:{port}.evil.example", "127.0.0.1:{port}0",
+                                  "[::1]:{port}x", "127.0.0.1:1"])
+def test_host_header_is_refused_unless_it_is_exactly_loopback_on_this_port(module_broker, host):
+    token = bearer(module_broker.token("backend"))
+    status, _, text = http(module_broker.url, json.dumps(LEGACY_INITIALIZE).encode(),
+                           {**token, "Host": host.format(port=module_broker.port)})
+    assert (status, "Invalid Host header" in text) == (421, True)
+
+
+@pytest.mark.parametrize("origin", ["http://127.0.0.1:{port}.evil", "http://localhost:{port}0"])
+def test_origin_header_is_refused_unless_it_is_exactly_loopback_on_this_port(module_broker, origin):
+    token = bearer(module_broker.token("backend"))
+    status, _, text = http(module_broker.url, json.dumps(LEGACY_INITIALIZE).encode(),
+                           {**token, "Origin": origin.format(port=module_broker.port)})
+    assert (status, "Invalid Origin header" in text) == (403, True)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:{port}", "localhost:{port}", "127.0.0.1", "localhost"])
+def test_host_header_of_loopback_on_this_port_is_answered(module_broker, host):
+    token = bearer(module_broker.token("backend"))
+    status, _, _ = http(module_broker.url, json.dumps(LEGACY_INITIALIZE).encode(),
+                        {**token, "Host": host.format(port=module_broker.port),
+                         "Origin": f"http://{host.format(port=module_broker.port)}"})
+    assert status == 200

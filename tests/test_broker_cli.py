@@ -2,13 +2,16 @@
 
 import asyncio
 import json
+import os
 import re
 import signal
 import stat
+import subprocess
+import sys
 import time
 
 import pytest
-from conftest import MODERN, BrokerProcess, broker_module, http, peer, until_live
+from conftest import BROKER, MODERN, BrokerProcess, broker_module, free_port, http, peer, until_live
 
 dispatch_broker = broker_module()
 
@@ -99,3 +102,68 @@ def test_healthz_answers_200_json_with_version_and_uptime_without_auth(broker):
     health = json.loads(text)
     assert health["version"] == dispatch_broker.__version__
     assert isinstance(health["uptime"], (int, float)) and 0 <= health["uptime"] < 60  # seconds since this start
+
+
+# -- settings from the environment, and the tokens file (issue 12) ---------------------------------
+
+
+@pytest.mark.parametrize("variable, value", [("DISPATCH_SYNCHRONOUS", "OFF"), ("DISPATCH_PORT", "http"),
+                                             ("DISPATCH_MAX_BODY", "-1"), ("DISPATCH_RATE", "fast"),
+                                             ("DISPATCH_TTL", "forever")])
+def test_serve_refuses_a_bad_environment_setting_at_start_and_names_it(tmp_path, variable, value):
+    tokens = tmp_path / "tokens"
+    dispatch_broker.mint_token(tokens, "backend")
+    env = {**os.environ, variable: value}
+    command = [sys.executable, str(BROKER), "serve", "--db", str(tmp_path / "db"), "--tokens", str(tokens)]
+    if variable != "DISPATCH_PORT":
+        command += ["--port", str(free_port())]
+    try:
+        run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=20)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{variable}={value} was accepted: the broker started serving")
+
+    assert run.returncode != 0
+    assert f"{variable}={value!r}" in run.stderr, run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_serve_logs_the_durability_level_in_effect_at_start(broker):
+    assert "durability: synchronous=FULL" in broker.logs()
+
+
+def test_token_add_never_writes_through_a_planted_temp_file_link(tmp_path):
+    tokens, victim = tmp_path / "tokens", tmp_path / "victim"
+    victim.write_text("precious\n")
+    (tmp_path / "tokens.tmp").symlink_to(victim)
+
+    dispatch_broker.main(["token", "add", "backend", "--tokens", str(tokens)])
+
+    assert victim.read_text() == "precious\n"
+    assert not tokens.is_symlink()
+    assert stat.S_IMODE(tokens.stat().st_mode) == 0o600
+    assert [t.base for t in dispatch_broker.read_tokens(tokens)] == ["backend"]
+
+
+def test_token_add_leaves_the_tokens_file_owner_only_when_a_world_writable_temp_file_was_planted(tmp_path):
+    tokens, planted = tmp_path / "tokens", tmp_path / "tokens.tmp"
+    planted.write_text("# planted\n")
+    planted.chmod(0o666)
+
+    dispatch_broker.main(["token", "add", "backend", "--tokens", str(tokens)])
+
+    assert stat.S_IMODE(tokens.stat().st_mode) == 0o600
+    assert [t.base for t in dispatch_broker.read_tokens(tokens)] == ["backend"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("tokens") and p != planted] == ["tokens"]
+
+
+def test_token_revoke_replaces_a_linked_tokens_file_instead_of_writing_the_links_target(tmp_path):
+    real, link = tmp_path / "real-tokens", tmp_path / "tokens"
+    dispatch_broker.mint_token(real, "backend")
+    before = real.read_text()
+    link.symlink_to(real)
+    token = dispatch_broker.read_tokens(link)[0]
+
+    dispatch_broker.main(["token", "revoke", token.id, "--tokens", str(link)])
+
+    assert real.read_text() == before
+    assert not link.is_symlink() and dispatch_broker.read_tokens(link) == []

@@ -6,8 +6,10 @@ receivers and hostile input are marked `faults`.
 """
 
 import asyncio
+import contextlib
 import json
 import signal
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -469,7 +471,8 @@ async def test_a_request_without_a_token_is_logged_as_an_auth_failure(module_bro
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(request, timeout=5)
     assert refused.value.code == 401
-    wait_for(lambda: "auth failure: no bearer token" in module_broker.logs()[mark:], what="the refusal logged")
+    wait_for(lambda: "auth failure: no bearer token" in module_broker.logs()[mark:], what="the refusal logged",
+             timeout=dispatch_broker.AUTH_LOG_SECONDS + 3)  # one line an address a window
 
 
 @pytest.mark.anyio
@@ -492,3 +495,241 @@ async def test_sends_past_the_base_rate_are_refused_as_rate_limited_and_others_s
             assert pending == accepted + 1  # every refused send was not stored; every accepted one was
     finally:
         broker.kill()
+
+
+# -- storage bounds (issue 12) -----------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_a_fan_out_is_charged_one_rate_token_per_stored_copy(broker_factory):
+    broker = start_broker(broker_factory, "--rate", "0.01", "--burst", "12")
+    async with contextlib.AsyncExitStack() as stack:
+        b = await stack.enter_async_context(peer(broker, "backend", "backend-1"))
+        for n in range(5):
+            await stack.enter_async_context(peer(broker, "frontend", f"frontend-{n}"))
+
+        for _ in range(2):  # 5 copies each: 10 of the burst's 12
+            assert (await b.call("send", to="frontend", body="to five"))["queued"] is True
+        with pytest.raises(ToolFailed, match="rate limited: base 'backend' may send"):
+            await b.call("send", to="frontend", body="five more would be 15")
+
+    assert db_query(broker, "SELECT count(*) FROM messages")[0][0] == 10
+
+
+@pytest.mark.anyio
+async def test_a_base_may_create_at_most_max_names_names(broker_factory):
+    broker = start_broker(broker_factory, "--max-names", "3")
+    for n in range(3):
+        async with peer(broker, "backend", f"backend-{n}"):
+            pass
+    async with peer(broker, "backend") as b:
+        with pytest.raises(ToolFailed, match="base 'backend' has 3 names, the limit"):
+            await b.call("identify", name="backend-new")
+        assert (await b.call("identify", name="backend-1"))["name"] == "backend-1"  # a known name is fine
+    async with peer(broker, "frontend", "frontend-1") as f:  # another base has its own 3
+        assert (await f.call("ping"))["name"] == "frontend-1"
+
+
+@pytest.mark.faults
+@pytest.mark.anyio
+async def test_sends_past_the_database_size_cap_are_refused_and_no_accepted_mail_is_lost(broker_factory):
+    broker = start_broker(broker_factory, "--max-db", "1M")
+    accepted, refusal = [], None
+    async with peer(broker, "backend", "backend-1") as b, peer(broker, "frontend", "frontend-1"):
+        for n in range(60):  # 60 KB each: the cap is reached after ~16
+            try:
+                await b.call("send", to="frontend-1", body=f"{n:04d}" + "x" * 60_000)
+                accepted.append(f"{n:04d}")
+            except ToolFailed as exc:
+                refusal = str(exc)
+                break
+        assert refusal and "mailbox storage full" in refusal, refusal
+        with pytest.raises(ToolFailed, match="mailbox storage full"):  # and stays so: nothing was stored
+            await b.call("send", to="frontend-1", body="again" + "x" * 60_000)
+
+    broker.kill()  # SIGKILL, then a fresh start on the same database
+    broker.start()
+    print(f"\n--max-db 1M: accepted {len(accepted)} sends of 60 KB, then: {refusal}")
+    assert 10 <= len(accepted) <= 17
+    rows = db_query(broker, "SELECT substr(body, 1, 4), length(body) FROM messages ORDER BY sent_at")
+    assert rows == [(n, 60_004) for n in accepted]
+    async with peer(broker, "frontend", "frontend-1") as f:
+        assert (await f.call("inbox", peek=True))["pending"] == len(accepted)
+
+
+@pytest.mark.anyio
+async def test_inbox_answers_at_most_about_1_mb_and_pending_still_counts_all(module_broker):
+    sender, receiver = fresh("backend"), fresh("frontend")
+    async with peer(module_broker, "backend", sender) as b, peer(module_broker, "frontend", receiver) as f:
+        for n in range(20):
+            await b.call("send", to=receiver, body=f"{n:02d}" + "x" * 60_000)
+
+        inbox = await f.call("inbox", limit=1000)
+
+        assert inbox["pending"] == 20
+        bodies = [m["body"][:2] for m in inbox["messages"]]
+        assert 5 <= len(bodies) < 20 and bodies == [f"{n:02d}" for n in range(len(bodies))]  # oldest first
+        # The SDK sends a result twice (structured, and as JSON text): each copy gets half.
+        assert len(json.dumps(inbox)) <= dispatch_broker.INBOX_MAX_BYTES // 2
+
+
+# -- exactly once from the sender's side: client_msg_id (issue 12) ------------------------------------
+
+
+@pytest.mark.anyio
+async def test_a_repeated_client_msg_id_gets_the_first_answer_and_is_stored_once(module_broker):
+    sender, sibling, receiver, outsider = fresh("backend"), fresh("backend"), fresh("frontend"), fresh("other")
+    async with (peer(module_broker, "backend", sender) as b, peer(module_broker, "backend", sibling) as b2,
+                peer(module_broker, "frontend", receiver) as f, peer(module_broker, "other", outsider) as o):
+        first = await b.client.call_tool("send", {"to": receiver, "body": "once", "client_msg_id": "retry-1"})
+        again = await b.client.call_tool("send", {"to": receiver, "body": "once", "client_msg_id": "retry-1"})
+        # The id is the sender's base's: a sibling session of that base repeating it is a repeat too.
+        sibling_again = await b2.call("send", to=receiver, body="once", client_msg_id="retry-1")
+
+        assert not first.is_error and again.structured_content == first.structured_content
+        assert sibling_again == first.structured_content
+        assert "repeat" in again.content[0].text
+        assert (await f.call("inbox"))["pending"] == 1
+        # Another base's id space is its own: the same id is a new message.
+        theirs = await o.call("send", to=receiver, body="also once", client_msg_id="retry-1")
+        assert theirs["chat_id"] != first.structured_content["chat_id"]
+        assert (await f.call("inbox"))["pending"] == 2
+        # reply takes one too
+        chat_id = first.structured_content["chat_id"]
+        answers = [await f.call("reply", chat_id=chat_id, body="ok", client_msg_id="r-1") for _ in range(2)]
+        assert answers[0] == answers[1]
+        assert (await b.call("inbox"))["pending"] == 1
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("bad", ["", "x" * 65, "a b", "abc\n", "ünï", "a/b"])
+async def test_a_malformed_client_msg_id_is_refused(module_broker, bad):
+    receiver = fresh("frontend")
+    async with peer(module_broker, "backend", fresh("backend")) as b, peer(module_broker, "frontend", receiver) as f:
+        with pytest.raises(ToolFailed, match="client_msg_id"):
+            await b.call("send", to=receiver, body="x", client_msg_id=bad)
+        assert (await f.call("inbox"))["pending"] == 0
+
+
+@pytest.mark.faults
+@pytest.mark.anyio
+async def test_a_client_msg_id_is_remembered_across_a_broker_kill_9(broker_factory):
+    broker = start_broker(broker_factory)
+    async with peer(broker, "backend", "backend-1") as b, peer(broker, "frontend", "frontend-1"):
+        first = await b.call("send", to="frontend-1", body="durable once", client_msg_id="k9")
+    broker.kill()
+    broker.start()
+    async with peer(broker, "backend", "backend-1") as b, peer(broker, "frontend", "frontend-1") as f:
+        assert await b.call("send", to="frontend-1", body="durable once", client_msg_id="k9") == first
+        assert (await f.call("inbox"))["pending"] == 1
+
+
+class RetryingSender:
+    """A raw 2026-07-28 client that sends as the plugin will: one client_msg_id a message, and a send
+    whose answer never came (connection refused or cut, broker restarting) is sent again with the
+    same id, identifying again on a link the restarted broker does not know, for up to `patience` s."""
+
+    def __init__(self, broker, base: str, name: str, patience: float = 30.0):
+        self.broker, self.name, self.patience = broker, name, patience
+        self.headers = {"Authorization": f"Bearer {broker.token(base)}", "MCP-Protocol-Version": MODERN,
+                        "Dispatch-Session": fresh("link")}
+        self.retries = 0
+
+    def call(self, tool: str, arguments: dict) -> dict:
+        meta = {"io.modelcontextprotocol/protocolVersion": MODERN,
+                "io.modelcontextprotocol/clientInfo": {"name": "retrying", "version": "0"},
+                "io.modelcontextprotocol/clientCapabilities": {}}
+        body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                           "params": {"name": tool, "arguments": arguments, "_meta": meta}}).encode()
+        status, headers, text = http(self.broker.url, body, {**self.headers, "Mcp-Method": "tools/call", "Mcp-Name": tool})
+        if status >= 500:
+            raise ConnectionError(f"HTTP {status}")
+        if headers.get("content-type", "").startswith("text/event-stream"):
+            text = [line[5:] for line in text.splitlines() if line.startswith("data:") and '"result"' in line][-1]
+        return json.loads(text)["result"]
+
+    def send(self, to: str, body: str, msg_id: str) -> tuple[bool, str]:
+        """(accepted, chat_id or the refusal)."""
+        deadline = time.monotonic() + self.patience
+        while True:
+            try:
+                result = self.call("send", {"to": to, "body": body, "client_msg_id": msg_id})
+                text = result["content"][0]["text"]
+                if not result["isError"]:
+                    return True, result["structuredContent"]["chat_id"]
+                if "not identified" not in text:
+                    return False, text
+                self.call("identify", {"name": self.name})  # a restarted broker: this link is new to it
+            except (OSError, ValueError, KeyError, IndexError) as exc:  # no answer: it may or may not be stored
+                if time.monotonic() > deadline:
+                    return False, f"no answer within {self.patience} s: {exc!r}"
+                self.retries += 1
+                time.sleep(0.2)
+
+
+@pytest.mark.faults
+def test_sends_during_a_broker_kill_9_and_restart_are_each_stored_once_when_retried_with_their_id(broker_factory):
+    broker = start_broker(broker_factory)
+    RetryingSender(broker, "frontend", "frontend-sink").call("identify", {"name": "frontend-sink"})
+    senders = [RetryingSender(broker, "backend", f"backend-{n}") for n in range(4)]
+    for s in senders:
+        s.call("identify", {"name": s.name})
+    per_sender, outcomes = 60, []
+
+    def run(s: RetryingSender) -> None:
+        for n in range(per_sender):
+            outcomes.append((f"{s.name} {n}", *s.send("frontend-sink", f"{s.name} {n}", f"{s.name}-{n}")))
+
+    threads = [threading.Thread(target=run, args=(s,)) for s in senders]
+    for t in threads:
+        t.start()
+    wait_for(lambda: len(outcomes) >= 80, timeout=60, what="80 sends answered")
+    mark = len(broker.logs())
+    broker.kill()  # SIGKILL mid-flood: sends in flight are cut, stored or not
+    killed_after = len(outcomes)
+    broker.start()
+    for t in threads:
+        t.join(120)
+
+    accepted = [body for body, ok, _ in outcomes if ok]
+    failed = [(body, why) for body, ok, why in outcomes if not ok]
+    stored = [body for (body,) in db_query(broker, "SELECT body FROM messages WHERE recipient = 'frontend-sink'")]
+    repeats = broker.logs()[mark:].count("repeat of client_msg_id")
+    print(f"\nkill -9 after {killed_after} answered: sent {len(outcomes)}, accepted {len(accepted)}, failed {len(failed)}, "
+          f"stored {len(stored)}, duplicates {len(stored) - len(set(stored))}, retries {sum(s.retries for s in senders)}, "
+          f"answered from client_msg_id {repeats}")
+    assert failed == []
+    assert len(outcomes) == 4 * per_sender
+    assert sorted(stored) == sorted(accepted)  # accepted = stored, each once
+    sink = RetryingSender(broker, "frontend", "frontend-sink")
+    sink.call("identify", {"name": "frontend-sink"})
+    delivered = [m["body"] for m in sink.call("inbox", {"limit": 1000})["structuredContent"]["messages"]]
+    assert sorted(delivered) == sorted(accepted)  # accepted = delivered, 0 duplicates
+
+
+@pytest.mark.faults
+@pytest.mark.anyio
+async def test_a_fan_out_flood_stores_at_most_the_burst_plus_the_rate_in_copies(broker_factory):
+    rate, burst, names, seconds = 40, 200, 40, 5.0
+    broker = start_broker(broker_factory, "--rate", str(rate), "--burst", str(burst))
+    async with contextlib.AsyncExitStack() as stack:
+        b = await stack.enter_async_context(peer(broker, "backend", "backend-1"))
+        for n in range(names):
+            await stack.enter_async_context(peer(broker, "frontend", f"frontend-{n}"))
+        accepted = refused = 0
+        started = time.monotonic()
+        while time.monotonic() - started < seconds:
+            try:
+                await b.call("send", to="frontend", body="x" * 64 * 1024)
+                accepted += 1
+            except ToolFailed as exc:
+                assert "rate limited" in str(exc)
+                refused += 1
+        took = time.monotonic() - started
+
+    [(copies, stored_bytes)] = db_query(broker, "SELECT count(*), sum(length(body)) FROM messages")
+    print(f"\nfan-out to {names} for {took:.1f} s at --rate {rate} --burst {burst}: {accepted} sends accepted, "
+          f"{refused} refused, {copies} copies stored ({stored_bytes / 2**20:.1f} MiB); bound {burst} + {rate} x "
+          f"{took:.1f} s = {burst + rate * took:.0f}")
+    assert copies == accepted * names
+    assert copies <= burst + rate * took + names

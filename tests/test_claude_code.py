@@ -82,6 +82,7 @@ def test_claude_plugin_package_validates(tmp_path):
     out = claude("plugin", "validate", "--strict", ".", home=tmp_path / "home", cwd=ROOT)
     assert "✔ Validation passed" in out, out
     assert "mcpServers: dispatch stdio python3" in out, out
+    assert "commands: dispatch:doctor" in out and "commands: dispatch:status" in out, out
 
 
 @needs_claude

@@ -1,12 +1,16 @@
 """The shell CLI (`dispatch_plugin.py send|who|inbox|ping|doctor`) against a live broker process."""
 
+import contextlib
+import ipaddress
 import os
 import re
+import socket
 import sys
+import threading
 
 import pytest
 
-from conftest import NOT_A_BROKER, PLUGIN, closed_url, impostor, plugin_env, run_cli, unknown_token
+from conftest import NOT_A_BROKER, PLUGIN, BrokerProcess, closed_url, impostor, plugin_env, run_cli, unknown_token
 
 sys.path.insert(0, str(PLUGIN.parent))
 import dispatch_plugin  # noqa: E402
@@ -214,3 +218,153 @@ def test_a_config_toml_without_a_token_may_be_readable_by_others(shared_broker, 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DISPATCH_", "CLAUDE_"))}
     env.update(XDG_CONFIG_HOME=str(tmp_path), DISPATCH_TOKEN=shared_broker.token("test"))
     assert "as test-public " in ok(run_cli(env, "ping"))
+
+
+def test_inbox_in_a_terminal_shows_control_characters_escaped(shared_broker):
+    reader = register(shared_broker, "test-terminal")
+    body = "\x1b[2J\x1b]0;owned\x07\x1b]52;c;aGk=\x07 tab\tand\u202edone"
+    ok(run_cli(plugin_env(shared_broker, "test", "test-escaper"), "send", "--to", "test-terminal", body))
+    shown = ok(run_cli(reader, "inbox"))
+    assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u202e]", shown), repr(shown)
+    assert "\\x1b[2J\\x1b]0;owned\\x07\\x1b]52;c;aGk=\\x07 tab\tand\\u202edone" in shown
+
+
+def test_a_redirect_is_not_followed_so_the_token_goes_nowhere_else(shared_broker):
+    elsewhere = socket.create_server(("127.0.0.1", 0))
+    elsewhere.settimeout(0.5)
+    target = f"http://127.0.0.1:{elsewhere.getsockname()[1]}/mcp"
+    answer = f"HTTP/1.1 307 Temporary Redirect\r\nLocation: {target}\r\nContent-Length: 0\r\n\r\n".encode()
+    env = plugin_env(shared_broker, "test", "test-redirected")
+    try:
+        with impostor(answer) as url:
+            result = run_cli({**env, "DISPATCH_URL": url}, "ping")
+        with pytest.raises(TimeoutError):
+            elsewhere.accept()  # nobody came
+    finally:
+        elsewhere.close()
+    assert result.returncode == 1
+    assert "follows no redirects" in result.stderr and target in result.stderr, result.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# HTTPS: a broker with a certificate of its own CA, directly and through HTTPS_PROXY
+# --------------------------------------------------------------------------------------------
+
+
+def self_signed(directory) -> tuple[str, str]:
+    """A certificate for 127.0.0.1 and its key, made with `cryptography` (the broker's SDK has it)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dispatch test CA")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=2))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+            .sign(key, hashes.SHA256()))
+    cert_file, key_file = directory / "cert.pem", directory / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return str(cert_file), str(key_file)
+
+
+class TlsBroker(BrokerProcess):
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}/mcp"
+
+    def healthy(self) -> bool:
+        if self.proc and self.proc.poll() is not None:
+            raise AssertionError(f"broker exited with {self.proc.returncode}: {self.logs()[-2000:]}")
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                return True
+        except OSError:
+            return False
+
+
+@pytest.fixture(scope="module")
+def tls_broker(tmp_path_factory):
+    work = tmp_path_factory.mktemp("tls-broker")
+    cert, key = self_signed(work)
+    broker = TlsBroker(work, extra=["--tls-cert", cert, "--tls-key", key]).start()
+    broker.cert = cert
+    yield broker
+    broker.kill()
+
+
+def test_doctor_shows_the_tls_version_against_a_broker_whose_ca_is_in_ssl_cert_file(tls_broker):
+    out = ok(run_cli({**plugin_env(tls_broker, "test", "test-tls"), "SSL_CERT_FILE": tls_broker.cert}, "doctor"))
+    [tls] = [line for line in out.splitlines() if line.startswith("✔ TLS")]
+    assert re.match(r"✔ TLS: TLSv1\.[23], certificate valid until \w", tls), tls
+
+
+def test_doctor_names_ssl_cert_file_when_the_brokers_certificate_is_not_trusted(tls_broker):
+    result = run_cli(plugin_env(tls_broker, "test", "test-tls"), "doctor")
+    assert result.returncode == 1
+    assert "✘ TLS" in result.stdout and "SSL_CERT_FILE" in result.stdout, result.stdout
+
+
+class ConnectProxy:
+    """An HTTPS_PROXY of the test's own: answers CONNECT and pipes bytes; counts its tunnels."""
+
+    def __init__(self):
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
+        self.tunnels = 0
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self.tunnel, args=(client,), daemon=True).start()
+
+    def tunnel(self, client: socket.socket) -> None:
+        with client:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += client.recv(4096)
+            host, port = head.split()[1].decode().rsplit(":", 1)
+            with socket.create_connection((host, int(port))) as upstream:
+                self.tunnels += 1
+                client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                threading.Thread(target=pipe, args=(upstream, client), daemon=True).start()
+                pipe(client, upstream)
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def pipe(src: socket.socket, dst: socket.socket) -> None:
+    try:
+        while data := src.recv(65536):
+            dst.sendall(data)
+    except OSError:
+        pass
+    with contextlib.suppress(OSError):
+        dst.shutdown(socket.SHUT_WR)
+
+
+def test_https_goes_through_https_proxy_unless_no_proxy_names_the_host(tls_broker):
+    proxy = ConnectProxy()
+    env = {**plugin_env(tls_broker, "test", "test-proxied"), "SSL_CERT_FILE": tls_broker.cert,
+           "HTTPS_PROXY": proxy.url}
+    try:
+        assert "as test-proxied " in ok(run_cli(env, "ping"))
+        assert proxy.tunnels >= 1
+        before = proxy.tunnels
+        assert "as test-proxied " in ok(run_cli({**env, "NO_PROXY": "localhost,127.0.0.1"}, "ping"))
+        assert proxy.tunnels == before
+    finally:
+        proxy.close()

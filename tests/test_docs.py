@@ -46,9 +46,10 @@ def test_every_serve_flag_and_its_environment_variable_is_in_readmes_settings_ta
 
 
 def test_every_plugin_environment_variable_is_in_readme():
-    for name in (dispatch_plugin.ENV_URL, dispatch_plugin.ENV_TOKEN, dispatch_plugin.ENV_TOKEN_COMMAND,
-                 dispatch_plugin.ENV_NAME, dispatch_plugin.ENV_LOG):
+    for name in [var for _, var in dispatch_plugin.SETTINGS] + [dispatch_plugin.ENV_LOG]:
         assert f"`{name}`" in README
+    for key, _ in dispatch_plugin.SETTINGS:  # and each config.toml key
+        assert f"`{key}`" in README
 
 
 def test_readme_lists_every_broker_tool():

@@ -399,3 +399,18 @@ async def test_inbox_and_who_show_only_the_callers_own_mail_whatever_the_argumen
             theirs = (await peers[victim].call("inbox", limit=1))["messages"][0]["id"]
             with pytest.raises(ToolFailed, match="not addressed to you"):
                 await p.call("mail.ack", ids=[theirs])
+
+
+@pytest.mark.parametrize("tool, arguments", [("mail.ack", {"ids": ["\ud800", "m_\udfff"]}),
+                                             ("reply", {"chat_id": "a~b~\ud800~d", "body": "x"})])
+def test_a_lone_surrogate_in_an_id_is_answered_not_crashed_on(target, tool, arguments):
+    """Found by the fuzz: SQLite (and the chat-id MAC) could not encode a lone surrogate."""
+    mark = len(target.logs())
+    answer = Link(target, "backend", "backend-fuzz").call(tool, arguments)["result"]
+    text = answer["content"][0]["text"]
+    assert text.strip() != f"Error executing tool {tool}", text
+    if tool == "mail.ack":
+        assert answer["structuredContent"] == {"acked": 0}
+    else:
+        assert answer["isError"] and "unknown chat_id" in text
+    assert_unharmed(target, mark)

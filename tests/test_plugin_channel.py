@@ -7,6 +7,7 @@ loses or holds one ack on the wire, or breaks every connection at once.
 """
 
 import contextlib
+import json
 import os
 import re
 import socket
@@ -17,7 +18,8 @@ import uuid
 
 import pytest
 
-from conftest import closed_url, plugin_env, run_cli, unknown_token, wait_connected, wait_for
+from conftest import (closed_url, db_query, plugin_env, record_channel_event, run_cli, unknown_token, wait_connected,
+                      wait_for)
 
 META_KEY = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 CLOCK = re.compile(r"\b\d\d:\d\d:\d\d\b")
@@ -446,7 +448,7 @@ def test_plugin_exits_0_when_stdin_closes_before_the_broker_link_is_up(plugins):
 
 def test_a_restarted_session_takes_its_name_over_and_the_old_process_stops_receiving(plugins, shared_broker):
     # Claude Code may start a server again while the old one lingers: the newest receives, the
-    # old one goes quiet for good rather than the two taking the name from each other.
+    # old one goes quiet while the newer one listens, rather than the two taking turns.
     env = plugin_env(shared_broker, "test", "test-phoenix")
     old = plugins(env)
     old.handshake()
@@ -460,3 +462,139 @@ def test_a_restarted_session_takes_its_name_over_and_the_old_process_stops_recei
         assert run_cli(sender, "send", "--to", "test-phoenix", body).returncode == 0
     assert [e["content"] for e in new.wait_channel(2)] == ["one", "two"]
     assert old.channel == [] and "Not receiving" not in new.tool("ping")[0]
+
+
+def test_a_superseded_plugin_listens_again_once_the_newer_session_is_gone(plugins, shared_broker):
+    env = plugin_env(shared_broker, "test", fresh_name("test-lazarus"))
+    old = plugins(env)
+    old.handshake()
+    wait_connected(old)
+    new = plugins(env)
+    new.handshake()
+    wait_connected(new)
+    wait_for(lambda: "Not receiving since" in old.tool("ping")[0], timeout=10, what="the old session superseded")
+    new.kill()
+    wait_for(lambda: "Not receiving" not in old.tool("ping")[0], timeout=40, what="the old session listening again")
+    sender = plugin_env(shared_broker, "test", fresh_name("test-lazarusfriend"))
+    assert run_cli(sender, "send", "--to", env["DISPATCH_NAME"], "you again").returncode == 0
+    assert [e["content"] for e in old.wait_channel(1)] == ["you again"]
+
+
+# --------------------------------------------------------------------------------------------
+# An ack means the transcript has the message
+# --------------------------------------------------------------------------------------------
+
+
+def acked_at(broker, message_id: str):
+    [(at,)] = db_query(broker, "SELECT acked_at FROM messages WHERE id = ?", message_id)
+    return at
+
+
+def is_live(broker, name: str) -> bool:
+    out = run_cli(plugin_env(broker, "test", "test-observer"), "who").stdout
+    return f"- {name}: live" in out
+
+
+INSTALLS = {
+    "mcp add": ({}, "--dangerously-load-development-channels server:dispatch"),
+    "plugin": ({"CLAUDE_PLUGIN_ROOT": "/x/dispatch", "CLAUDE_PLUGIN_DATA": "/h/.claude/plugins/data/dispatch-team"},
+               "--dangerously-load-development-channels plugin:dispatch@team"),
+}
+
+
+@pytest.mark.parametrize("install", INSTALLS)
+def test_mail_claude_code_drops_is_never_acked_and_the_channel_turns_off_naming_the_flag(plugins, shared_broker,
+                                                                                        install):
+    extra, flag = INSTALLS[install]
+    name = fresh_name("test-deaf")
+    receiver = plugins({**plugin_env(shared_broker, "test", name), **extra}, accepts=False)
+    receiver.handshake()
+    wait_connected(receiver)
+    sender = plugin_env(shared_broker, "test", fresh_name("test-speaker"))
+    assert run_cli(sender, "send", "--to", name, "into the void?").returncode == 0
+    [event] = receiver.wait_channel(1)
+    text = wait_for(lambda: next((t for t in [receiver.tool("ping")[0]] if "channel off" in t), None), timeout=15,
+                    what="the channel to turn itself off")
+    assert flag in text and "New mail waits at the broker" in text, text
+    assert acked_at(shared_broker, event["meta"]["message_id"]) is None
+    wait_for(lambda: not is_live(shared_broker, name), timeout=15, what=f"{name} no longer listening")
+    assert run_cli(sender, "send", "--to", name, "second").returncode == 0
+    text, is_error = receiver.tool("who")
+    tail = text.split("\n\n")[-1]
+    assert not is_error and tail.startswith("(Dispatch channel off") and f"start Claude Code with {flag}" in tail, text
+    assert len(receiver.channel) == 1, "nothing is pushed to a channel that is off"
+    pending = run_cli(plugin_env(shared_broker, "test", name), "inbox", "--peek").stdout
+    assert pending.startswith("2 message(s) waiting"), pending
+    receiver.proc.stdin.close()
+    receiver.proc.wait(10)
+    logged = receiver.stderr_text()
+    assert "channel off" in logged and flag in logged, logged
+
+
+def test_mail_is_acked_only_once_the_transcript_records_it(plugins, shared_broker):
+    name = fresh_name("test-slowhost")
+    receiver = plugins(plugin_env(shared_broker, "test", name), accepts=False)
+    receiver.handshake()
+    wait_connected(receiver)
+    assert run_cli(plugin_env(shared_broker, "test", fresh_name("test-quick")), "send", "--to", name, "hi").returncode == 0
+    [event] = receiver.wait_channel(1)
+    time.sleep(1.5)  # well inside the 5 s the plugin waits for its proof
+    assert acked_at(shared_broker, event["meta"]["message_id"]) is None, "acked before the transcript had it"
+    record_channel_event(receiver.transcript, receiver.env["CLAUDE_CODE_SESSION_ID"], event)
+    wait_for(lambda: acked_at(shared_broker, event["meta"]["message_id"]), timeout=5, what="the ack after the proof")
+    text = receiver.tool("ping")[0]
+    assert "Channel on" in text and "channel off" not in text, text
+
+
+def test_without_a_session_id_the_channel_does_not_listen_and_the_inbox_tool_delivers(plugins, shared_broker):
+    name = fresh_name("test-nosession")
+    receiver = plugins(plugin_env(shared_broker, "test", name), session=False)
+    receiver.handshake()
+    text = wait_connected(receiver)
+    assert "no Claude Code session id" in text and "when the `inbox` tool is called" in text, text
+    sent = run_cli(plugin_env(shared_broker, "test", fresh_name("test-teller")), "send", "--to", name, "pull me")
+    assert "queued" in sent.stdout.lower(), sent.stdout
+    time.sleep(1)
+    assert receiver.channel == []
+    text, is_error = receiver.tool("inbox")
+    assert not is_error and '"body": "pull me"' in text, text
+    assert run_cli(plugin_env(shared_broker, "test", name), "inbox", "--peek").stdout.startswith("0 ")
+
+
+def test_a_redelivery_of_mail_the_transcript_already_shows_is_acked_and_not_shown_again(plugins, shared_broker):
+    """A restarted server (Claude Code restarts them; a resumed session keeps its transcript) finds
+    in the transcript what the last one showed, and only acks it when the broker pushes it again."""
+    name = fresh_name("test-resumed")
+    env = plugin_env(shared_broker, "test", name, CLAUDE_CODE_SESSION_ID=str(uuid.uuid4()))
+    first = plugins(env, accepts=False)
+    first.handshake()
+    wait_connected(first)
+    assert run_cli(plugin_env(shared_broker, "test", fresh_name("test-x")), "send", "--to", name, "once").returncode == 0
+    [event] = first.wait_channel(1)
+    record_channel_event(first.transcript, env["CLAUDE_CODE_SESSION_ID"], event)  # shown, but the ack is lost:
+    first.kill()  # killed before it could ack
+    assert acked_at(shared_broker, event["meta"]["message_id"]) is None
+    second = plugins({**env, "CLAUDE_CONFIG_DIR": first.env["CLAUDE_CONFIG_DIR"]})
+    second.handshake()
+    wait_for(lambda: acked_at(shared_broker, event["meta"]["message_id"]), timeout=15, what="the redelivery acked")
+    assert second.channel == []
+
+
+def test_the_inbox_tool_acks_what_it_returned_once_the_transcript_records_the_tool_result(plugins, shared_broker):
+    name = fresh_name("test-puller")
+    receiver = plugins(plugin_env(shared_broker, "test", name), accepts=False)
+    receiver.handshake()
+    wait_connected(receiver)
+    receiver.transcript.parent.mkdir(parents=True)
+    receiver.transcript.write_text("")
+    assert run_cli(plugin_env(shared_broker, "test", fresh_name("test-y")), "send", "--to", name, "pull").returncode == 0
+    [event] = receiver.wait_channel(1)
+    wait_for(lambda: "channel off" in receiver.tool("ping")[0], timeout=15, what="the channel off")
+    text, is_error = receiver.tool("inbox")
+    assert not is_error and '"body": "pull"' in text
+    assert acked_at(shared_broker, event["meta"]["message_id"]) is None, "acked before the transcript had it"
+    result = {"type": "user", "message": {"role": "user", "content": [
+        {"tool_use_id": "toolu_1", "type": "tool_result", "content": [{"type": "text", "text": text}]}]}}
+    with open(receiver.transcript, "a") as f:
+        f.write(json.dumps(result) + "\n")
+    wait_for(lambda: acked_at(shared_broker, event["meta"]["message_id"]), timeout=5, what="the ack of the tool result")
