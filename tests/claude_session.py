@@ -216,7 +216,7 @@ def transcript_dir(home: Path, cwd: Path) -> Path:
 # ---------------------------------------------------------------------------------------------
 
 #: The plugin's files in the repository: what a marketplace install copies.
-PACKAGE = (".claude-plugin", ".mcp.json", "hooks", "dispatch_plugin.py")
+PACKAGE = (".claude-plugin", ".mcp.json", "hooks", "commands", "dispatch_plugin.py")
 #: The marketplace and plugin names in .claude-plugin/marketplace.json.
 MARKETPLACE, PLUGIN_NAME = "dispatch", "dispatch"
 #: The MCP server name Claude Code gives the plugin's server: plugin:<plugin>:<server>.
@@ -230,6 +230,8 @@ def copy_package(where: Path) -> Path:
     where.mkdir(parents=True, exist_ok=True)
     for part in PACKAGE:
         src, dst = ROOT / part, where / part
+        if not src.exists():
+            continue
         shutil.copytree(src, dst) if src.is_dir() else shutil.copy(src, dst)
     wiring = (where / ".mcp.json").read_text() + (where / "hooks" / "hooks.json").read_text()
     if "dist/plugin.pyz" in wiring:
