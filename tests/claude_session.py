@@ -192,8 +192,8 @@ def prepare_home(home: Path, project: Path) -> None:
     }
     for d in (home / ".claude", home / "tmp", project):
         d.mkdir(parents=True, exist_ok=True)
-    for path in (home / ".claude.json", home / ".claude" / ".claude.json"):
-        path.write_text(json.dumps(config, indent=2))
+    # With CLAUDE_CONFIG_DIR set (isolated_env), this is the file Claude Code reads, not ~/.claude.json.
+    (home / ".claude" / ".claude.json").write_text(json.dumps(config, indent=2))
 
 
 def run_claude(home: Path, *args: str, cwd: Path, env: dict[str, str] | None = None,
@@ -219,8 +219,6 @@ def transcript_dir(home: Path, cwd: Path) -> Path:
 PACKAGE = (".claude-plugin", ".mcp.json", "hooks", "commands", "dispatch_plugin.py")
 #: The marketplace and plugin names in .claude-plugin/marketplace.json.
 MARKETPLACE, PLUGIN_NAME = "dispatch", "dispatch"
-#: The MCP server name Claude Code gives the plugin's server: plugin:<plugin>:<server>.
-PLUGIN_SERVER = f"plugin:{PLUGIN_NAME}:dispatch"
 
 
 def copy_package(where: Path) -> Path:
@@ -298,6 +296,7 @@ def first_seen(needle: str, lines: list[dict]) -> tuple[float, str] | None:
     """When and how `needle` first entered the session in the transcript: ("channel" for a
     channel event's enqueue or user line, "hook" for hook additionalContext), else None.
     api-request-blob and prompt_snapshot lines copy what is already there and are ignored."""
+    found = []
     for line in lines:
         kind = line.get("type")
         if kind == "queue-operation" and needle in str(line.get("content", "")):
@@ -309,9 +308,8 @@ def first_seen(needle: str, lines: list[dict]) -> tuple[float, str] | None:
             route = "hook"
         else:
             continue
-        stamp = line.get("timestamp", "").replace("Z", "+00:00")
-        return datetime.fromisoformat(stamp).timestamp(), route
-    return None
+        found.append((datetime.fromisoformat(line["timestamp"].replace("Z", "+00:00")).timestamp(), route))
+    return min(found) if found else None
 
 
 # ---------------------------------------------------------------------------------------------

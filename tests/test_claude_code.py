@@ -120,7 +120,7 @@ CHANNEL_FLAGS = {
 MESSAGES = 3
 #: A session's channel, where it listens at all, listens within this long of its first prompt;
 #: mail is sent after it does (or after this long), as to a session that has been up a while.
-LISTEN_S = 15
+LISTEN_S = 10
 #: Every message must have reached the model within this long of the prompt after the sends.
 DELIVERY_S = 20
 
@@ -253,6 +253,7 @@ def test_mail_to_either_name_reaches_the_model_once_after_clear(broker, claude_h
         before, sender = session_name(session), plugin_env(broker, "peer")
         await_participant(broker, sender, before)
         session.type("/clear")
+        wait_for(lambda: "first prompt" not in session.screen(), 15, what="/clear to clear the screen")
         session.submit("after clear")
         after = session_name(session)
         assert after != before, "/clear should start a new session id"
