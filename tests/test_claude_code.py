@@ -1,4 +1,5 @@
-"""Claude Code itself as the host: it validates the plugin package and reports the plugin Connected.
+"""Claude Code itself as the host: it validates the plugin package, reports the plugin Connected,
+and in a real session (tmux, a scripted Messages API on loopback) hands each message to the model once.
 
 Uses the pinned Claude Code in .claude-code/ (`npm install --prefix .claude-code
 @anthropic-ai/claude-code@2.1.330`), else `claude` on PATH; skipped when there is neither.
@@ -11,33 +12,25 @@ Every run is offline, in a throwaway HOME, from an empty working directory (the 
 It waits up to MCP_TIMEOUT ms (default 30000) for initialize + tools/list.
 """
 
+import contextlib
 import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+import claude_session as cs
+from claude_session import CLAUDE, isolated_env
+from conftest import db_query, plugin_env, run_cli, wait_for
+
 ROOT = Path(__file__).resolve().parent.parent
-PINNED = ROOT / ".claude-code" / "node_modules" / ".bin" / "claude"
-CLAUDE = str(PINNED) if PINNED.exists() else shutil.which("claude")
 PACKAGE = [".claude-plugin", ".mcp.json", "hooks"]  # the plugin's files, besides dist/plugin.pyz
 
 needs_claude = pytest.mark.skipif(CLAUDE is None, reason="Claude Code not installed: npm install --prefix "
                                   ".claude-code @anthropic-ai/claude-code@2.1.330")
-
-
-def isolated_env(home: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The caller's environment minus its Claude Code / Dispatch settings, pointed at `home`, offline."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("CLAUDE", "ANTHROPIC_", "DISPATCH_", "MCP_")) and k != "AI_AGENT"}
-    env.update(HOME=str(home), CLAUDE_CONFIG_DIR=str(home / ".claude"), CLAUDE_CODE_TMPDIR=str(home / "tmp"),
-               XDG_CONFIG_HOME=str(home / ".config"), XDG_CACHE_HOME=str(home / ".cache"),
-               CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1",  # no telemetry, update check or DNS at all
-               DISABLE_AUTOUPDATER="1")
-    env.update(extra or {})
-    return env
 
 
 def claude(*args: str, home: Path, env: dict[str, str] | None = None, cwd: Path | None = None,
@@ -104,3 +97,168 @@ def test_claude_code_reports_the_plugin_connected(broker, dist, tmp_path, via):
     else:  # the plugin package itself: .mcp.json with ${CLAUDE_PLUGIN_ROOT}
         name, out = "plugin:dispatch:dispatch", claude_mcp_list_plugin(package_with(pyz, tmp_path / "pkg"), env, home)
     assert connected(out, name), f"{out}\n{mcp_logs(home)[-4000:]}"
+
+
+# ---------------------------------------------------------------------------------------------
+# A real session: the plugin installed from its marketplace, mail sent from the shell, and what
+# the model was actually given (tests/claude_session.py drives Claude Code in tmux against a
+# scripted Messages API on loopback).
+# ---------------------------------------------------------------------------------------------
+
+needs_claude_in_tmux = pytest.mark.skipif(
+    cs.CLAUDE is None or cs.TMUX is None,
+    reason="needs Claude Code (npm install --prefix .claude-code @anthropic-ai/claude-code@2.1.330) and tmux")
+
+#: How Claude Code is started, per install mode: the flag that names the plugin's channel, none,
+#: and the `mcp add` form that does not name a plugin's server (Claude Code then drops the events).
+CHANNEL_FLAGS = {
+    "channel_on": ["--dangerously-load-development-channels", f"plugin:{cs.PLUGIN_NAME}@{cs.MARKETPLACE}"],
+    "no_flag": [],
+    "wrong_flag": ["--dangerously-load-development-channels", "server:dispatch"],
+}
+#: Mail sent to the session in each test.
+MESSAGES = 3
+#: A session's channel, where it listens at all, listens within this long of its first prompt;
+#: mail is sent after it does (or after this long), as to a session that has been up a while.
+LISTEN_S = 10
+#: Every message must have reached the model within this long of the prompt after the sends.
+DELIVERY_S = 20
+
+
+def listening(sender_env: dict[str, str], name: str) -> bool:
+    """Whether `who` (the CLI) shows `name` live: its channel is connected and listening."""
+    who = run_cli(sender_env, "who").stdout
+    return any(name in line and "live" in line and "offline" not in line for line in who.splitlines())
+
+
+def acks(broker) -> dict[str, float | None]:
+    """body -> acked_at for every message at the broker."""
+    return dict(db_query(broker, "SELECT body, acked_at FROM messages"))
+
+
+def seen_by_model(api: cs.MessagesStandIn, body: str) -> bool:
+    return any(cs.occurrences(body, r) for r in api.messages_requests())
+
+
+def delivery_report(session: cs.ClaudeSession, broker, bodies) -> str:
+    """One line per message: times in the model's last request, route and time in the transcript,
+    ack state at the broker. For failure messages."""
+    last = session.api.messages_requests()[-1]
+    lines, acked = session.transcript_lines(), acks(broker)
+    out, lost = [], 0
+    for body in bodies:
+        seen = cs.first_seen(body, lines)
+        out.append(f"  {body}: {cs.occurrences(body, last)}x in the last request; transcript: "
+                   f"{f'{seen[1]} at {seen[0]:.3f}' if seen else 'absent'}; "
+                   f"{'acked at %.3f' % acked[body] if acked.get(body) else 'not acked'}")
+        lost += bool(acked.get(body) and not seen)
+    head = f"  {lost} of {len(bodies)} acked at the broker yet never shown to the model: lost\n" if lost else ""
+    return head + "\n".join(out)
+
+
+def session_name(session: cs.ClaudeSession) -> str:
+    """README: a session's Dispatch name is <base>-<first 8 hex of its session id>."""
+    return f"e2e-{session.session_id.replace('-', '')[:8]}"
+
+
+def await_participant(broker, sender: dict[str, str], name: str) -> None:
+    """Wait until the broker knows `name` (the plugin identified), then until it listens, or
+    LISTEN_S: mail then goes to a session as to one that has been up a while."""
+    wait_for(lambda: db_query(broker, "SELECT 1 FROM participants WHERE name = ?", name), 30,
+             what=f"{name} known to the broker (the plugin's identify)")
+    with contextlib.suppress(AssertionError):  # a plugin may well not listen where channels are off
+        wait_for(lambda: listening(sender, name), LISTEN_S, interval=0.5, what=f"{name} listening")
+
+
+def send_and_check(session: cs.ClaudeSession, broker, sender: dict[str, str], mail: dict[str, str],
+                   label: str) -> None:
+    """Send each body in `mail` (body -> recipient name) from the CLI; type a prompt (the hook's
+    turn where channels are off) and another (a later turn must not show them again). Then each
+    body must be in the model's last request exactly once, and acked only after it entered the
+    transcript, and acked within 15 s (unacked mail is pushed again)."""
+    for body, name in mail.items():
+        sent = run_cli(sender, "send", "--to", name, body)
+        assert sent.returncode == 0, sent.stderr
+    nonce = os.urandom(3).hex()
+    session.submit(f"second prompt {nonce}")
+    with contextlib.suppress(AssertionError):  # reported with the details below
+        wait_for(lambda: all(seen_by_model(session.api, b) for b in mail), DELIVERY_S, interval=0.5,
+                 what="every message in a request to the model")
+    session.submit(f"third prompt {nonce}")
+    last, report = session.api.messages_requests()[-1], delivery_report(session, broker, mail)
+    assert all(cs.occurrences(b, last) == 1 for b in mail), f"[{label}] each message should reach the model once:\n{report}"
+
+    lines, acked = session.transcript_lines(), acks(broker)
+    for body in mail:
+        seen = cs.first_seen(body, lines)
+        assert seen, f"[{label}] {body} reached the model but is not in the transcript:\n{report}"
+        assert acked[body] is None or acked[body] >= seen[0] - 0.01, \
+            f"[{label}] {body} was acked {(seen[0] - acked[body]) * 1000:.0f} ms before Claude Code wrote it into " \
+            f"the transcript ({seen[1]}): a crash in between loses it\n{report}"
+    with contextlib.suppress(AssertionError):
+        wait_for(lambda: all(acks(broker)[b] is not None for b in mail), 15, interval=0.25, what="acks")
+    assert all(acks(broker)[b] is not None for b in mail), \
+        f"[{label}] shown to the model but never acked (the broker will push it again):\n" \
+        f"{delivery_report(session, broker, mail)}"
+
+
+@pytest.fixture
+def claude_home(tmp_path):
+    """A throwaway HOME with the plugin installed from a copy of the package, and the project
+    directory Claude Code runs in. The package runs `python3`: ours, first on PATH."""
+    home, project = tmp_path / "home", tmp_path / "project"
+    cs.prepare_home(home, project)
+    cs.install_plugin(home, project, cs.copy_package(tmp_path / "package"))
+    return home, project, cs.python3_shim(tmp_path / "bin", sys.executable)
+
+
+@contextlib.contextmanager
+def claude_session(broker, claude_home, flags: list[str]):
+    """Claude Code started with `flags` in the fixture's HOME, configured for `broker` as base e2e."""
+    home, project, bindir = claude_home
+    env = {"DISPATCH_URL": broker.url, "DISPATCH_TOKEN": broker.token("e2e"),
+           "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}"}
+    api = cs.MessagesStandIn()
+    session = cs.ClaudeSession(home, project, flags, api, env)
+    try:
+        yield session.start()
+    finally:
+        session.close()
+        api.close()
+
+
+@needs_claude_in_tmux
+@pytest.mark.parametrize("mode", list(CHANNEL_FLAGS))
+def test_every_message_reaches_the_model_once_and_is_acked_only_after(broker, claude_home, mode):
+    """Mail sent from the shell to a live session reaches the model exactly once — as a channel
+    event or through the UserPromptSubmit hook — whichever way Claude Code was started, and the
+    broker holds each message unacked until it is in the session's transcript."""
+    with claude_session(broker, claude_home, CHANNEL_FLAGS[mode]) as session:
+        session.submit("first prompt")
+        name, sender = session_name(session), plugin_env(broker, "peer")
+        await_participant(broker, sender, name)
+        nonce = os.urandom(3).hex()
+        send_and_check(session, broker, sender,
+                       {f"dispatch-e2e-{mode}-{nonce}-message-{i}": name for i in range(MESSAGES)}, mode)
+
+
+@needs_claude_in_tmux
+def test_mail_to_either_name_reaches_the_model_once_after_clear(broker, claude_home):
+    """/clear gives the session a new id (new transcript, hooks see the new id) but keeps the
+    channel process, which still has the old one. Mail to the old name (a peer's reply to an
+    earlier message) and to the new one (what the hooks announce) both reach the model once and
+    are acked."""
+    with claude_session(broker, claude_home, CHANNEL_FLAGS["channel_on"]) as session:
+        session.submit("first prompt")
+        before, sender = session_name(session), plugin_env(broker, "peer")
+        await_participant(broker, sender, before)
+        session.type("/clear")
+        wait_for(lambda: "first prompt" not in session.screen(), 15, what="/clear to clear the screen")
+        session.submit("after clear")
+        after = session_name(session)
+        assert after != before, "/clear should start a new session id"
+        wait_for(lambda: db_query(broker, "SELECT 1 FROM participants WHERE name = ?", after), 15,
+                 what=f"{after} known to the broker")
+        nonce = os.urandom(3).hex()
+        send_and_check(session, broker, sender, {f"dispatch-e2e-clear-{nonce}-to-old-name": before,
+                                                 f"dispatch-e2e-clear-{nonce}-to-new-name": after}, "clear")
