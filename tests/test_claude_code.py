@@ -27,7 +27,7 @@ from claude_session import CLAUDE, isolated_env
 from conftest import db_query, plugin_env, run_cli, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGE = [".claude-plugin", ".mcp.json", "hooks"]  # the plugin's files, besides dist/plugin.pyz
+PACKAGE = [".claude-plugin", ".mcp.json", "hooks", "commands", "dispatch_plugin.py"]  # what the plugin package runs
 
 needs_claude = pytest.mark.skipif(CLAUDE is None, reason="Claude Code not installed: npm install --prefix "
                                   ".claude-code @anthropic-ai/claude-code@2.1.330")
@@ -67,13 +67,12 @@ def mcp_logs(home: Path) -> str:
     return "".join(p.read_text(errors="replace") for p in sorted((home / ".cache").rglob("mcp-logs-*/*.jsonl")))
 
 
-def package_with(pyz: Path, where: Path) -> Path:
-    """A copy of the plugin package whose dist/plugin.pyz is `pyz`."""
-    (where / "dist").mkdir(parents=True)
+def package_copy(where: Path) -> Path:
+    """A copy of the plugin package as a checkout holds it (it needs no build)."""
+    where.mkdir(parents=True)
     for part in PACKAGE:
         src, dst = ROOT / part, where / part
         shutil.copytree(src, dst) if src.is_dir() else shutil.copy(src, dst)
-    shutil.copy(pyz, where / "dist" / "plugin.pyz")
     return where
 
 
@@ -95,8 +94,27 @@ def test_claude_code_reports_the_plugin_connected(broker, dist, tmp_path, via):
     if via == "mcp add":  # what the broker's banner tells people to run
         name, out = "dispatch", claude_mcp_list(["python3", str(pyz)], env, home)
     else:  # the plugin package itself: .mcp.json with ${CLAUDE_PLUGIN_ROOT}
-        name, out = "plugin:dispatch:dispatch", claude_mcp_list_plugin(package_with(pyz, tmp_path / "pkg"), env, home)
+        name, out = "plugin:dispatch:dispatch", claude_mcp_list_plugin(package_copy(tmp_path / "pkg"), env, home)
     assert connected(out, name), f"{out}\n{mcp_logs(home)[-4000:]}"
+
+
+@needs_claude
+def test_claude_mcp_list_says_why_when_the_broker_refuses_the_token(broker, dist, tmp_path):
+    """The reason reaches the user, not only the model: tools/list answers with it."""
+    from conftest import unknown_token
+
+    out = claude_mcp_list(["python3", str(dist.plugin)], {"DISPATCH_URL": broker.url,
+                                                           "DISPATCH_TOKEN": unknown_token("claude")}, tmp_path / "home")
+    [line] = [line for line in out.splitlines() if line.startswith("dispatch: ")]
+    assert "tools fetch failed" in line and "refused the token from DISPATCH_TOKEN" in line, out
+
+
+@needs_claude
+def test_claude_mcp_list_shows_dispatch_failed_with_the_reason_when_dispatch_url_is_missing(dist, tmp_path):
+    out = claude_mcp_list(["python3", str(dist.plugin)], {"DISPATCH_TOKEN": f"dsp_claude_{'0' * 48}"},
+                          tmp_path / "home")
+    [line] = [line for line in out.splitlines() if line.startswith("dispatch: ")]
+    assert "✘ Failed to connect" in line and "Dispatch is not configured: no broker URL" in line, out
 
 
 # ---------------------------------------------------------------------------------------------
