@@ -740,9 +740,10 @@ def process_args(pid: int) -> tuple[int, list[str]] | None:
     return None
 
 
-def claude_channel_flags(pid: int | None = None, depth: int = 6) -> list[str] | None:
-    """The channel flag values of the Claude Code process above us (server or hook), or None
-    when no Claude Code is found (a shell, Windows). Only a hint for our words: acks wait for proof."""
+def claude_command_line(pid: int | None = None, depth: int = 6) -> list[str] | None:
+    """The argv of the Claude Code process above us (a server's parent, a hook's grandparent),
+    or None when none is found (a shell, Windows). Only a hint for our words and for whether to
+    listen at all: acks always wait for the transcript."""
     pid = os.getppid() if pid is None else pid
     for _ in range(depth):
         found = process_args(pid) if pid > 1 else None
@@ -750,15 +751,19 @@ def claude_channel_flags(pid: int | None = None, depth: int = 6) -> list[str] | 
             return None
         ppid, argv = found
         if any(Path(a).name in ("claude", "claude.exe") for a in argv[:2]):
-            values: list[str] = []
-            for i, arg in enumerate(argv):
-                flag, _, inline = arg.partition("=")
-                if flag in CHANNEL_FLAGS:
-                    following = itertools.takewhile(lambda a: not a.startswith("-"), argv[i + 1:])
-                    values += [inline] if inline else list(following)
-            return [v for value in values for v in value.split(",") if v]
+            return argv
         pid = ppid
     return None
+
+
+def channel_flag_values(argv: list[str]) -> list[str]:
+    """What follows --dangerously-load-development-channels or --channels (space or comma separated)."""
+    values: list[str] = []
+    for i, arg in enumerate(argv):
+        flag, _, inline = arg.partition("=")
+        if flag in CHANNEL_FLAGS:
+            values += [inline] if inline else list(itertools.takewhile(lambda a: not a.startswith("-"), argv[i + 1:]))
+    return [v for value in values for v in value.split(",") if v]
 
 
 def flags_name_us(flags: list[str], env=os.environ) -> bool:
@@ -770,11 +775,10 @@ def flags_name_us(flags: list[str], env=os.environ) -> bool:
     return any(f.startswith("server:") and not f.startswith("server:plugin:") for f in flags)
 
 
-def channel_expected(env=os.environ) -> bool | None:
-    """Whether the Claude Code above us was started with a channel flag naming this server:
-    True, False, or None when no Claude Code is found."""
-    flags = claude_channel_flags()
-    return None if flags is None else flags_name_us(flags, env)
+def channel_expected(claude: list[str] | None, env=os.environ) -> bool | None:
+    """Whether Claude Code (its argv, `claude_command_line()`) was started with a channel flag
+    naming this server: True, False, or None when no Claude Code was found."""
+    return None if claude is None else flags_name_us(channel_flag_values(claude), env)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1009,13 +1013,17 @@ class Channel:
         self.session_id = env.get("CLAUDE_CODE_SESSION_ID")
         project = env.get("CLAUDE_PROJECT_DIR") or os.getcwd()
         self.transcript = TranscriptWatcher(self.session_id, project, env) if self.session_id else None
-        self.expected = channel_expected(env)
+        claude = claude_command_line()
+        self.expected = channel_expected(claude, env)
         #: 'trying' (listening, nothing proven yet), 'on' (the transcript showed an event) or 'off'.
         self.mode = "trying"
         self.off_why = ""
         if not self.session_id:
             self.turn_off("there is no Claude Code session id (CLAUDE_CODE_SESSION_ID), so no transcript to prove "
                           "delivery by")
+        elif claude and "--no-session-persistence" in claude:
+            self.turn_off("Claude Code keeps no transcript of this session (--no-session-persistence), so none "
+                          "to prove delivery by")
         elif self.expected is False:
             self.turn_off("Claude Code was started without a channel flag naming this server")
 
@@ -1484,7 +1492,7 @@ def describe_identity() -> str:
 
 def describe_channel() -> str:
     """The Claude Code session around us (the /dispatch:doctor command runs inside one)."""
-    expected = channel_expected()
+    expected = channel_expected(claude_command_line())
     if expected is None:
         return (f"not run inside Claude Code; sessions receive mail live when started with {channel_flag()}, "
                 "otherwise with the next prompt (plugin install) or through the inbox tool")
@@ -1561,7 +1569,7 @@ def cmd_hook_session_start(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         hook_output("SessionStart", f"Dispatch is not configured: {exc} (run `{doctor_command()}`)")
         return 0
-    delivery = delivery_words(channel_expected(), hooks=True)
+    delivery = delivery_words(channel_expected(claude_command_line()), hooks=True)
     hook_output("SessionStart", f"Your Dispatch name is {config.name}. {delivery} Answer a message with the reply "
                                 "tool and its chat_id.")
     return 0

@@ -138,3 +138,38 @@ def test_hook_hints_name_a_command_that_exists_for_the_install(shared_broker):
         "hookSpecificOutput"]["additionalContext"]
     assert "(run `/dispatch:doctor`)" in hint({**env, **PLUGIN_ENV})
     assert f"(run `python3 {PLUGIN} doctor`)" in hint(env)
+
+
+def claude_around_the_channel(tmp_path, *flags: str) -> list[str]:
+    """A process named `claude` with Claude Code's flags whose child is the channel, on its stdio."""
+    script = tmp_path / "claude"
+    script.write_text(f"import subprocess, sys\nsys.exit(subprocess.run([sys.executable, {str(PLUGIN)!r}]).returncode)\n")
+    return [sys.executable, str(script), *flags]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads the process tree from /proc")
+def test_the_channel_does_not_listen_in_a_session_claude_code_keeps_no_transcript_of(plugins, shared_broker, tmp_path):
+    name = f"test-ephemeral{os.urandom(2).hex()}"
+    command = claude_around_the_channel(tmp_path, "--no-session-persistence",
+                                        "--dangerously-load-development-channels", "server:dispatch")
+    channel = plugins(plugin_env(shared_broker, "test", name), command)
+    channel.handshake()
+    text = wait_connected(channel)
+    assert "--no-session-persistence" in text and "channel off" in text, text
+    sent = run_cli(plugin_env(shared_broker, "test", "test-towards"), "send", "--to", name, "kept for inbox")
+    assert "queued" in sent.stdout.lower(), sent.stdout
+    text, is_error = channel.tool("inbox")
+    assert not is_error and "kept for inbox" in text and channel.channel == []
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads the process tree from /proc")
+@pytest.mark.parametrize("flags, words", [
+    (["--dangerously-load-development-channels", "server:dispatch"], 'arrive as <channel source="dispatch"'),
+    ([], "channel is off, so messages from peers arrive when you call the `inbox` tool"),
+])
+def test_the_instructions_say_how_mail_arrives_in_the_mode_claude_code_was_started_in(plugins, tmp_path, flags,
+                                                                                     words):
+    from test_plugin_channel import offline_env
+
+    channel = plugins(offline_env(), claude_around_the_channel(tmp_path, *flags))
+    assert words in channel.handshake()["instructions"]
