@@ -140,15 +140,19 @@ AUTH_MAX_ADDRESSES = 10_000
 
 #: A participant name: a base (`backend`) or base-suffix (`backend-a8b3c1d2`). Every pattern here
 #: is used with fullmatch: `$` with .match lets a trailing newline through.
-NAME_RE = re.compile(r"[a-z0-9]{1,32}(?:-[a-z0-9-]{1,31})?")
-BASE_RE = re.compile(r"[a-z0-9]{1,32}")
+BASE_PATTERN = r"[a-z0-9]{1,32}"
+BASE_RE = re.compile(BASE_PATTERN)
+NAME_RE = re.compile(rf"{BASE_PATTERN}(?:-[a-z0-9-]{{1,31}})?")
 #: Tokens read `dsp_<base>_<48 hex>`: a greppable prefix for secret scanners, the base so a
 #: plugin can derive its name without a round trip, and a fixed shape so a malformed token is
 #: refused before any lookup.
 TOKEN_PREFIX = "dsp_"
-TOKEN_RE = re.compile(r"dsp_([a-z0-9]{1,32})_[0-9a-f]{48}")
-#: A message id as the broker makes them (`"m_" + secrets.token_hex(8)`).
-MESSAGE_ID_RE = re.compile(r"m_[0-9a-f]{16}")
+#: Random bytes in a token (`mint_token`), hex-encoded: 192 bits.
+TOKEN_BYTES = 24
+TOKEN_RE = re.compile(rf"{TOKEN_PREFIX}({BASE_PATTERN})_[0-9a-f]{{{2 * TOKEN_BYTES}}}")
+#: Random bytes in a message id (`new_message_id`): the plugin matches transcript lines by it.
+MESSAGE_ID_BYTES = 8
+MESSAGE_ID_RE = re.compile(rf"m_[0-9a-f]{{{2 * MESSAGE_ID_BYTES}}}")
 #: A sender's own id for one message (`send`/`reply`'s client_msg_id): a repeat of it from the
 #: same base within the TTL is answered with the first answer and not stored again.
 CLIENT_MSG_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -159,6 +163,10 @@ HOST_RE = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[[0-9
 METRICS_TOKEN_RE = re.compile(r"[\x21-\x7e]{16,256}")
 #: The header a 2026-07-28 client sends to name its link: that era has no Mcp-Session-Id.
 LINK_HEADER = "dispatch-session"
+#: The protocol era whose clients name their link with LINK_HEADER (the plugin speaks it).
+LINK_PROTOCOL = "2026-07-28"
+#: The most messages one `inbox` call returns.
+INBOX_MAX_LIMIT = 1000
 MAIL_METHOD = "notifications/dispatch/mail"
 
 
@@ -791,7 +799,7 @@ def mint_token(path: Path, base: str) -> tuple[Token, str]:
     """Append a new token for `base` and return it with its plaintext (shown once)."""
     if not BASE_RE.fullmatch(base):
         raise ConfigError(f"bad base {base!r}: use [a-z0-9]{{1,32}}, no hyphen")
-    plaintext = f"{TOKEN_PREFIX}{base}_{secrets.token_hex(24)}"
+    plaintext = f"{TOKEN_PREFIX}{base}_{secrets.token_hex(TOKEN_BYTES)}"
     token = Token(secrets.token_hex(4), base, hash_token(plaintext), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     write_tokens(path, read_tokens(path) + [token])
     return token, plaintext
@@ -1166,7 +1174,7 @@ class Broker:
         chat_id = chat_id or self.chats.new(sender, to)
         live = {name: self.listeners[name] for name in accepted if name in self.listeners}
         rows = [
-            {"id": "m_" + secrets.token_hex(8), "chat_id": chat_id, "sender": sender, "recipient": name,
+            {"id": "m_" + secrets.token_hex(MESSAGE_ID_BYTES), "chat_id": chat_id, "sender": sender, "recipient": name,
              "body": body, "sent_at": now, "expires_at": now + self.ttl,
              "attempt": 1 if name in live else 0, "pushed_at": now if name in live else None}
             for name in accepted
@@ -1605,7 +1613,7 @@ def build_app(broker: Broker, verifier: TokenVerifier, allowed_hosts: list[str],
     async def inbox(
         ctx: Context,
         peek: Annotated[bool, Field(description="Only count pending mail.")] = False,
-        limit: Annotated[int, Field(description="At most this many messages.", ge=1, le=1000)] = 50,
+        limit: Annotated[int, Field(description="At most this many messages.", ge=1, le=INBOX_MAX_LIMIT)] = 50,
     ) -> InboxResult:
         """Pull mode: your pending (unacked) mail, oldest first, at most `limit` messages and about
         1 MB (`pending` counts them all). Ack what you handled with mail.ack, then ask again."""

@@ -108,8 +108,13 @@ SEEN_IDS = 20_000
 LINK_HEADER = "Dispatch-Session"
 MAIL_METHOD = "notifications/dispatch/mail"
 CHANNEL_METHOD = "notifications/claude/channel"
-TOKEN_RE = re.compile(r"dsp_([a-z0-9]{1,32})_[0-9a-f]{48}")
-NAME_RE = re.compile(r"[a-z0-9]{1,32}(?:-[a-z0-9-]{1,31})?")
+#: Shared with the broker, which mints them (tests/test_contract.py compares the two modules).
+BASE_PATTERN = r"[a-z0-9]{1,32}"
+TOKEN_BYTES = 24
+TOKEN_RE = re.compile(rf"dsp_({BASE_PATTERN})_[0-9a-f]{{{2 * TOKEN_BYTES}}}")
+NAME_RE = re.compile(rf"{BASE_PATTERN}(?:-[a-z0-9-]{{1,31}})?")
+#: How many messages one inbox call asks for (the broker answers at most about 1 MB of them).
+INBOX_LIMIT = 100
 #: How Claude Code names this server, and the flag that turns its channel on, per install kind.
 PLUGIN_SOURCE = "plugin:dispatch:dispatch"
 SERVER_SOURCE = "dispatch"
@@ -288,6 +293,11 @@ def https_proxy(host: str, env=os.environ) -> tuple[str, int] | None:
         return None
     parts = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
     return parts.hostname, parts.port or 8080
+
+
+def new_client_msg_id() -> str:
+    """One send's own id: 22 characters of [A-Za-z0-9_-], 128 random bits."""
+    return secrets.token_urlsafe(16)
 
 
 def retrying(call: Callable[[], Any], seconds: float = SEND_RETRY_SECONDS) -> Any:
@@ -486,7 +496,7 @@ class BrokerClient:
         """`send` or `reply`, exactly once: the call carries a client message id of its own, so
         when its answer is lost it is made again, for SEND_RETRY_SECONDS, and a broker that
         stored it the first time answers the repeat without storing it again."""
-        arguments["client_msg_id"] = secrets.token_urlsafe(16)
+        arguments["client_msg_id"] = new_client_msg_id()
         return retrying(lambda: self.call(tool, **arguments))
 
     def identify(self) -> dict[str, Any]:
@@ -1301,7 +1311,7 @@ class Channel:
 
     def tool_inbox(self, peek: bool = False) -> str:
         client = self.linked()
-        found = client.call("inbox", peek=bool(peek), limit=100)[0]
+        found = client.call("inbox", peek=bool(peek), limit=INBOX_LIMIT)[0]
         with self.lock:  # what the channel already showed is not shown again
             proven = {m["id"] for m in found["messages"] if m["id"] in self.proven}
         if peek or not found["messages"]:
@@ -1394,7 +1404,7 @@ def cmd_inbox(args: argparse.Namespace) -> int:
     Example: python3 dispatch_plugin.py inbox --peek
     """
     client = connect_once()
-    found = client.call("inbox", peek=args.peek, limit=1000)[0]
+    found = client.call("inbox", peek=args.peek, limit=INBOX_LIMIT)[0]
     if args.peek or not found["messages"]:
         print(f"{found['pending']} message(s) waiting for {client.config.name}.")
         return 0
@@ -1538,7 +1548,7 @@ def health(config: Config) -> str:
 def round_trip(client: BrokerClient) -> str:
     started = time.perf_counter()
     sent = client.call("send", to=client.config.name, body="dispatch doctor round trip")[0]
-    found = client.call("inbox", limit=1000)[0]
+    found = client.call("inbox", limit=INBOX_LIMIT)[0]
     mine = [m["id"] for m in found["messages"] if m["chat_id"] == sent["chat_id"]]
     if not mine:
         raise DispatchError("the message was accepted but is not in the inbox")
@@ -1597,7 +1607,7 @@ def cmd_hook_prompt_submit(args: argparse.Namespace) -> int:
     data = read_hook_input()
     try:
         client = connect_once(data.get("session_id"))
-        found = client.call("inbox", limit=100)[0]
+        found = client.call("inbox", limit=INBOX_LIMIT)[0]
         messages = found["messages"]
         transcript = hook_transcript(data)
         ids = {m["id"] for m in messages}

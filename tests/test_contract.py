@@ -1,0 +1,87 @@
+"""The broker and the plugin agree on the wire.
+
+Each value both programs must share is defined once in each module (the plugin imports nothing
+of the broker's: it is standard library only); this test imports both and fails when they drift.
+"""
+
+import inspect
+import json
+import sys
+
+import mcp_types.version
+
+from conftest import PLUGIN
+
+sys.path.insert(0, str(PLUGIN.parent))
+import dispatch_broker as broker  # noqa: E402
+import dispatch_plugin as plugin  # noqa: E402
+
+
+def test_tokens_and_names_have_one_shape_on_both_sides():
+    assert plugin.BASE_PATTERN == broker.BASE_PATTERN
+    assert plugin.TOKEN_BYTES == broker.TOKEN_BYTES
+    assert plugin.TOKEN_RE.pattern == broker.TOKEN_RE.pattern
+    assert plugin.NAME_RE.pattern == broker.NAME_RE.pattern
+
+
+def test_a_token_the_broker_mints_is_one_the_plugin_takes_with_its_base(tmp_path):
+    _, token = broker.mint_token(tmp_path / "tokens", "backend")
+    assert plugin.TOKEN_RE.fullmatch(token)[1] == "backend"
+    assert not plugin.TOKEN_RE.fullmatch(token + "\n") and not plugin.TOKEN_RE.fullmatch(token[:-1])
+
+
+def test_every_pattern_is_used_whole_on_both_sides():
+    """`$` with .match lets a trailing newline through; fullmatch does not."""
+    for module in (broker, plugin):
+        source = inspect.getsource(module)
+        for name in ("TOKEN_RE", "NAME_RE", "BASE_RE", "MESSAGE_ID_RE", "CLIENT_MSG_ID_RE"):
+            assert f"{name}.match(" not in source and f"{name}.search(" not in source, (module.__name__, name)
+
+
+def test_the_link_header_the_protocol_era_and_the_mail_method_match():
+    assert plugin.LINK_HEADER.lower() == broker.LINK_HEADER  # HTTP header names are case-insensitive
+    assert plugin.BROKER_PROTOCOL == broker.LINK_PROTOCOL
+    assert broker.LINK_PROTOCOL in mcp_types.version.MODERN_PROTOCOL_VERSIONS  # the SDK serves it
+    assert plugin.MAIL_METHOD == broker.MAIL_METHOD
+
+
+def test_the_plugin_never_answers_claude_code_in_the_era_that_loses_channels():
+    assert plugin.BROKER_PROTOCOL not in plugin.CHANNEL_PROTOCOLS
+
+
+def test_pushed_mail_carries_every_field_the_plugin_reads():
+    mail = broker.Mail("m_" + "0" * 2 * broker.MESSAGE_ID_BYTES, "a-1~a-2~n~m", "a-1", "a-2", "hi", 0.0, 1).params()
+    assert broker.MESSAGE_ID_RE.fullmatch(mail["id"])
+    meta = plugin.channel_meta(mail)
+    assert meta["message_id"] == mail["id"] and all(isinstance(v, str) for v in meta.values())
+    line = json.loads(plugin.mail_line(mail))
+    assert set(line) == plugin.MAIL_FIELDS and line["message_id"] == mail["id"]
+    assert mail["attempt"] == 1  # the prompt hook waits for the channel's proof of pushed mail
+
+
+def test_the_plugins_client_msg_ids_are_ones_the_broker_takes():
+    for _ in range(100):
+        assert broker.CLIENT_MSG_ID_RE.fullmatch(plugin.new_client_msg_id())
+
+
+def test_the_plugin_asks_for_no_more_than_the_broker_gives():
+    assert plugin.LISTEN_SECONDS <= broker.MAX_LISTEN_SECONDS
+    assert plugin.INBOX_LIMIT <= broker.INBOX_MAX_LIMIT
+
+
+def test_the_heartbeat_outlasts_three_keepalives():
+    """A listen stream silent for the heartbeat is given up: one keepalive may be lost, the next late."""
+    assert 3 * broker.KEEPALIVE_SECONDS <= plugin.HEARTBEAT_SECONDS
+
+
+def test_a_send_is_retried_for_less_time_than_the_broker_remembers_its_id():
+    assert plugin.SEND_RETRY_SECONDS < broker.DEFAULT_TTL
+
+
+def test_the_proof_of_a_channel_event_is_awaited_for_less_than_the_ack_timeout():
+    """Else the broker pushes again while the plugin still waits, and each push costs a tool call."""
+    assert plugin.PROOF_SECONDS < broker.DEFAULT_ACK_TIMEOUT
+
+
+def test_each_listen_is_renewed_long_before_the_broker_forgets_an_idle_link():
+    assert plugin.LISTEN_SECONDS < broker.DEFAULT_SESSION_IDLE_TIMEOUT
