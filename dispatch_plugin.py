@@ -313,6 +313,20 @@ def retrying(call: Callable[[], Any], seconds: float = SEND_RETRY_SECONDS) -> An
             pause = min(pause * 2, 2.0)
 
 
+def sse_messages(response):
+    """The `data:` of each server-sent event, as bytes, until the stream ends."""
+    data: list[bytes] = []
+    while line := response.readline():
+        line = line.rstrip(b"\r\n")
+        if line.startswith(b"data:"):
+            data.append(line[5:].lstrip(b" "))
+        elif not line and data:
+            yield b"\n".join(data)
+            data = []
+    if data:
+        yield b"\n".join(data)
+
+
 class BrokerClient:
     """Every broker call is one 2026-07-28 POST: it carries the protocol version and client
     capabilities in `_meta`, so there is no handshake. The link id ties a process's calls to its
@@ -531,20 +545,6 @@ class BrokerClient:
                 conn.sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-
-
-def sse_messages(response):
-    """The `data:` of each server-sent event, as bytes, until the stream ends."""
-    data: list[bytes] = []
-    while line := response.readline():
-        line = line.rstrip(b"\r\n")
-        if line.startswith(b"data:"):
-            data.append(line[5:].lstrip(b" "))
-        elif not line and data:
-            yield b"\n".join(data)
-            data = []
-    if data:
-        yield b"\n".join(data)
 
 
 # --------------------------------------------------------------------------------------------
@@ -996,6 +996,10 @@ def channel_meta(mail: dict[str, Any]) -> dict[str, str]:
             "sent_at": str(mail["sent_at"]), "to": str(mail["to"])}
 
 
+def start_thread(target, *args) -> None:
+    threading.Thread(target=target, args=args, daemon=True).start()
+
+
 class Channel:
     """The stdio side, on the main thread: newline-delimited JSON-RPC with Claude Code. Beside it
     run the receiver (identify, then one listen after another, reconnecting with capped backoff),
@@ -1326,10 +1330,6 @@ class Channel:
         return (shown[0] if shown else "No new Dispatch messages: the channel already showed every waiting one.") + tail
 
 
-def start_thread(target, *args) -> None:
-    threading.Thread(target=target, args=args, daemon=True).start()
-
-
 def refuse_initialize(why: str) -> None:
     """A configuration that cannot load: answer `initialize` with why, so `claude mcp list` and
     /mcp show the server failed with that sentence (its stderr they show nowhere)."""
@@ -1431,62 +1431,6 @@ def cmd_ping(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_doctor(args: argparse.Namespace) -> int:
-    """Check configuration, token, DNS, TCP, TLS, auth, identify, a self round trip and the channel.
-
-    Example: DISPATCH_URL=https://dispatch.example.net:8765/mcp python3 dispatch_plugin.py doctor
-    """
-    return Doctor().run()
-
-
-class Doctor:
-    """Each check prints ✔ or ✘ and, for a ✘, the fix. Stops at the first ✘ that blocks the rest."""
-
-    def __init__(self):
-        self.failed = False
-
-    def step(self, label: str, check, fix: str):
-        try:
-            detail = check()
-        except Exception as exc:
-            print(f"✘ {label}: {exc}\n    fix: {fix}")
-            self.failed = True
-            return None
-        print(f"✔ {label}{': ' + str(detail) if detail else ''}")
-        return detail if detail is not None else True
-
-    def run(self) -> int:
-        import socket
-
-        settings = self.step("configuration", lambda: describe_settings(read_settings()),
-                             f"set {ENV_URL} and {ENV_TOKEN} (or {ENV_TOKEN_COMMAND}) in the environment Claude Code "
-                             f"is started from, or in {config_file()}")
-        config = settings and self.step("token and name", describe_identity,
-                                        f"check {ENV_URL}, and that the token is one printed by `broker.pyz token add BASE`")
-        if not config:
-            return 1
-        config = load_config()
-        parts = urllib.parse.urlsplit(config.url)
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        ok = self.step(f"DNS {parts.hostname}", lambda: sorted({a[4][0] for a in socket.getaddrinfo(parts.hostname, port)})[0],
-                       "check the host name in DISPATCH_URL")
-        ok = ok and self.step(f"TCP {parts.hostname}:{port}", lambda: tcp_check(parts.hostname, port),
-                              "is the broker running (systemctl status dispatch) and the port open in the firewall?")
-        if ok and parts.scheme == "https":
-            ok = self.step("TLS", lambda: tls_check(parts.hostname, port),
-                           "the certificate must be valid for this host name (--tls-cert/--tls-key or a proxy); for a "
-                           "certificate of your own CA, point SSL_CERT_FILE at that CA's PEM file")
-        ok = ok and self.step("broker /healthz", lambda: health(config), "is DISPATCH_URL the broker's /mcp URL?")
-        client = BrokerClient(config)
-        ok = ok and self.step(f"auth and identify as {config.name}", lambda: client.identify() and "accepted",
-                              "mint a token for your base with `broker.pyz token add BASE` and reload the broker")
-        ok = ok and self.step("round trip self → broker → self", lambda: round_trip(client),
-                              "see the broker's log (journalctl -u dispatch)")
-        if ok:
-            self.step("channel", describe_channel, f"start Claude Code with {channel_flag()}")
-        return 1 if self.failed or not ok else 0
-
-
 def describe_settings(settings: dict[str, str]) -> str:
     if not settings.get("url"):
         raise ConfigError(f"{ENV_URL} is not set")
@@ -1554,6 +1498,62 @@ def round_trip(client: BrokerClient) -> str:
         raise DispatchError("the message was accepted but is not in the inbox")
     client.call("mail.ack", ids=mine)
     return f"{(time.perf_counter() - started) * 1000:.0f} ms"
+
+
+class Doctor:
+    """Each check prints ✔ or ✘ and, for a ✘, the fix. Stops at the first ✘ that blocks the rest."""
+
+    def __init__(self):
+        self.failed = False
+
+    def step(self, label: str, check, fix: str):
+        try:
+            detail = check()
+        except Exception as exc:
+            print(f"✘ {label}: {exc}\n    fix: {fix}")
+            self.failed = True
+            return None
+        print(f"✔ {label}{': ' + str(detail) if detail else ''}")
+        return detail if detail is not None else True
+
+    def run(self) -> int:
+        import socket
+
+        settings = self.step("configuration", lambda: describe_settings(read_settings()),
+                             f"set {ENV_URL} and {ENV_TOKEN} (or {ENV_TOKEN_COMMAND}) in the environment Claude Code "
+                             f"is started from, or in {config_file()}")
+        config = settings and self.step("token and name", describe_identity,
+                                        f"check {ENV_URL}, and that the token is one printed by `broker.pyz token add BASE`")
+        if not config:
+            return 1
+        config = load_config()
+        parts = urllib.parse.urlsplit(config.url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        ok = self.step(f"DNS {parts.hostname}", lambda: sorted({a[4][0] for a in socket.getaddrinfo(parts.hostname, port)})[0],
+                       "check the host name in DISPATCH_URL")
+        ok = ok and self.step(f"TCP {parts.hostname}:{port}", lambda: tcp_check(parts.hostname, port),
+                              "is the broker running (systemctl status dispatch) and the port open in the firewall?")
+        if ok and parts.scheme == "https":
+            ok = self.step("TLS", lambda: tls_check(parts.hostname, port),
+                           "the certificate must be valid for this host name (--tls-cert/--tls-key or a proxy); for a "
+                           "certificate of your own CA, point SSL_CERT_FILE at that CA's PEM file")
+        ok = ok and self.step("broker /healthz", lambda: health(config), "is DISPATCH_URL the broker's /mcp URL?")
+        client = BrokerClient(config)
+        ok = ok and self.step(f"auth and identify as {config.name}", lambda: client.identify() and "accepted",
+                              "mint a token for your base with `broker.pyz token add BASE` and reload the broker")
+        ok = ok and self.step("round trip self → broker → self", lambda: round_trip(client),
+                              "see the broker's log (journalctl -u dispatch)")
+        if ok:
+            self.step("channel", describe_channel, f"start Claude Code with {channel_flag()}")
+        return 1 if self.failed or not ok else 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """Check configuration, token, DNS, TCP, TLS, auth, identify, a self round trip and the channel.
+
+    Example: DISPATCH_URL=https://dispatch.example.net:8765/mcp python3 dispatch_plugin.py doctor
+    """
+    return Doctor().run()
 
 
 def read_hook_input() -> dict[str, Any]:
