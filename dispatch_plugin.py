@@ -26,22 +26,21 @@ from the environment or ~/.config/dispatch/config.toml (url, token, token_comman
 environment wins. Nothing is written to disk.
 """
 
-import argparse
+from __future__ import annotations  # annotations stay unevaluated: argparse is imported for the CLI only
+
 import collections
 import itertools
 import json
 import logging
 import os
 import re
-import secrets
 import signal
 import sys
 import threading
 import time
 import urllib.parse
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 __version__ = "0.1.0"
 
@@ -152,8 +151,7 @@ def config_file() -> Path:
     return Path(base) / "dispatch" / "config.toml"
 
 
-@dataclass
-class Config:
+class Config(NamedTuple):
     url: str
     token: str
     base: str
@@ -296,8 +294,8 @@ def https_proxy(host: str, env=os.environ) -> tuple[str, int] | None:
 
 
 def new_client_msg_id() -> str:
-    """One send's own id: 22 characters of [A-Za-z0-9_-], 128 random bits."""
-    return secrets.token_urlsafe(16)
+    """One send's own id: 128 random bits in hex (os.urandom: `secrets` would load OpenSSL at start)."""
+    return os.urandom(16).hex()
 
 
 def retrying(call: Callable[[], Any], seconds: float = SEND_RETRY_SECONDS) -> Any:
@@ -337,7 +335,7 @@ class BrokerClient:
 
     def __init__(self, config: Config, link_id: str | None = None):
         self.config = config
-        self.link_id = link_id or secrets.token_hex(16)
+        self.link_id = link_id or os.urandom(16).hex()
         parts = urllib.parse.urlsplit(config.url)
         self.https = parts.scheme == "https"
         self.host, self.port = parts.hostname, parts.port or (443 if self.https else 80)
@@ -1636,6 +1634,8 @@ def cmd_hook_prompt_submit(args: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
+    import argparse  # here, not at the top: the channel, which must answer initialize fast, never parses
+
     p = argparse.ArgumentParser(
         prog="dispatch", description="Dispatch: with no command, run the Claude Code channel (stdio MCP server).",
         epilog=f"Configuration: {ENV_URL}, {ENV_TOKEN} or {ENV_TOKEN_COMMAND}, {ENV_NAME}, {ENV_ALLOW_HTTP} "
