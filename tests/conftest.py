@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -22,6 +23,9 @@ from mcp.client.extension import ClientExtension, NotificationBinding
 from mcp.client.streamable_http import streamable_http_client
 from pydantic import BaseModel, ConfigDict
 
+from harness import (PluginProcess, channel_tag, free_port, record_channel_event,  # noqa: F401  (tests import them from here)
+                     transcript_of, wait_for)
+
 ROOT = Path(__file__).resolve().parent.parent
 BROKER = ROOT / "dispatch_broker.py"
 PLUGIN = ROOT / "dispatch_plugin.py"
@@ -32,23 +36,6 @@ LEGACY = "legacy"
 @pytest.fixture
 def anyio_backend():
     return "asyncio"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(predicate, timeout=10.0, interval=0.05, what="condition"):
-    """Poll `predicate` until it returns a truthy value or `timeout` passes."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 async def async_wait_for(predicate, timeout=10.0, interval=0.05, what="condition"):
@@ -251,138 +238,8 @@ async def peer(broker: BrokerProcess, base: str, name: str | None = None, mode: 
 
 
 # ---------------------------------------------------------------------------------------------
-# A plugin process driven over stdio exactly as Claude Code drives it
+# A plugin process driven over stdio exactly as Claude Code drives it (PluginProcess, in harness.py)
 # ---------------------------------------------------------------------------------------------
-
-import queue  # noqa: E402
-import re  # noqa: E402
-import tempfile  # noqa: E402
-import threading  # noqa: E402
-import uuid  # noqa: E402
-
-
-class PluginProcess:
-    """The channel (`plugin` with no arguments) as a child process speaking JSON-RPC on stdio.
-
-    The test plays Claude Code: it gives the plugin a session id and a config dir, and, like a
-    Claude Code whose channel flag names the server (`accepts=True`), appends each channel event
-    it reads to the session transcript in Claude Code's own shape. With `accepts=False` it drops
-    the events, as Claude Code does without the flag. `session=False`: no session id at all."""
-
-    def __init__(self, command: list[str], env: dict[str, str], accepts: bool = True, session: bool = True):
-        self.command = command
-        self.accepts = accepts
-        self.env = dict(env)
-        if session:
-            self.env.setdefault("CLAUDE_CODE_SESSION_ID", str(uuid.uuid4()))
-        self.env.setdefault("CLAUDE_CONFIG_DIR", tempfile.mkdtemp(prefix="dispatch-claude-config-"))
-        self.env.setdefault("CLAUDE_PROJECT_DIR", "/work/some.project_x")
-        self.transcript = transcript_of(self.env)
-        self.messages: queue.Queue = queue.Queue()
-        self.channel: list[dict] = []  # every notifications/claude/channel seen, in order
-        self.next_id = 100
-        self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, env=self.env)
-        self.started = time.monotonic()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            message = json.loads(line)
-            if message.get("method") == "notifications/claude/channel":
-                self.channel.append(message["params"])
-                if self.accepts and "CLAUDE_CODE_SESSION_ID" in self.env:
-                    record_channel_event(self.transcript, self.env["CLAUDE_CODE_SESSION_ID"], message["params"])
-            else:
-                self.messages.put(message)
-        self.messages.put(None)
-
-    def send(self, message: dict) -> None:
-        self.proc.stdin.write(json.dumps(message).encode() + b"\n")
-        self.proc.stdin.flush()
-
-    def request(self, method: str, params: dict | None = None, timeout: float = 20) -> dict:
-        """Send a request and return its response (the whole JSON-RPC message)."""
-        self.next_id += 1
-        request_id = self.next_id
-        self.send({"jsonrpc": "2.0", "id": request_id, "method": method, **({"params": params} if params is not None else {})})
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                message = self.messages.get(timeout=max(0.01, deadline - time.monotonic()))
-            except queue.Empty:
-                break
-            if message is None:
-                raise AssertionError(f"plugin exited ({self.proc.poll()}): {self.stderr_text()}")
-            if message.get("id") == request_id:
-                return message
-        raise AssertionError(f"no answer to {method} within {timeout}s")
-
-    def handshake(self) -> dict:
-        """server/discover (refused), initialize at 2025-11-25, initialized — as Claude Code 2.1.330 does."""
-        discover = self.request("server/discover", {})
-        assert discover["error"]["code"] == -32601
-        init = self.request("initialize", {"protocolVersion": "2025-11-25", "capabilities": {},
-                                           "clientInfo": {"name": "claude-code", "version": "2.1.330"}})
-        self.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
-        return init["result"]
-
-    def tool(self, name: str, timeout: float = 20, **arguments) -> tuple[str, bool]:
-        """Call a tool: (text, is_error)."""
-        result = self.request("tools/call", {"name": name, "arguments": arguments}, timeout)["result"]
-        return result["content"][0]["text"], result.get("isError", False)
-
-    def wait_channel(self, count: int, timeout: float = 15) -> list[dict]:
-        wait_for(lambda: len(self.channel) >= count, timeout, what=f"{count} channel events (have {len(self.channel)})")
-        return self.channel
-
-    def stderr_text(self) -> str:
-        if self.proc.poll() is None:
-            return ""
-        return self.proc.stderr.read().decode(errors="replace")
-
-    def close(self) -> int:
-        if self.proc.poll() is None:
-            with contextlib.suppress(BrokenPipeError):
-                self.proc.stdin.close()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        return self.proc.returncode
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-
-def transcript_of(env: dict[str, str]) -> Path:
-    """Where Claude Code keeps a session's transcript: projects/<project dir, each character but
-    ASCII letters and digits as ->/<session id>.jsonl."""
-    project = re.sub(r"[^A-Za-z0-9]", "-", env["CLAUDE_PROJECT_DIR"])
-    return Path(env["CLAUDE_CONFIG_DIR"]) / "projects" / project / f"{env.get('CLAUDE_CODE_SESSION_ID')}.jsonl"
-
-
-def channel_tag(params: dict, source: str = "dispatch") -> str:
-    """A channel event as Claude Code 2.1.330 renders it: meta as attributes after `source`."""
-    attributes = "".join(f' {k}="{v}"' for k, v in params["meta"].items())
-    return f'<channel source="{source}"{attributes}>\n{params["content"]}\n</channel>'
-
-
-def record_channel_event(transcript: Path, session_id: str, params: dict, source: str = "dispatch") -> None:
-    """Append an accepted channel event to a transcript as Claude Code does: the enqueue
-    queue-operation, then the user line of channel origin."""
-    transcript.parent.mkdir(parents=True, exist_ok=True)
-    now = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
-    tag = channel_tag(params, source)
-    lines = [{"type": "queue-operation", "operation": "enqueue", "timestamp": now, "sessionId": session_id,
-              "content": tag},
-             {"type": "user", "message": {"role": "user", "content": tag}, "uuid": str(uuid.uuid4()),
-              "timestamp": now, "sessionId": session_id, "origin": {"kind": "channel", "server": source}}]
-    with open(transcript, "a") as f:
-        f.write("".join(json.dumps(line) + "\n" for line in lines))
 
 
 def plugin_env(broker: BrokerProcess, base: str, name: str | None = None, **extra: str) -> dict[str, str]:
