@@ -26,7 +26,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 CHANNEL_METHOD = "notifications/claude/channel"
 #: What Claude Code 2.1.330 sends first: server/discover (a server without it answers -32601),

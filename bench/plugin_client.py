@@ -1,0 +1,124 @@
+"""The plugin's own BrokerClient in a process of the bench's: sessions at the plugin's cadence,
+and a sender measuring its CPU per `send`. Standard library only, like the plugin.
+
+    python bench/plugin_client.py listeners PLUGIN URL TOKEN BASE START COUNT
+    python bench/plugin_client.py send-loop PLUGIN URL TOKEN NAME TO N
+
+PLUGIN is plugin.pyz (dispatch_plugin.py sits at its root, and imports from the zip) or a
+directory holding dispatch_plugin.py. Both write one JSON object a line on stdout.
+
+listeners: COUNT sessions named BASE-NNNN, one thread each, each as the channel keeps its link:
+identify, then one listen after another (LISTEN_SECONDS, keepalives on it, no ping), a new
+link after a failure with the plugin's capped backoff; mail is reported ({"m", "n", "t"}) and
+acked in batches. What they skip is the stdio side and the transcript: 1,000 of them fit in a
+few processes, where 1,000 plugin processes would not fit this machine.
+
+send-loop: identify as NAME, then N sends to TO, one after another; reports the CPU time of this
+process over the loop ({"n", "cpu_s", "wall_s"}).
+"""
+
+import json
+import os
+import sys
+import threading
+import time
+
+
+def load_plugin(where: str):
+    sys.path.insert(0, where if where.endswith(".pyz") else os.path.dirname(os.path.abspath(where)) if
+                    where.endswith(".py") else where)
+    import dispatch_plugin
+
+    return dispatch_plugin
+
+
+def out(message: dict, lock=threading.Lock()) -> None:
+    with lock:
+        sys.stdout.write(json.dumps(message) + "\n")
+        sys.stdout.flush()
+
+
+def client(plugin, url: str, token: str, name: str):
+    base = plugin.TOKEN_RE.fullmatch(token)[1]
+    config = plugin.Config(url=url, token=token, base=base, name=name, token_source="bench")
+    return plugin.BrokerClient(config)
+
+
+def session(plugin, url: str, token: str, name: str, identified: list, count: int) -> None:
+    backoff = 1.0
+    while True:
+        link = client(plugin, url, token, name)
+        acks: list[str] = []
+        wake = threading.Condition()
+
+        def on_mail(mail: dict) -> None:
+            out({"m": str(mail.get("body", "")), "n": name, "t": time.monotonic()})
+            with wake:
+                acks.append(str(mail["id"]))
+                wake.notify()
+
+        def acker() -> None:  # the plugin's batching: what arrived meanwhile shares one mail.ack
+            while True:
+                with wake:
+                    while not acks:
+                        wake.wait()
+                    batch = acks[:]
+                    acks.clear()
+                try:
+                    link.call("mail.ack", ids=batch)
+                except plugin.DispatchError as exc:
+                    out({"error": f"ack {name}: {exc}"})
+
+        try:
+            link.identify()
+            if name not in identified:
+                identified.append(name)
+                if len(identified) == count:
+                    out({"ready": count})
+            backoff = 1.0
+            threading.Thread(target=acker, daemon=True).start()
+            while True:
+                if link.listen(on_mail) == "superseded":
+                    out({"error": f"{name} superseded"})
+                    return
+        except plugin.ConfigError as exc:
+            out({"error": f"{name}: {exc}"})
+            return
+        except plugin.DispatchError as exc:
+            out({"reconnect": name, "why": str(exc)[:200]})
+        time.sleep(backoff)
+        backoff = min(backoff * 2, plugin.BACKOFF_MAX)
+
+
+def listeners(plugin, url: str, token: str, base: str, start: int, count: int) -> None:
+    identified: list[str] = []
+    threads = [threading.Thread(target=session, args=(plugin, url, token, f"{base}-{i:04d}", identified, count),
+                                daemon=True) for i in range(start, start + count)]
+    for t in threads:
+        t.start()
+        time.sleep(0.002)  # a plugin crowd does not connect in the same millisecond either
+    for t in threads:
+        t.join()
+
+
+def send_loop(plugin, url: str, token: str, name: str, to: str, n: int) -> None:
+    link = client(plugin, url, token, name)
+    link.identify()
+    link.call("send", to=to, body="warm-up")
+    cpu0, wall0 = time.process_time(), time.monotonic()
+    for i in range(n):
+        link.call("send", to=to, body=f"cpu-{i}")
+    out({"n": n, "cpu_s": time.process_time() - cpu0, "wall_s": time.monotonic() - wall0})
+
+
+if __name__ == "__main__":
+    role, where, *rest = sys.argv[1:]
+    dispatch_plugin = load_plugin(where)
+    if role == "listeners":
+        url, token, base, start, count = rest
+        listeners(dispatch_plugin, url, token, base, int(start), int(count))
+    elif role == "send-loop":
+        url, token, name, to, n = rest
+        send_loop(dispatch_plugin, url, token, name, to, int(n))
+    else:
+        raise SystemExit(f"unknown role {role!r}")
