@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """Dispatch benchmarks: the real dist/*.pyz processes, measured against the floor of their own stack.
 
-    python3 bench/run.py [--quick] [--json out.json] [--soak] [--dist DIR] [--profile DIR]
+    python3 bench/run.py [--quick] [--json out.json] [--soak] [--dist DIR] [--plugin FILE] [--profile DIR]
 
-What runs (every figure through dist/broker.pyz and dist/plugin.pyz as built, copied to a
-scratch directory first so a concurrent rebuild cannot change them mid-run):
+What runs (every figure through dist/broker.pyz and dist/plugin.pyz as built, or the --plugin
+file, copied to a scratch directory first so a concurrent rebuild cannot change them mid-run):
 
   size       each .pyz in bytes
   startup    `python3 -I -c pass` spawn -> exit (the interpreter's own start, the floor);
@@ -32,8 +32,9 @@ scratch directory first so a concurrent rebuild cannot change them mid-run):
              listen(120 s) re-issued at once, keepalives on it, no ping), a fan-out to them at
              each level; --soak keeps the largest level for 10 minutes with a fan-out every 30 s
 
-The broker runs as `broker.pyz serve --synchronous FULL` on 127.0.0.1 (ephemeral port) with its
-defaults otherwise (per-recipient cap 10,000, INFO logging to a file). Tokens are minted with
+The broker runs as `broker.pyz serve --synchronous FULL --rate 0` on 127.0.0.1 (ephemeral port):
+no per-base rate limit, its defaults otherwise (per-recipient cap 10,000, 1,000 names a base,
+INFO logging to a file). Tokens are minted with
 `broker.pyz token add BASE --tokens FILE`: base `snd` for senders, `rcv` for receiver plugins,
 `lsn` for the scale sessions, `cpu` for the send loop. Plugins are driven over stdio as Claude
 Code drives them (tests/harness.py, shared with the tests): server/discover (-> -32601),
@@ -292,7 +293,10 @@ class BrokerProc:
     def start(self, timeout: float = 120) -> float:
         """Spawn and poll /healthz; seconds from spawn to the first 200."""
         args = [self.bench.py, str(self.bench.broker_pyz), "serve", "--host", "127.0.0.1", "--port", str(self.port),
-                "--db", str(self.db), "--tokens", str(self.bench.tokens_file), "--synchronous", self.bench.args.synchronous]
+                "--db", str(self.db), "--tokens", str(self.bench.tokens_file), "--synchronous", self.bench.args.synchronous,
+                # The per-base rate limit is a policy, not a cost: off, so the bench finds what the
+                # broker can carry (a fan-out to 1,000 costs a base 1,000 of its 1,000-message burst).
+                "--rate", "0"]
         t0 = now()
         self.proc = self.bench.children.add(subprocess.Popen(
             args, stdout=subprocess.DEVNULL, stderr=open(self.log, "ab"), env=self.bench.env(self.bench.broker_root),
@@ -443,13 +447,17 @@ class Bench:
         (self.work / "plugins").mkdir()
         # Copy: another process may rebuild dist/ while we run, and pex keys its cache on content.
         self.broker_pyz = self.work / "broker.pyz"
-        self.plugin_pyz = self.work / "plugin.pyz"
+        # The plugin every plugin process runs: dist's plugin.pyz, or --plugin (dispatch_plugin.py
+        # as the Claude Code plugin package runs it from a checkout, or another .pyz).
+        plugin = Path(args.plugin).resolve() if args.plugin else dist / "plugin.pyz"
+        self.plugin_pyz = self.work / plugin.name
         self.dist_files = {}
-        for name, target in (("broker.pyz", self.broker_pyz), ("plugin.pyz", self.plugin_pyz)):
-            shutil.copyfile(dist / name, target)
+        for name, source, target in (("broker.pyz", dist / "broker.pyz", self.broker_pyz),
+                                     ("plugin" if args.plugin else "plugin.pyz", plugin, self.plugin_pyz)):
+            shutil.copyfile(source, target)
             digest = hashlib.sha256(target.read_bytes()).hexdigest()
-            built = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime((dist / name).stat().st_mtime))
-            self.dist_files[name] = {"sha256": digest, "built": built}
+            built = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(source.stat().st_mtime))
+            self.dist_files[name if name != "plugin" else f"plugin {plugin.name}"] = {"sha256": digest, "built": built}
         self.dist = dist
         self.broker_root = self.work / "pex-broker"  # fresh: the first broker start is the cold one
         self.plugin_root = self.work / "pex-plugin"  # fresh: the first plugin start is the cold one
@@ -1076,6 +1084,12 @@ class Bench:
             "command": " ".join(["python3", "bench/run.py", *sys.argv[1:]]),
             "quick": self.plan.quick, "soak": bool(self.args.soak),
             "machine": machine(), "python": platform.python_version(), "pyz_interpreter": self.py,
+            # What `python3 -I` imports before any code of ours: a site hook (a .pth) shows here,
+            # and in every start-up and RSS figure.
+            "pyz_interpreter_version": subprocess.run([self.py, "-I", "-c", "import platform; print(platform.python_version())"],
+                                                      capture_output=True, text=True).stdout.strip(),
+            "pyz_interpreter_modules_at_start": int(subprocess.run(
+                [self.py, "-I", "-c", "import sys; print(len(sys.modules))"], capture_output=True, text=True).stdout),
             "filesystem": filesystem_of(self.work), "dist": str(self.dist),
             "sqlite": sqlite3.sqlite_version, "plan": asdict(self.plan), "profiles": self.profiles,
             "source": source_state(), "dist_files": self.dist_files,
@@ -1298,6 +1312,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", metavar="FILE", help="write every figure as JSON here")
     p.add_argument("--soak", action="store_true", help="also keep the largest scale level for 10 minutes")
     p.add_argument("--dist", metavar="DIR", help="directory with broker.pyz and plugin.pyz (default: dist/)")
+    p.add_argument("--plugin", metavar="FILE", help="the plugin to run instead of DIST/plugin.pyz (e.g. "
+                   "dispatch_plugin.py, as the Claude Code plugin package runs it)")
     p.add_argument("--python", metavar="EXE", help="interpreter for the .pyz files (default: the base python3)")
     p.add_argument("--workdir", metavar="DIR", help="parent of the scratch directory (default: the temp dir)")
     p.add_argument("--keep", action="store_true", help="keep the scratch directory (logs, databases)")
@@ -1332,6 +1348,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{' — QUICK (indicative only)' if meta['quick'] else ''}")
     print(f"$ {meta['command']}   ({meta['duration_s']} s; other processes used {meta['other_load_cores']} "
           f"of {m['cores']} cores meanwhile)")
+    print(f"plugins and .pyz files on {meta['pyz_interpreter']} (CPython {meta['pyz_interpreter_version']}, "
+          f"{meta['pyz_interpreter_modules_at_start']} modules loaded by `-I -c pass`)")
     print(f"source {meta['source']}; " + "; ".join(f"{n} built {d['built']}, sha256 {d['sha256'][:12]}"
                                                   for n, d in meta["dist_files"].items()) + "\n")
     print(goals_table(results) + "\n")
