@@ -1062,6 +1062,7 @@ class Bench:
     async def run(self) -> dict[str, Any]:
         started = time.time()
         busy0, own0, t0 = machine_busy_s(), own_cpu_s(), now()
+        at_start = machine()  # the load average before the bench adds its own
         self.section_size()
         only = set(self.args.only.split(",")) if self.args.only else {"floor", "plugins", "scale"}
         main = await self.section_startup_and_broker()
@@ -1083,7 +1084,7 @@ class Bench:
             "duration_s": round(time.time() - started, 1),
             "command": " ".join(["python3", "bench/run.py", *sys.argv[1:]]),
             "quick": self.plan.quick, "soak": bool(self.args.soak),
-            "machine": machine(), "python": platform.python_version(), "pyz_interpreter": self.py,
+            "machine": at_start, "python": platform.python_version(), "pyz_interpreter": self.py,
             # What `python3 -I` imports before any code of ours: a site hook (a .pth) shows here,
             # and in every start-up and RSS figure.
             "pyz_interpreter_version": subprocess.run([self.py, "-I", "-c", "import platform; print(platform.python_version())"],
@@ -1347,7 +1348,8 @@ def main(argv: list[str] | None = None) -> int:
           f"Python {meta['python']}, SQLite {meta['sqlite']}, {meta['filesystem']}"
           f"{' — QUICK (indicative only)' if meta['quick'] else ''}")
     print(f"$ {meta['command']}   ({meta['duration_s']} s; other processes used {meta['other_load_cores']} "
-          f"of {m['cores']} cores meanwhile)")
+          f"of {m['cores']} cores meanwhile; load average {' '.join(map(str, m['load_avg_at_start']))} at start, "
+          f"{' '.join(map(str, meta['load_avg_at_end']))} at the end)")
     print(f"plugins and .pyz files on {meta['pyz_interpreter']} (CPython {meta['pyz_interpreter_version']}, "
           f"{meta['pyz_interpreter_modules_at_start']} modules loaded by `-I -c pass`)")
     print(f"source {meta['source']}; " + "; ".join(f"{n} built {d['built']}, sha256 {d['sha256'][:12]}"
