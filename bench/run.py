@@ -487,7 +487,9 @@ class Bench:
     # -- sections ---------------------------------------------------------------------------
 
     def section_size(self) -> None:
-        self.results["size"] = {name: (self.dist / name).stat().st_size for name in ("broker.pyz", "plugin.pyz")}
+        """plugin.pyz, broker.pyz (this machine's broker file) and each platform's broker-*.pyz."""
+        names = ["broker.pyz", "plugin.pyz", *sorted(p.name for p in self.dist.glob("broker-*.pyz"))]
+        self.results["size"] = {name: (self.dist / name).stat().st_size for name in names}
 
     async def section_startup_and_broker(self) -> BrokerProc:
         """Cold then warm starts; returns the main broker (the cold-started one, tokens loaded)."""
@@ -1178,7 +1180,11 @@ def goals(r: dict[str, Any]) -> list[dict[str, Any]]:
     goal("broker RSS with 1,000 idle sessions", "< 250 MB", f"{sc['rss_mb']:.0f} MB" if sc else "-",
          None if not sc else sc["rss_mb"] < 250, f"no sessions: {sc0['rss_mb']:.0f} MB" if sc0 else "—")
     if "broker.pyz" in size:
-        goal("broker.pyz size", "< 20 MB", f"{size['broker.pyz'] / 1e6:.1f} MB", size["broker.pyz"] < 20e6)
+        others = {n: b for n, b in size.items() if n.startswith("broker-")}
+        largest = max(others, key=others.get) if others else None
+        goal("broker.pyz size (this machine's file)", "< 20 MB", f"{size['broker.pyz'] / 1e6:.1f} MB",
+             size["broker.pyz"] < 20e6,
+             note=f"largest platform file: {largest} {others[largest] / 1e6:.1f} MB" if largest else "")
     return out
 
 
