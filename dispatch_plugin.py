@@ -1011,6 +1011,7 @@ class Channel:
         #: "Connection closed", and its stderr nowhere.
         self.broken = ""
         self.verdict = threading.Event()  #: set once the first identify has an outcome
+        self.started = False  #: the link and the prover run (from the first initialize on)
         self.out = sys.stdout.buffer
         self.out_lock = threading.Lock()
         self.client = BrokerClient(config)
@@ -1074,8 +1075,9 @@ class Channel:
             return  # notifications: initialized, cancelled, ...
         if method == "initialize":
             self.respond(request_id, self.initialize_result(params))
-            start_thread(self.keep_link)
-            start_thread(self.prove)
+            if not self.started:
+                self.started = True
+                start_thread(self.keep_link)
         elif method == "ping":
             self.respond(request_id, {})
         elif method == "tools/list":
@@ -1103,14 +1105,16 @@ class Channel:
 
     def keep_link(self) -> None:
         """Identify, then listen while the channel may be on; reconnect with capped backoff.
-        A configuration that can never work stops the link, and every answer says why."""
+        A configuration that can never work stops the link, and every answer says why. First,
+        before anything can be pushed, what the transcript already shows is taken as proven."""
+        self.recall_proven()
+        start_thread(self.prove)
         backoff = 1.0
         while True:
             try:
                 self.client.identify()
                 self.link_up()
                 backoff = 1.0
-                self.recall_proven()
                 self.receive()
             except ConfigError as exc:
                 self.broken = f"Dispatch: {exc}"
@@ -1132,7 +1136,8 @@ class Channel:
 
     def recall_proven(self) -> None:
         """What the transcript already shows (a resumed session, a restarted server) is proven:
-        the broker may push it again, and it must not be shown twice."""
+        the broker may push it again, and it must not be shown twice. Not acked here (a long
+        session's transcript holds thousands): a redelivery of one is acked when it comes."""
         if self.transcript is not None:
             with self.lock:
                 for _, message_id in self.transcript.new_proofs():
