@@ -1031,6 +1031,20 @@ class Listener:
             self.wake.put_nowait((message_id, fresh))
 
 
+def within_bytes(mails, budget: int) -> list[dict[str, Any]]:
+    """The mails' params, oldest first, while their JSON fits in `budget` (at least one, so a
+    single large message can always be read)."""
+    taken, used = [], 0
+    for mail in mails:
+        params = mail.params()
+        size = len(json.dumps(params)) + 2
+        if taken and used + size > budget:
+            break
+        taken.append(params)
+        used += size
+    return taken
+
+
 async def written(listener: Listener, what: str, write) -> bool:
     """Await one write on a listen's stream for at most PUSH_TIMEOUT: a receiver that stopped
     reading must not hold its listener forever. False (and the listen ends) if it failed."""
@@ -1068,6 +1082,17 @@ class Broker:
         self.started = time.time()
 
     # -- identity -----------------------------------------------------------------------------
+
+    def link(self, key: str, token_id: str, base: str) -> Link:
+        """The link `key` names, made on its first request; refused when another token made it."""
+        link = self.links.get(key)
+        if link is None:
+            link = self.links[key] = Link(key, token_id, base)
+        elif link.token_id != token_id:
+            log.warning("refused: session %s replayed with another token (base %s)", key[:12], base)
+            raise Refused("this session belongs to another token", "foreign_session")
+        link.last_used = time.monotonic()
+        return link
 
     def identify(self, link: Link, name: str) -> None:
         check_name(name)
@@ -1121,6 +1146,26 @@ class Broker:
 
     def live_count(self) -> int:
         return sum(1 for name in set(self.listeners) | set(self.listen_ended) if self.is_live(name))
+
+    def status(self, name: str) -> dict[str, Any]:
+        """identify's and ping's answer: the caller's name and base, the broker's time, its pending count."""
+        now = time.time()
+        return {"ok": True, "name": name, "base": base_of(name), "server_time": iso_time(now),
+                "pending": self.store.count_pending(name, now)}
+
+    def who(self, me: str) -> list[dict[str, Any]]:
+        """Every known participant, and how many of `me`'s messages each has not acked yet."""
+        pending = self.store.pending_from(me, time.time())
+        return [{"name": n, "base": b, "live": self.is_live(n), "last_seen": iso_time(seen),
+                 "pending_for_you": pending.get(n, 0)}
+                for n, b, seen in self.store.participants()]
+
+    def mail_pending(self) -> int:
+        """Stored messages not acked yet and not expired, of everyone."""
+        return self.store.count_all_pending(time.time())
+
+    def database_bytes(self) -> int:
+        return self.store.size()
 
     # -- sending ------------------------------------------------------------------------------
 
@@ -1219,7 +1264,7 @@ class Broker:
     def check_storage(self, incoming: int) -> None:
         """Refuse mail that would take the database past --max-db. Only new mail is refused:
         nothing stored is ever deleted to make room."""
-        used = self.store.size()
+        used = self.database_bytes()
         if used + incoming > self.max_db:
             log.warning("storage full: %d bytes in use, %d more asked, limit %d", used, incoming, self.max_db)
             raise StorageFull(f"mailbox storage full: the broker's database holds {used / 2**20:.1f} MiB of its "
@@ -1244,6 +1289,14 @@ class Broker:
         return self.send(sender, to, body, chat_id=chat_id, client_msg_id=client_msg_id)
 
     # -- receiving ----------------------------------------------------------------------------
+
+    def inbox(self, name: str, peek: bool, limit: int) -> dict[str, Any]:
+        """Pull mode: the count of `name`'s pending mail and, unless `peek`, the oldest of it, at
+        most `limit` messages and about INBOX_MAX_BYTES."""
+        now = time.time()
+        count = self.store.count_pending(name, now)
+        messages = [] if peek else within_bytes(self.store.iter_pending(name, now, limit), INBOX_MAX_BYTES // 2)
+        return {"pending": count, "messages": messages}
 
     async def listen(self, name: str, link: Link, push, keepalive, wait_s: float, disconnected=None) -> str:
         """Push the participant's mail on this call's stream until wait_s passes, a newer
@@ -1489,15 +1542,7 @@ def build_app(broker: Broker, verifier: TokenVerifier, allowed_hosts: list[str],
         key = headers.get("mcp-session-id") or headers.get(LINK_HEADER)
         if token is None or not key:
             raise Refused(f"no session: use a stateful MCP session or send a {LINK_HEADER} header", "no_session")
-        link = broker.links.get(key)
-        if link is None:
-            link = broker.links[key] = Link(key, token.client_id, (token.claims or {})["base"])
-        elif link.token_id != token.client_id:
-            log.warning("refused: session %s replayed with another token (base %s)", key[:12],
-                        (token.claims or {}).get("base"))
-            raise Refused("this session belongs to another token", "foreign_session")
-        link.last_used = time.monotonic()
-        return link
+        return broker.link(key, token.client_id, (token.claims or {})["base"])
 
     def send_result(result: dict[str, Any]) -> CallToolResult:
         text = describe_send(result)
@@ -1525,9 +1570,8 @@ def build_app(broker: Broker, verifier: TokenVerifier, allowed_hosts: list[str],
         """Bind this connection to participant `name` (first call on a connection). The name's base
         must be your token's base. When a newer session of the same name listens, it takes over
         receiving and the older listen ends as superseded."""
-        link = link_of(ctx)
-        broker.identify(link, name)
-        return ping_result(broker, name)
+        broker.identify(link_of(ctx), name)
+        return broker.status(name)
 
     @server.tool()
     async def send(
@@ -1555,7 +1599,7 @@ def build_app(broker: Broker, verifier: TokenVerifier, allowed_hosts: list[str],
         """Health probe and heartbeat: your name, base, the broker's time and your pending count."""
         name = broker.caller(link_of(ctx))
         broker.seen(name)
-        return ping_result(broker, name)
+        return broker.status(name)
 
     @server.tool(name="mail.ack")
     async def mail_ack(
@@ -1601,13 +1645,7 @@ def build_app(broker: Broker, verifier: TokenVerifier, allowed_hosts: list[str],
     async def who(ctx: Context) -> WhoResult:
         """List every known participant: name, base, live (listening now), last_seen, and how
         many of your messages each has not acked yet."""
-        me = broker.caller(link_of(ctx))
-        pending = broker.store.pending_from(me, time.time())
-        return {"participants": [
-            {"name": n, "base": b, "live": broker.is_live(n), "last_seen": iso_time(seen),
-             "pending_for_you": pending.get(n, 0)}
-            for n, b, seen in broker.store.participants()
-        ]}
+        return {"participants": broker.who(broker.caller(link_of(ctx)))}
 
     @server.tool()
     async def inbox(
@@ -1617,11 +1655,7 @@ def build_app(broker: Broker, verifier: TokenVerifier, allowed_hosts: list[str],
     ) -> InboxResult:
         """Pull mode: your pending (unacked) mail, oldest first, at most `limit` messages and about
         1 MB (`pending` counts them all). Ack what you handled with mail.ack, then ask again."""
-        name = broker.caller(link_of(ctx))
-        now = time.time()
-        count = broker.store.count_pending(name, now)
-        messages = [] if peek else within_bytes(broker.store.iter_pending(name, now, limit), INBOX_MAX_BYTES // 2)
-        return {"pending": count, "messages": messages}
+        return broker.inbox(broker.caller(link_of(ctx)), peek, limit)
 
     @server.custom_route("/healthz", methods=["GET"])
     async def healthz(request):
@@ -1643,20 +1677,6 @@ def build_app(broker: Broker, verifier: TokenVerifier, allowed_hosts: list[str],
                                      max_request_body_size=MAX_REQUEST_BYTES,
                                      session_idle_timeout=broker.session_idle_timeout)
     return exact_hosts(guarded(app, failures), allowed_hosts, port)
-
-
-def within_bytes(mails, budget: int) -> list[dict[str, Any]]:
-    """The mails' params, oldest first, while their JSON fits in `budget` (at least one, so a
-    single large message can always be read)."""
-    taken, used = [], 0
-    for mail in mails:
-        params = mail.params()
-        size = len(json.dumps(params)) + 2
-        if taken and used + size > budget:
-            break
-        taken.append(params)
-        used += size
-    return taken
 
 
 def host_security(allowed_hosts: list[str], port: int) -> TransportSecuritySettings:
@@ -1723,15 +1743,15 @@ METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 def metrics_text(broker: Broker, failures: AuthFailures) -> str:
     """GET /metrics: counts and sizes only; no names, bodies or tokens."""
-    m, now = broker.metrics, time.time()
+    m = broker.metrics
     families = [
         ("dispatch_participants_live", "gauge", "Participants listening now (or within the re-listen grace).",
          {(): broker.live_count()}),
         ("dispatch_links", "gauge", "Client connections the broker knows (MCP sessions and Dispatch-Session links).",
          {(): len(broker.links)}),
         ("dispatch_mail_pending", "gauge", "Stored messages not acked yet and not expired.",
-         {(): broker.store.count_all_pending(now)}),
-        ("dispatch_database_bytes", "gauge", "Bytes of database pages in use.", {(): broker.store.size()}),
+         {(): broker.mail_pending()}),
+        ("dispatch_database_bytes", "gauge", "Bytes of database pages in use.", {(): broker.database_bytes()}),
         ("dispatch_database_limit_bytes", "gauge", "--max-db: new mail is refused past it.", {(): broker.max_db}),
         ("dispatch_sends_total", "counter", "send and reply calls that stored mail.", {(): m.sends}),
         ("dispatch_messages_stored_total", "counter", "Messages stored, one per recipient.", {(): m.stored}),
@@ -1757,12 +1777,6 @@ def metrics_text(broker: Broker, failures: AuthFailures) -> str:
             label_text = "{" + ",".join(f'{k}="{v}"' for k, v in labels) + "}" if labels else ""
             lines.append(f"{name}{label_text} {number}")
     return "\n".join(lines) + "\n"
-
-
-def ping_result(broker: Broker, name: str) -> dict[str, Any]:
-    now = time.time()
-    return {"ok": True, "name": name, "base": base_of(name), "server_time": iso_time(now),
-            "pending": broker.store.count_pending(name, now)}
 
 
 def describe_send(result: dict[str, Any]) -> str:
