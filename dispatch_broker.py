@@ -79,6 +79,8 @@ DEFAULT_BURST = 1000
 #: retries at once would cost it a request a millisecond and slow every other base's mail; paused,
 #: it costs one request a second per connection.
 RATE_LIMITED_PAUSE = 1.0
+#: SQLite's fsync level for stored mail: FULL, so an answered send survives a power cut.
+DEFAULT_SYNCHRONOUS = "FULL"
 #: A pushed message not acked within this many seconds is pushed again (attempt + 1, same id).
 DEFAULT_ACK_TIMEOUT = 15.0
 #: One push may take this long; a receiver that stopped reading must not hold its listener forever.
@@ -284,6 +286,14 @@ def non_negative_number(text: str) -> float:
     return float(text)
 
 
+def format_duration(seconds: float) -> str:
+    """Seconds as parse_duration reads them back: '72h', '30m', '15s'."""
+    for unit, size in (("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
+
+
 @argument
 def byte_size(text: str) -> int:
     """'1G', '500M', '64K' (binary multiples) or bytes -> bytes."""
@@ -291,6 +301,14 @@ def byte_size(text: str) -> int:
     if not match or int(match[1]) < 1:
         raise ValueError(f"not a size: {text!r} (use e.g. 500M, 1G, or bytes)")
     return int(match[1]) << {"": 0, "K": 10, "M": 20, "G": 30}[match[2]]
+
+
+def format_size(size: int) -> str:
+    """Bytes as byte_size reads them back: '1G', '500M', '64K', or bytes."""
+    for unit, shift in (("G", 30), ("M", 20), ("K", 10)):
+        if size >= 1 << shift and size % (1 << shift) == 0:
+            return f"{size >> shift}{unit}"
+    return str(size)
 
 
 @argument
@@ -556,7 +574,7 @@ class Store:
     plugin drops by id. It saves an fsync on every push and ack, and the loop waits for each one.
     """
 
-    def __init__(self, path: str, *, synchronous: str = "FULL"):
+    def __init__(self, path: str, *, synchronous: str = DEFAULT_SYNCHRONOUS):
         self.path = path
         self.synchronous = synchronous  #: the level of durable commits, a keyword checked by argparse
         self.level = ""  #: the level the connection is at now
@@ -1953,17 +1971,22 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=port_number, default=DEFAULT_PORT, help="TCP port (default %(default)s)")
     s.add_argument("--db", help="SQLite file (default $STATE_DIRECTORY/dispatch.db or ./dispatch.db)")
     s.add_argument("--tokens", help="tokens file (default $CREDENTIALS_DIRECTORY/tokens or ./tokens)")
-    s.add_argument("--ttl", type=parse_duration, default="72h", help="how long undelivered mail is kept (default 72h)")
+    s.add_argument("--ttl", type=parse_duration, default=DEFAULT_TTL,
+                   help=f"how long undelivered mail is kept (default {format_duration(DEFAULT_TTL)})")
     s.add_argument("--max-body", type=positive_int, default=DEFAULT_MAX_BODY, help="largest body in bytes (default %(default)s)")
     s.add_argument("--max-pending", type=positive_int, default=DEFAULT_MAX_PENDING, help="unacked messages per recipient (default %(default)s)")
     s.add_argument("--max-names", type=positive_int, default=DEFAULT_MAX_NAMES, help="names one base may create (default %(default)s)")
-    s.add_argument("--max-db", type=byte_size, default="1G", help="database size past which new mail is refused, e.g. 500M, 1G (default 1G)")
+    s.add_argument("--max-db", type=byte_size, default=DEFAULT_MAX_DB,
+                   help=f"database size past which new mail is refused, e.g. 500M, 1G (default {format_size(DEFAULT_MAX_DB)})")
     s.add_argument("--rate", type=non_negative_number, default=DEFAULT_RATE, help="messages a second per base, one per recipient; 0 for no limit (default %(default)g)")
     s.add_argument("--burst", type=positive_int, default=DEFAULT_BURST, help="messages a base may send at once (default %(default)s)")
-    s.add_argument("--ack-timeout", type=parse_duration, default="15s", help="push again if not acked within (default 15s)")
-    s.add_argument("--session-idle-timeout", type=parse_duration, default="30m",
-                   help="forget a client connection that made no request for this long (default 30m)")
-    s.add_argument("--synchronous", choices=list(DURABILITY), default="FULL", help="SQLite fsync level (default FULL: survives power loss)")
+    s.add_argument("--ack-timeout", type=parse_duration, default=DEFAULT_ACK_TIMEOUT,
+                   help=f"push again if not acked within (default {format_duration(DEFAULT_ACK_TIMEOUT)})")
+    s.add_argument("--session-idle-timeout", type=parse_duration, default=DEFAULT_SESSION_IDLE_TIMEOUT,
+                   help="forget a client connection that made no request for this long "
+                        f"(default {format_duration(DEFAULT_SESSION_IDLE_TIMEOUT)})")
+    s.add_argument("--synchronous", choices=list(DURABILITY), default=DEFAULT_SYNCHRONOUS,
+                   help="SQLite fsync level (default %(default)s: survives power loss)")
     s.add_argument("--allowed-host", action="append", type=host_name, default=[],
                    help="Host header the broker answers to besides loopback, e.g. dispatch.example.net (repeatable)")
     s.add_argument("--tls-cert", help="PEM certificate: serve HTTPS directly")
