@@ -81,6 +81,13 @@ DEFAULT_BURST = 1000
 RATE_LIMITED_PAUSE = 1.0
 #: SQLite's fsync level for stored mail: FULL, so an answered send survives a power cut.
 DEFAULT_SYNCHRONOUS = "FULL"
+#: What each --synchronous level means for a `send` that was answered, logged at start.
+DURABILITY = {
+    "FULL": "a send is fsynced before it is answered: it survives a broker crash and a power cut",
+    "NORMAL": "a send survives a broker crash; a power cut may lose the last sends answered",
+}
+
+
 #: A pushed message not acked within this many seconds is pushed again (attempt + 1, same id).
 DEFAULT_ACK_TIMEOUT = 15.0
 #: One push may take this long; a receiver that stopped reading must not hold its listener forever.
@@ -519,6 +526,10 @@ SQL_SET_META = "INSERT INTO meta (key, value) VALUES (?, ?)"
 # --------------------------------------------------------------------------------------------
 
 
+def iso_time(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts * 1000) % 1000:03d}Z"
+
+
 @dataclass
 class Mail:
     """One message as one recipient sees it."""
@@ -542,10 +553,6 @@ class Mail:
             "sent_at": iso_time(self.sent_at),
             "attempt": self.attempt,
         }
-
-
-def iso_time(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts * 1000) % 1000:03d}Z"
 
 
 #: SQLite keeps at most this many bound parameters a statement (999 in older builds).
@@ -823,6 +830,20 @@ def mint_token(path: Path, base: str) -> tuple[Token, str]:
     return token, plaintext
 
 
+#: Per request: a dict the auth middleware sets up and verify_token (which runs below it, in the
+#: same task) writes why a token was refused into.
+AUTH_NOTE: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("dispatch_auth_note", default=None)
+#: The refusal reasons, and their /metrics label (a fixed word, never the token).
+AUTH_REASONS = {"malformed token": "malformed", "unknown or revoked token": "unknown", "no bearer token": "missing",
+                "bad metrics token": "metrics"}
+
+
+def note_auth_failure(reason: str) -> None:
+    note = AUTH_NOTE.get()
+    if note is not None:
+        note["reason"] = reason
+
+
 class TokenVerifier:
     """The SDK's `token_verifier`: bearer token -> AccessToken(client_id=token id, claims.base).
 
@@ -856,20 +877,6 @@ class TokenVerifier:
             note_auth_failure("unknown or revoked token")
             return None
         return AccessToken(token=token, client_id=found.id, scopes=[], claims={"base": found.base})
-
-
-#: Per request: a dict the auth middleware sets up and verify_token (which runs below it, in the
-#: same task) writes why a token was refused into.
-AUTH_NOTE: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("dispatch_auth_note", default=None)
-#: The refusal reasons, and their /metrics label (a fixed word, never the token).
-AUTH_REASONS = {"malformed token": "malformed", "unknown or revoked token": "unknown", "no bearer token": "missing",
-                "bad metrics token": "metrics"}
-
-
-def note_auth_failure(reason: str) -> None:
-    note = AUTH_NOTE.get()
-    if note is not None:
-        note["reason"] = reason
 
 
 @dataclass
@@ -1007,7 +1014,6 @@ class Metrics:
         self.dropped: collections.Counter = collections.Counter()  #: reason -> copies not stored
 
 
-
 @dataclass
 class Link:
     """One client connection (an MCP session, or a 2026-07-28 client's Dispatch-Session id)."""
@@ -1041,7 +1047,7 @@ class Listener:
         self.stopped.set()
         self.wake.put_nowait((None, None))
 
-    def offer(self, message_id: str, fresh: "Mail | None" = None) -> None:
+    def offer(self, message_id: str, fresh: Mail | None = None) -> None:
         """Queue one message for this listener (once, however often it is offered). `fresh`:
         the message as just stored and stamped by its send, pushed without another write."""
         if message_id not in self.queued:
@@ -1539,8 +1545,122 @@ LISTEN_ENDINGS = {
 }
 
 
+def host_security(allowed_hosts: list[str], port: int) -> TransportSecuritySettings:
+    """The SDK's DNS-rebinding protection: loopback and each --allowed-host, on any port. Its
+    `host:*` pattern is a prefix test that lets `127.0.0.1:8765.evil` through, so `exact_hosts`
+    checks the whole value first."""
+    names = ["127.0.0.1", "localhost", "[::1]", *(h.rsplit(":", 1)[0] if re.search(r":[0-9]+$", h) else h
+                                                  for h in allowed_hosts)]
+    hosts = [h for name in names for h in (name, f"{name}:*")]
+    origins = [f"{scheme}://{h}" for scheme in ("http", "https") for name in names[:3] for h in (name, f"{name}:*")]
+    return TransportSecuritySettings(enable_dns_rebinding_protection=True, allowed_hosts=hosts, allowed_origins=origins)
+
+
+def exact_hosts(app, allowed_hosts: list[str], port: int):
+    """Refuse a Host that is not exactly loopback (with any port, or none: a TCP forwarder or an
+    SSH tunnel, `ssh -L 9000:127.0.0.1:8765`, keeps its own) or an --allowed-host (as given, or
+    with this port when given without one), and an Origin that is not exactly loopback; the SDK's
+    own check follows."""
+    loopback = r"(?:127\.0\.0\.1|localhost|\[::1\])(?::[0-9]{1,5})?"
+    allowed = [re.escape(h) + ("" if re.fullmatch(r".*:[0-9]+", h) else f"(?::{port})?") for h in allowed_hosts]
+    host_re = re.compile("|".join([loopback, *allowed]), re.IGNORECASE)
+    origin_re = re.compile(r"https?://(?:127\.0\.0\.1|localhost|\[::1\])(?::[0-9]{1,5})?", re.IGNORECASE)
+
+    async def checked(scope, receive, send):
+        if scope["type"] == "http":
+            headers = dict(scope["headers"])
+            host, origin = headers.get(b"host", b"").decode("latin-1"), headers.get(b"origin")
+            if not host_re.fullmatch(host):
+                return await PlainTextResponse("Invalid Host header", status_code=421)(scope, receive, send)
+            if origin is not None and not origin_re.fullmatch(origin.decode("latin-1")):
+                return await PlainTextResponse("Invalid Origin header", status_code=403)(scope, receive, send)
+        return await app(scope, receive, send)
+
+    return checked
+
+
+def guarded(app, failures: AuthFailures):
+    """Every 401 (a missing, malformed, unknown or revoked token, or a wrong metrics bearer) is
+    counted by client address in `failures`, logged through it, and answered after its delay."""
+
+    async def guard(scope, receive, send):
+        if scope["type"] != "http":
+            return await app(scope, receive, send)
+        note: dict[str, str] = {}
+        AUTH_NOTE.set(note)  # this task's context: verify_token runs below, in the same task
+
+        async def send_answer(message):
+            if message["type"] == "http.response.start" and message["status"] == 401:
+                has_token = any(k == b"authorization" for k, _ in scope["headers"])
+                reason = note.get("reason") or ("malformed Authorization header" if has_token else "no bearer token")
+                delay = failures.record((scope.get("client") or ("?", 0))[0], reason)
+                if delay:
+                    await asyncio.sleep(delay)
+            await send(message)
+
+        return await app(scope, receive, send_answer)
+
+    return guard
+
+
+#: The Prometheus text exposition format, version 0.0.4.
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def metrics_text(broker: Broker, failures: AuthFailures) -> str:
+    """GET /metrics: counts and sizes only; no names, bodies or tokens."""
+    m = broker.metrics
+    families = [
+        ("dispatch_participants_live", "gauge", "Participants listening now (or within the re-listen grace).",
+         {(): broker.live_count()}),
+        ("dispatch_links", "gauge", "Client connections the broker knows (MCP sessions and Dispatch-Session links).",
+         {(): len(broker.links)}),
+        ("dispatch_mail_pending", "gauge", "Stored messages not acked yet and not expired.",
+         {(): broker.mail_pending()}),
+        ("dispatch_database_bytes", "gauge", "Bytes of database pages in use.", {(): broker.database_bytes()}),
+        ("dispatch_database_limit_bytes", "gauge", "--max-db: new mail is refused past it.", {(): broker.max_db}),
+        ("dispatch_sends_total", "counter", "send and reply calls that stored mail.", {(): m.sends}),
+        ("dispatch_messages_stored_total", "counter", "Messages stored, one per recipient.", {(): m.stored}),
+        ("dispatch_repeated_sends_total", "counter", "Sends answered from an earlier client_msg_id, not stored.",
+         {(): m.repeats}),
+        ("dispatch_pushes_total", "counter", "Messages written on a listen stream, redeliveries included.",
+         {(): m.pushes}),
+        ("dispatch_redeliveries_total", "counter", "Pushes of a message not acked in time (attempt 2 and later).",
+         {(): m.redeliveries}),
+        ("dispatch_acks_total", "counter", "Messages acked.", {(): m.acks}),
+        ("dispatch_expired_total", "counter", "Unacked messages purged at their TTL.", {(): m.expired}),
+        ("dispatch_refusals_total", "counter", "Refused tool calls, by reason.",
+         {(("reason", r),): n for r, n in sorted(m.refusals.items())}),
+        ("dispatch_dropped_total", "counter", "Copies of a send not stored for one recipient, by reason.",
+         {(("reason", r),): n for r, n in sorted(m.dropped.items())}),
+        ("dispatch_auth_failures_total", "counter", "Requests refused 401, by reason.",
+         {(("reason", r),): n for r, n in sorted(failures.counts.items())}),
+    ]
+    lines = []
+    for name, kind, help_text, samples in families:
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+        for labels, number in samples.items():
+            label_text = "{" + ",".join(f'{k}="{v}"' for k, v in labels) + "}" if labels else ""
+            lines.append(f"{name}{label_text} {number}")
+    return "\n".join(lines) + "\n"
+
+
+def describe_send(result: dict[str, Any]) -> str:
+    """The tool result text: exactly what happened, in one or two lines."""
+    parts = [f"chat_id {result['chat_id']}."]
+    if result.get("repeat_of"):
+        parts.append(f"A repeat of client_msg_id {result['repeat_of']}: this is the first send's answer; nothing was stored again.")
+    if result["delivered_to"]:
+        parts.append(f"Pushed to {', '.join(result['delivered_to'])} (live; delivery is confirmed by their ack).")
+    if result["queued"]:
+        parts.append("Queued for offline recipients; they get it when they next listen.")
+    for name, why in result["reasons"].items():
+        parts.append(f"Dropped for {name}: {why}.")
+    return " ".join(parts)
+
+
 def build_app(broker: Broker, verifier: TokenVerifier, allowed_hosts: list[str], port: int,
-              failures: "AuthFailures | None" = None, metrics_token: str | None = None):
+              failures: AuthFailures | None = None, metrics_token: str | None = None):
     """The Starlette app: the MCP endpoint at /mcp (bearer auth), GET /healthz (no auth) and,
     with a metrics token, GET /metrics (that bearer)."""
     failures = failures or AuthFailures()
@@ -1697,120 +1817,6 @@ def build_app(broker: Broker, verifier: TokenVerifier, allowed_hosts: list[str],
     return exact_hosts(guarded(app, failures), allowed_hosts, port)
 
 
-def host_security(allowed_hosts: list[str], port: int) -> TransportSecuritySettings:
-    """The SDK's DNS-rebinding protection: loopback and each --allowed-host, on any port. Its
-    `host:*` pattern is a prefix test that lets `127.0.0.1:8765.evil` through, so `exact_hosts`
-    checks the whole value first."""
-    names = ["127.0.0.1", "localhost", "[::1]", *(h.rsplit(":", 1)[0] if re.search(r":[0-9]+$", h) else h
-                                                  for h in allowed_hosts)]
-    hosts = [h for name in names for h in (name, f"{name}:*")]
-    origins = [f"{scheme}://{h}" for scheme in ("http", "https") for name in names[:3] for h in (name, f"{name}:*")]
-    return TransportSecuritySettings(enable_dns_rebinding_protection=True, allowed_hosts=hosts, allowed_origins=origins)
-
-
-def exact_hosts(app, allowed_hosts: list[str], port: int):
-    """Refuse a Host that is not exactly loopback (with any port, or none: a TCP forwarder or an
-    SSH tunnel, `ssh -L 9000:127.0.0.1:8765`, keeps its own) or an --allowed-host (as given, or
-    with this port when given without one), and an Origin that is not exactly loopback; the SDK's
-    own check follows."""
-    loopback = r"(?:127\.0\.0\.1|localhost|\[::1\])(?::[0-9]{1,5})?"
-    allowed = [re.escape(h) + ("" if re.fullmatch(r".*:[0-9]+", h) else f"(?::{port})?") for h in allowed_hosts]
-    host_re = re.compile("|".join([loopback, *allowed]), re.IGNORECASE)
-    origin_re = re.compile(r"https?://(?:127\.0\.0\.1|localhost|\[::1\])(?::[0-9]{1,5})?", re.IGNORECASE)
-
-    async def checked(scope, receive, send):
-        if scope["type"] == "http":
-            headers = dict(scope["headers"])
-            host, origin = headers.get(b"host", b"").decode("latin-1"), headers.get(b"origin")
-            if not host_re.fullmatch(host):
-                return await PlainTextResponse("Invalid Host header", status_code=421)(scope, receive, send)
-            if origin is not None and not origin_re.fullmatch(origin.decode("latin-1")):
-                return await PlainTextResponse("Invalid Origin header", status_code=403)(scope, receive, send)
-        return await app(scope, receive, send)
-
-    return checked
-
-
-def guarded(app, failures: AuthFailures):
-    """Every 401 (a missing, malformed, unknown or revoked token, or a wrong metrics bearer) is
-    counted by client address in `failures`, logged through it, and answered after its delay."""
-
-    async def guard(scope, receive, send):
-        if scope["type"] != "http":
-            return await app(scope, receive, send)
-        note: dict[str, str] = {}
-        AUTH_NOTE.set(note)  # this task's context: verify_token runs below, in the same task
-
-        async def send_answer(message):
-            if message["type"] == "http.response.start" and message["status"] == 401:
-                has_token = any(k == b"authorization" for k, _ in scope["headers"])
-                reason = note.get("reason") or ("malformed Authorization header" if has_token else "no bearer token")
-                delay = failures.record((scope.get("client") or ("?", 0))[0], reason)
-                if delay:
-                    await asyncio.sleep(delay)
-            await send(message)
-
-        return await app(scope, receive, send_answer)
-
-    return guard
-
-
-#: The Prometheus text exposition format, version 0.0.4.
-METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-
-
-def metrics_text(broker: Broker, failures: AuthFailures) -> str:
-    """GET /metrics: counts and sizes only; no names, bodies or tokens."""
-    m = broker.metrics
-    families = [
-        ("dispatch_participants_live", "gauge", "Participants listening now (or within the re-listen grace).",
-         {(): broker.live_count()}),
-        ("dispatch_links", "gauge", "Client connections the broker knows (MCP sessions and Dispatch-Session links).",
-         {(): len(broker.links)}),
-        ("dispatch_mail_pending", "gauge", "Stored messages not acked yet and not expired.",
-         {(): broker.mail_pending()}),
-        ("dispatch_database_bytes", "gauge", "Bytes of database pages in use.", {(): broker.database_bytes()}),
-        ("dispatch_database_limit_bytes", "gauge", "--max-db: new mail is refused past it.", {(): broker.max_db}),
-        ("dispatch_sends_total", "counter", "send and reply calls that stored mail.", {(): m.sends}),
-        ("dispatch_messages_stored_total", "counter", "Messages stored, one per recipient.", {(): m.stored}),
-        ("dispatch_repeated_sends_total", "counter", "Sends answered from an earlier client_msg_id, not stored.",
-         {(): m.repeats}),
-        ("dispatch_pushes_total", "counter", "Messages written on a listen stream, redeliveries included.",
-         {(): m.pushes}),
-        ("dispatch_redeliveries_total", "counter", "Pushes of a message not acked in time (attempt 2 and later).",
-         {(): m.redeliveries}),
-        ("dispatch_acks_total", "counter", "Messages acked.", {(): m.acks}),
-        ("dispatch_expired_total", "counter", "Unacked messages purged at their TTL.", {(): m.expired}),
-        ("dispatch_refusals_total", "counter", "Refused tool calls, by reason.",
-         {(("reason", r),): n for r, n in sorted(m.refusals.items())}),
-        ("dispatch_dropped_total", "counter", "Copies of a send not stored for one recipient, by reason.",
-         {(("reason", r),): n for r, n in sorted(m.dropped.items())}),
-        ("dispatch_auth_failures_total", "counter", "Requests refused 401, by reason.",
-         {(("reason", r),): n for r, n in sorted(failures.counts.items())}),
-    ]
-    lines = []
-    for name, kind, help_text, samples in families:
-        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
-        for labels, number in samples.items():
-            label_text = "{" + ",".join(f'{k}="{v}"' for k, v in labels) + "}" if labels else ""
-            lines.append(f"{name}{label_text} {number}")
-    return "\n".join(lines) + "\n"
-
-
-def describe_send(result: dict[str, Any]) -> str:
-    """The tool result text: exactly what happened, in one or two lines."""
-    parts = [f"chat_id {result['chat_id']}."]
-    if result.get("repeat_of"):
-        parts.append(f"A repeat of client_msg_id {result['repeat_of']}: this is the first send's answer; nothing was stored again.")
-    if result["delivered_to"]:
-        parts.append(f"Pushed to {', '.join(result['delivered_to'])} (live; delivery is confirmed by their ack).")
-    if result["queued"]:
-        parts.append("Queued for offline recipients; they get it when they next listen.")
-    for name, why in result["reasons"].items():
-        parts.append(f"Dropped for {name}: {why}.")
-    return " ".join(parts)
-
-
 # --------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------
@@ -1827,6 +1833,38 @@ def configure_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=fmt, stream=sys.stderr)
     for noisy in ("mcp", "uvicorn.access", "httpx", "sse_starlette"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class ShutdownServer(uvicorn.Server):
+    """uvicorn's server, ending every pending listen as soon as SIGTERM/SIGINT arrives."""
+
+    def __init__(self, config: uvicorn.Config, broker: Broker):
+        super().__init__(config)
+        self.broker = broker
+
+    def handle_exit(self, sig, frame) -> None:
+        asyncio.get_running_loop().call_soon(self.broker.stop_listening)
+        super().handle_exit(sig, frame)
+
+
+def reload_tokens(verifier: TokenVerifier, broker: Broker) -> None:
+    try:
+        verifier.reload()
+    except ConfigError as exc:  # keep the old set rather than lock everyone out
+        log.error("SIGHUP: tokens not reloaded: %s", exc)
+        return
+    broker.tokens_changed(verifier.ids())
+
+
+def print_dev_banner(args: argparse.Namespace, token: str) -> None:
+    url = f"http://{args.host}:{args.port}/mcp"
+    print(f"""Development token (base 'dev'), shown once (each --dev run adds one to {args.tokens or default_tokens_path()}):
+  {token}
+
+Connect a Claude Code session:
+  claude mcp add dispatch -e DISPATCH_URL={url} -e DISPATCH_TOKEN={token} -- python3 {Path('dist/plugin.pyz').resolve()}
+  claude --dangerously-load-development-channels server:dispatch
+""", flush=True)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -1873,45 +1911,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     asyncio.run(run())
     return 0
-
-
-class ShutdownServer(uvicorn.Server):
-    """uvicorn's server, ending every pending listen as soon as SIGTERM/SIGINT arrives."""
-
-    def __init__(self, config: uvicorn.Config, broker: Broker):
-        super().__init__(config)
-        self.broker = broker
-
-    def handle_exit(self, sig, frame) -> None:
-        asyncio.get_running_loop().call_soon(self.broker.stop_listening)
-        super().handle_exit(sig, frame)
-
-
-#: What each --synchronous level means for a `send` that was answered, logged at start.
-DURABILITY = {
-    "FULL": "a send is fsynced before it is answered: it survives a broker crash and a power cut",
-    "NORMAL": "a send survives a broker crash; a power cut may lose the last sends answered",
-}
-
-
-def reload_tokens(verifier: TokenVerifier, broker: Broker) -> None:
-    try:
-        verifier.reload()
-    except ConfigError as exc:  # keep the old set rather than lock everyone out
-        log.error("SIGHUP: tokens not reloaded: %s", exc)
-        return
-    broker.tokens_changed(verifier.ids())
-
-
-def print_dev_banner(args: argparse.Namespace, token: str) -> None:
-    url = f"http://{args.host}:{args.port}/mcp"
-    print(f"""Development token (base 'dev'), shown once (each --dev run adds one to {args.tokens or default_tokens_path()}):
-  {token}
-
-Connect a Claude Code session:
-  claude mcp add dispatch -e DISPATCH_URL={url} -e DISPATCH_TOKEN={token} -- python3 {Path('dist/plugin.pyz').resolve()}
-  claude --dangerously-load-development-channels server:dispatch
-""", flush=True)
 
 
 def cmd_token_add(args: argparse.Namespace) -> int:
