@@ -134,10 +134,10 @@ ACKED_KEEP = 600.0
 ROW_OVERHEAD = 256
 #: An `inbox` answer holds about this much at most; it returns fewer messages, and `pending`
 #: still counts them all. The SDK sends a result twice (structured, and as JSON text), so the
-#: messages get half. Without it `inbox(limit=1000)` over 64 KiB bodies answered tens of MB.
+#: messages get half. A full `limit` of 64 KiB bodies would otherwise be tens of MB in one answer.
 INBOX_MAX_BYTES = 1024 * 1024
 #: Failed logins: one log line an address at most every AUTH_LOG_SECONDS (with the count since the
-#: previous line): one client with a wrong token made 600 lines in 0.35 s.
+#: previous line), so a client looping on a wrong token cannot flood the log.
 AUTH_LOG_SECONDS = 5.0
 #: Failures an address may make before each further one is answered late: 0.25 s, doubling, at
 #: most AUTH_MAX_DELAY. A typo costs nothing; a guessing loop gets one try every 2 s a connection.
@@ -1401,7 +1401,7 @@ class Broker:
 
     def ack(self, name: str, ids: list[str]) -> int:
         # An id of another shape was never made here, so it is nobody's: skipped, not looked up
-        # (a lone surrogate in one made SQLite's encoder raise, and the call crash).
+        # (SQLite's encoder raises on a lone surrogate).
         ids = [i for i in ids if MESSAGE_ID_RE.fullmatch(i)]
         acked, foreign = self.store.ack(name, ids, time.time())
         if foreign:
@@ -1773,7 +1773,7 @@ def build_app(broker: Broker, verifier: TokenVerifier, allowed_hosts: list[str],
 
         # A 2025-11-25 session outlives its requests: the SDK does not cancel this handler when the
         # client goes away, so it must be asked. A 2026-07-28 handler is cancelled with its stream,
-        # and asking 2 times a second costs more than everything else an idle listen does.
+        # so it is not asked: polling each idle listen twice a second is costly (BENCHMARKS.md).
         legacy = bool((ctx.headers or {}).get("mcp-session-id"))
         ended = await broker.listen(name, link, push, keepalive, wait_s, disconnected if legacy else None)
         text = LISTEN_ENDINGS.get(ended, f"listen ended: {ended}")
