@@ -1682,18 +1682,18 @@ def build_app(broker: Broker, verifier: TokenVerifier, allowed_hosts: list[str],
             raise Refused(f"no session: use a stateful MCP session or send a {LINK_HEADER} header", "no_session")
         return broker.link(key, token.client_id, (token.claims or {})["base"])
 
-    def send_result(result: dict[str, Any]) -> CallToolResult:
-        text = describe_send(result)
-        structured = {k: result[k] for k in ("chat_id", "delivered_to", "dropped", "queued")}
-        return CallToolResult(content=[TextContent(type="text", text=text)], structured_content=structured)
-
-    async def paced(send, *args, **kwargs) -> CallToolResult:
-        """send_result(send(*args)); a rate-limited send is refused after RATE_LIMITED_PAUSE."""
+    async def sent(ctx: Context, send, *args, client_msg_id: str | None) -> CallToolResult:
+        """send and reply: `send` (broker.send or broker.reply) from this link's caller, answered
+        as text and structured result; a rate-limited send is refused after RATE_LIMITED_PAUSE."""
+        sender = broker.caller(link_of(ctx))
         try:
-            return send_result(send(*args, **kwargs))
+            result = send(sender, *args, client_msg_id=client_msg_id)
         except RateLimited:
             await asyncio.sleep(RATE_LIMITED_PAUSE)
             raise
+        structured = {k: result[k] for k in ("chat_id", "delivered_to", "dropped", "queued")}
+        return CallToolResult(content=[TextContent(type="text", text=describe_send(result))],
+                              structured_content=structured)
 
     Body = Annotated[str, Field(description="The message text (UTF-8, at most 64 KiB by default).")]
     ClientMsgId = Annotated[str | None, Field(description=(
@@ -1720,7 +1720,7 @@ def build_app(broker: Broker, verifier: TokenVerifier, allowed_hosts: list[str],
     ) -> Annotated[CallToolResult, SendResult]:
         """Send a message. Returns chat_id, delivered_to (pushed to a live listener now),
         queued (stored for an offline recipient) and dropped (will not get it; reason in the text)."""
-        return await paced(broker.send, broker.caller(link_of(ctx)), to, body, client_msg_id=client_msg_id)
+        return await sent(ctx, broker.send, to, body, client_msg_id=client_msg_id)
 
     @server.tool()
     async def reply(
@@ -1730,7 +1730,7 @@ def build_app(broker: Broker, verifier: TokenVerifier, allowed_hosts: list[str],
         client_msg_id: ClientMsgId = None,
     ) -> Annotated[CallToolResult, SendResult]:
         """Reply into a chat: goes to the other party of `chat_id`. Same result as send."""
-        return await paced(broker.reply, broker.caller(link_of(ctx)), chat_id, body, client_msg_id=client_msg_id)
+        return await sent(ctx, broker.reply, chat_id, body, client_msg_id=client_msg_id)
 
     @server.tool()
     async def ping(ctx: Context) -> PingResult:
