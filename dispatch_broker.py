@@ -79,6 +79,15 @@ DEFAULT_BURST = 1000
 #: retries at once would cost it a request a millisecond and slow every other base's mail; paused,
 #: it costs one request a second per connection.
 RATE_LIMITED_PAUSE = 1.0
+#: SQLite's fsync level for stored mail: FULL, so an answered send survives a power cut.
+DEFAULT_SYNCHRONOUS = "FULL"
+#: What each --synchronous level means for a `send` that was answered, logged at start.
+DURABILITY = {
+    "FULL": "a send is fsynced before it is answered: it survives a broker crash and a power cut",
+    "NORMAL": "a send survives a broker crash; a power cut may lose the last sends answered",
+}
+
+
 #: A pushed message not acked within this many seconds is pushed again (attempt + 1, same id).
 DEFAULT_ACK_TIMEOUT = 15.0
 #: One push may take this long; a receiver that stopped reading must not hold its listener forever.
@@ -125,10 +134,10 @@ ACKED_KEEP = 600.0
 ROW_OVERHEAD = 256
 #: An `inbox` answer holds about this much at most; it returns fewer messages, and `pending`
 #: still counts them all. The SDK sends a result twice (structured, and as JSON text), so the
-#: messages get half. Without it `inbox(limit=1000)` over 64 KiB bodies answered tens of MB.
+#: messages get half. A full `limit` of 64 KiB bodies would otherwise be tens of MB in one answer.
 INBOX_MAX_BYTES = 1024 * 1024
 #: Failed logins: one log line an address at most every AUTH_LOG_SECONDS (with the count since the
-#: previous line): one client with a wrong token made 600 lines in 0.35 s.
+#: previous line), so a client looping on a wrong token cannot flood the log.
 AUTH_LOG_SECONDS = 5.0
 #: Failures an address may make before each further one is answered late: 0.25 s, doubling, at
 #: most AUTH_MAX_DELAY. A typo costs nothing; a guessing loop gets one try every 2 s a connection.
@@ -284,6 +293,14 @@ def non_negative_number(text: str) -> float:
     return float(text)
 
 
+def format_duration(seconds: float) -> str:
+    """Seconds as parse_duration reads them back: '72h', '30m', '15s'."""
+    for unit, size in (("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
+
+
 @argument
 def byte_size(text: str) -> int:
     """'1G', '500M', '64K' (binary multiples) or bytes -> bytes."""
@@ -291,6 +308,14 @@ def byte_size(text: str) -> int:
     if not match or int(match[1]) < 1:
         raise ValueError(f"not a size: {text!r} (use e.g. 500M, 1G, or bytes)")
     return int(match[1]) << {"": 0, "K": 10, "M": 20, "G": 30}[match[2]]
+
+
+def format_size(size: int) -> str:
+    """Bytes as byte_size reads them back: '1G', '500M', '64K', or bytes."""
+    for unit, shift in (("G", 30), ("M", 20), ("K", 10)):
+        if size >= 1 << shift and size % (1 << shift) == 0:
+            return f"{size >> shift}{unit}"
+    return str(size)
 
 
 @argument
@@ -501,6 +526,10 @@ SQL_SET_META = "INSERT INTO meta (key, value) VALUES (?, ?)"
 # --------------------------------------------------------------------------------------------
 
 
+def iso_time(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts * 1000) % 1000:03d}Z"
+
+
 @dataclass
 class Mail:
     """One message as one recipient sees it."""
@@ -524,10 +553,6 @@ class Mail:
             "sent_at": iso_time(self.sent_at),
             "attempt": self.attempt,
         }
-
-
-def iso_time(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts * 1000) % 1000:03d}Z"
 
 
 #: SQLite keeps at most this many bound parameters a statement (999 in older builds).
@@ -556,7 +581,7 @@ class Store:
     plugin drops by id. It saves an fsync on every push and ack, and the loop waits for each one.
     """
 
-    def __init__(self, path: str, *, synchronous: str = "FULL"):
+    def __init__(self, path: str, *, synchronous: str = DEFAULT_SYNCHRONOUS):
         self.path = path
         self.synchronous = synchronous  #: the level of durable commits, a keyword checked by argparse
         self.level = ""  #: the level the connection is at now
@@ -805,6 +830,20 @@ def mint_token(path: Path, base: str) -> tuple[Token, str]:
     return token, plaintext
 
 
+#: Per request: a dict the auth middleware sets up and verify_token (which runs below it, in the
+#: same task) writes why a token was refused into.
+AUTH_NOTE: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("dispatch_auth_note", default=None)
+#: The refusal reasons, and their /metrics label (a fixed word, never the token).
+AUTH_REASONS = {"malformed token": "malformed", "unknown or revoked token": "unknown", "no bearer token": "missing",
+                "bad metrics token": "metrics"}
+
+
+def note_auth_failure(reason: str) -> None:
+    note = AUTH_NOTE.get()
+    if note is not None:
+        note["reason"] = reason
+
+
 class TokenVerifier:
     """The SDK's `token_verifier`: bearer token -> AccessToken(client_id=token id, claims.base).
 
@@ -838,20 +877,6 @@ class TokenVerifier:
             note_auth_failure("unknown or revoked token")
             return None
         return AccessToken(token=token, client_id=found.id, scopes=[], claims={"base": found.base})
-
-
-#: Per request: a dict the auth middleware sets up and verify_token (which runs below it, in the
-#: same task) writes why a token was refused into.
-AUTH_NOTE: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("dispatch_auth_note", default=None)
-#: The refusal reasons, and their /metrics label (a fixed word, never the token).
-AUTH_REASONS = {"malformed token": "malformed", "unknown or revoked token": "unknown", "no bearer token": "missing",
-                "bad metrics token": "metrics"}
-
-
-def note_auth_failure(reason: str) -> None:
-    note = AUTH_NOTE.get()
-    if note is not None:
-        note["reason"] = reason
 
 
 @dataclass
@@ -989,7 +1014,6 @@ class Metrics:
         self.dropped: collections.Counter = collections.Counter()  #: reason -> copies not stored
 
 
-
 @dataclass
 class Link:
     """One client connection (an MCP session, or a 2026-07-28 client's Dispatch-Session id)."""
@@ -1023,12 +1047,26 @@ class Listener:
         self.stopped.set()
         self.wake.put_nowait((None, None))
 
-    def offer(self, message_id: str, fresh: "Mail | None" = None) -> None:
+    def offer(self, message_id: str, fresh: Mail | None = None) -> None:
         """Queue one message for this listener (once, however often it is offered). `fresh`:
         the message as just stored and stamped by its send, pushed without another write."""
         if message_id not in self.queued:
             self.queued.add(message_id)
             self.wake.put_nowait((message_id, fresh))
+
+
+def within_bytes(mails, budget: int) -> list[dict[str, Any]]:
+    """The mails' params, oldest first, while their JSON fits in `budget` (at least one, so a
+    single large message can always be read)."""
+    taken, used = [], 0
+    for mail in mails:
+        params = mail.params()
+        size = len(json.dumps(params)) + 2
+        if taken and used + size > budget:
+            break
+        taken.append(params)
+        used += size
+    return taken
 
 
 async def written(listener: Listener, what: str, write) -> bool:
@@ -1068,6 +1106,17 @@ class Broker:
         self.started = time.time()
 
     # -- identity -----------------------------------------------------------------------------
+
+    def link(self, key: str, token_id: str, base: str) -> Link:
+        """The link `key` names, made on its first request; refused when another token made it."""
+        link = self.links.get(key)
+        if link is None:
+            link = self.links[key] = Link(key, token_id, base)
+        elif link.token_id != token_id:
+            log.warning("refused: session %s replayed with another token (base %s)", key[:12], base)
+            raise Refused("this session belongs to another token", "foreign_session")
+        link.last_used = time.monotonic()
+        return link
 
     def identify(self, link: Link, name: str) -> None:
         check_name(name)
@@ -1121,6 +1170,26 @@ class Broker:
 
     def live_count(self) -> int:
         return sum(1 for name in set(self.listeners) | set(self.listen_ended) if self.is_live(name))
+
+    def status(self, name: str) -> dict[str, Any]:
+        """identify's and ping's answer: the caller's name and base, the broker's time, its pending count."""
+        now = time.time()
+        return {"ok": True, "name": name, "base": base_of(name), "server_time": iso_time(now),
+                "pending": self.store.count_pending(name, now)}
+
+    def who(self, me: str) -> list[dict[str, Any]]:
+        """Every known participant, and how many of `me`'s messages each has not acked yet."""
+        pending = self.store.pending_from(me, time.time())
+        return [{"name": n, "base": b, "live": self.is_live(n), "last_seen": iso_time(seen),
+                 "pending_for_you": pending.get(n, 0)}
+                for n, b, seen in self.store.participants()]
+
+    def mail_pending(self) -> int:
+        """Stored messages not acked yet and not expired, of everyone."""
+        return self.store.count_all_pending(time.time())
+
+    def database_bytes(self) -> int:
+        return self.store.size()
 
     # -- sending ------------------------------------------------------------------------------
 
@@ -1219,7 +1288,7 @@ class Broker:
     def check_storage(self, incoming: int) -> None:
         """Refuse mail that would take the database past --max-db. Only new mail is refused:
         nothing stored is ever deleted to make room."""
-        used = self.store.size()
+        used = self.database_bytes()
         if used + incoming > self.max_db:
             log.warning("storage full: %d bytes in use, %d more asked, limit %d", used, incoming, self.max_db)
             raise StorageFull(f"mailbox storage full: the broker's database holds {used / 2**20:.1f} MiB of its "
@@ -1244,6 +1313,14 @@ class Broker:
         return self.send(sender, to, body, chat_id=chat_id, client_msg_id=client_msg_id)
 
     # -- receiving ----------------------------------------------------------------------------
+
+    def inbox(self, name: str, peek: bool, limit: int) -> dict[str, Any]:
+        """Pull mode: the count of `name`'s pending mail and, unless `peek`, the oldest of it, at
+        most `limit` messages and about INBOX_MAX_BYTES."""
+        now = time.time()
+        count = self.store.count_pending(name, now)
+        messages = [] if peek else within_bytes(self.store.iter_pending(name, now, limit), INBOX_MAX_BYTES // 2)
+        return {"pending": count, "messages": messages}
 
     async def listen(self, name: str, link: Link, push, keepalive, wait_s: float, disconnected=None) -> str:
         """Push the participant's mail on this call's stream until wait_s passes, a newer
@@ -1324,7 +1401,7 @@ class Broker:
 
     def ack(self, name: str, ids: list[str]) -> int:
         # An id of another shape was never made here, so it is nobody's: skipped, not looked up
-        # (a lone surrogate in one made SQLite's encoder raise, and the call crash).
+        # (SQLite's encoder raises on a lone surrogate).
         ids = [i for i in ids if MESSAGE_ID_RE.fullmatch(i)]
         acked, foreign = self.store.ack(name, ids, time.time())
         if foreign:
@@ -1468,197 +1545,6 @@ LISTEN_ENDINGS = {
 }
 
 
-def build_app(broker: Broker, verifier: TokenVerifier, allowed_hosts: list[str], port: int,
-              failures: "AuthFailures | None" = None, metrics_token: str | None = None):
-    """The Starlette app: the MCP endpoint at /mcp (bearer auth), GET /healthz (no auth) and,
-    with a metrics token, GET /metrics (that bearer)."""
-    failures = failures or AuthFailures()
-    server = DispatchServer(
-        "dispatch",
-        version=__version__,
-        instructions=INSTRUCTIONS,
-        token_verifier=verifier,
-        # Resource-server-only auth: no OAuth routes, just the bearer check before MCP runs.
-        auth=AuthSettings(issuer_url="http://127.0.0.1", resource_server_url=None),
-        metrics=broker.metrics,
-    )
-
-    def link_of(ctx: Context) -> Link:
-        token = get_access_token()
-        headers = ctx.headers or {}
-        key = headers.get("mcp-session-id") or headers.get(LINK_HEADER)
-        if token is None or not key:
-            raise Refused(f"no session: use a stateful MCP session or send a {LINK_HEADER} header", "no_session")
-        link = broker.links.get(key)
-        if link is None:
-            link = broker.links[key] = Link(key, token.client_id, (token.claims or {})["base"])
-        elif link.token_id != token.client_id:
-            log.warning("refused: session %s replayed with another token (base %s)", key[:12],
-                        (token.claims or {}).get("base"))
-            raise Refused("this session belongs to another token", "foreign_session")
-        link.last_used = time.monotonic()
-        return link
-
-    def send_result(result: dict[str, Any]) -> CallToolResult:
-        text = describe_send(result)
-        structured = {k: result[k] for k in ("chat_id", "delivered_to", "dropped", "queued")}
-        return CallToolResult(content=[TextContent(type="text", text=text)], structured_content=structured)
-
-    async def paced(send, *args, **kwargs) -> CallToolResult:
-        """send_result(send(*args)); a rate-limited send is refused after RATE_LIMITED_PAUSE."""
-        try:
-            return send_result(send(*args, **kwargs))
-        except RateLimited:
-            await asyncio.sleep(RATE_LIMITED_PAUSE)
-            raise
-
-    Body = Annotated[str, Field(description="The message text (UTF-8, at most 64 KiB by default).")]
-    ClientMsgId = Annotated[str | None, Field(description=(
-        "Optional: your own id for this message (1-64 of A-Z a-z 0-9 _ -). Sending again with the same id "
-        "(from your base, within the mail TTL) returns the first answer and stores nothing: retry safely."))]
-
-    @server.tool()
-    async def identify(
-        name: Annotated[str, Field(description="Participant name: your token's base, or base-suffix, e.g. 'backend-a8b3c1d2'.")],
-        ctx: Context,
-    ) -> PingResult:
-        """Bind this connection to participant `name` (first call on a connection). The name's base
-        must be your token's base. When a newer session of the same name listens, it takes over
-        receiving and the older listen ends as superseded."""
-        link = link_of(ctx)
-        broker.identify(link, name)
-        return ping_result(broker, name)
-
-    @server.tool()
-    async def send(
-        to: Annotated[str, Field(description="A participant name, a base name (all of that base), or '*' (every live participant).")],
-        body: Body,
-        ctx: Context,
-        client_msg_id: ClientMsgId = None,
-    ) -> Annotated[CallToolResult, SendResult]:
-        """Send a message. Returns chat_id, delivered_to (pushed to a live listener now),
-        queued (stored for an offline recipient) and dropped (will not get it; reason in the text)."""
-        return await paced(broker.send, broker.caller(link_of(ctx)), to, body, client_msg_id=client_msg_id)
-
-    @server.tool()
-    async def reply(
-        chat_id: Annotated[str, Field(description="The chat_id of a message you received or sent.")],
-        body: Body,
-        ctx: Context,
-        client_msg_id: ClientMsgId = None,
-    ) -> Annotated[CallToolResult, SendResult]:
-        """Reply into a chat: goes to the other party of `chat_id`. Same result as send."""
-        return await paced(broker.reply, broker.caller(link_of(ctx)), chat_id, body, client_msg_id=client_msg_id)
-
-    @server.tool()
-    async def ping(ctx: Context) -> PingResult:
-        """Health probe and heartbeat: your name, base, the broker's time and your pending count."""
-        name = broker.caller(link_of(ctx))
-        broker.seen(name)
-        return ping_result(broker, name)
-
-    @server.tool(name="mail.ack")
-    async def mail_ack(
-        ids: Annotated[list[str], Field(description="Message ids you have delivered.", max_length=10_000)],
-        ctx: Context,
-    ) -> AckResult:
-        """Mark messages addressed to you as delivered, so they are not pushed again."""
-        return {"acked": broker.ack(broker.caller(link_of(ctx)), ids)}
-
-    @server.tool()
-    async def listen(
-        wait_s: Annotated[float, Field(description="Seconds to stay open (at most 300).", ge=0, le=MAX_LISTEN_SECONDS)],
-        ctx: Context,
-    ) -> Annotated[CallToolResult, ListenResult]:
-        """Receive: while this call is pending, your mail arrives as notifications/dispatch/mail on
-        this call's stream; with a progress token, notifications/progress every few seconds without
-        mail proves the stream alive. Returns {ended: why} after wait_s, when a newer listen of yours
-        supersedes it, or when its token is revoked."""
-        link = link_of(ctx)
-        name = broker.caller(link)
-        session, request_id, request = ctx.session, ctx.request_id, ctx.request_context.request
-
-        async def push(params: dict[str, Any]) -> None:
-            await session.send_notification(MailNotification(params=params), related_request_id=request_id)
-
-        async def keepalive(listened: float) -> None:
-            # The SDK's progress mechanism: it rides this call's stream in both protocol eras, and is
-            # a no-op for a client that sent no progress token (it never asked, so it is not told).
-            await ctx.report_progress(round(listened, 1), wait_s)
-
-        async def disconnected() -> bool:
-            return request is not None and await request.is_disconnected()
-
-        # A 2025-11-25 session outlives its requests: the SDK does not cancel this handler when the
-        # client goes away, so it must be asked. A 2026-07-28 handler is cancelled with its stream,
-        # and asking 2 times a second costs more than everything else an idle listen does.
-        legacy = bool((ctx.headers or {}).get("mcp-session-id"))
-        ended = await broker.listen(name, link, push, keepalive, wait_s, disconnected if legacy else None)
-        text = LISTEN_ENDINGS.get(ended, f"listen ended: {ended}")
-        return CallToolResult(content=[TextContent(type="text", text=text)], structured_content={"ended": ended})
-
-    @server.tool()
-    async def who(ctx: Context) -> WhoResult:
-        """List every known participant: name, base, live (listening now), last_seen, and how
-        many of your messages each has not acked yet."""
-        me = broker.caller(link_of(ctx))
-        pending = broker.store.pending_from(me, time.time())
-        return {"participants": [
-            {"name": n, "base": b, "live": broker.is_live(n), "last_seen": iso_time(seen),
-             "pending_for_you": pending.get(n, 0)}
-            for n, b, seen in broker.store.participants()
-        ]}
-
-    @server.tool()
-    async def inbox(
-        ctx: Context,
-        peek: Annotated[bool, Field(description="Only count pending mail.")] = False,
-        limit: Annotated[int, Field(description="At most this many messages.", ge=1, le=INBOX_MAX_LIMIT)] = 50,
-    ) -> InboxResult:
-        """Pull mode: your pending (unacked) mail, oldest first, at most `limit` messages and about
-        1 MB (`pending` counts them all). Ack what you handled with mail.ack, then ask again."""
-        name = broker.caller(link_of(ctx))
-        now = time.time()
-        count = broker.store.count_pending(name, now)
-        messages = [] if peek else within_bytes(broker.store.iter_pending(name, now, limit), INBOX_MAX_BYTES // 2)
-        return {"pending": count, "messages": messages}
-
-    @server.custom_route("/healthz", methods=["GET"])
-    async def healthz(request):
-        return JSONResponse({"ok": True, "version": __version__, "uptime": round(time.time() - broker.started, 1)})
-
-    if metrics_token:
-        expected = f"Bearer {metrics_token}".encode()
-
-        @server.custom_route("/metrics", methods=["GET"])
-        async def metrics(request):
-            given = request.headers.get("authorization", "").encode()
-            if not hmac.compare_digest(given, expected):
-                note_auth_failure("bad metrics token")
-                return PlainTextResponse("metrics need the metrics bearer token\n", status_code=401,
-                                         headers={"WWW-Authenticate": "Bearer"})
-            return PlainTextResponse(metrics_text(broker, failures), media_type=METRICS_CONTENT_TYPE)
-
-    app = server.streamable_http_app(transport_security=host_security(allowed_hosts, port),
-                                     max_request_body_size=MAX_REQUEST_BYTES,
-                                     session_idle_timeout=broker.session_idle_timeout)
-    return exact_hosts(guarded(app, failures), allowed_hosts, port)
-
-
-def within_bytes(mails, budget: int) -> list[dict[str, Any]]:
-    """The mails' params, oldest first, while their JSON fits in `budget` (at least one, so a
-    single large message can always be read)."""
-    taken, used = [], 0
-    for mail in mails:
-        params = mail.params()
-        size = len(json.dumps(params)) + 2
-        if taken and used + size > budget:
-            break
-        taken.append(params)
-        used += size
-    return taken
-
-
 def host_security(allowed_hosts: list[str], port: int) -> TransportSecuritySettings:
     """The SDK's DNS-rebinding protection: loopback and each --allowed-host, on any port. Its
     `host:*` pattern is a prefix test that lets `127.0.0.1:8765.evil` through, so `exact_hosts`
@@ -1723,15 +1609,15 @@ METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 def metrics_text(broker: Broker, failures: AuthFailures) -> str:
     """GET /metrics: counts and sizes only; no names, bodies or tokens."""
-    m, now = broker.metrics, time.time()
+    m = broker.metrics
     families = [
         ("dispatch_participants_live", "gauge", "Participants listening now (or within the re-listen grace).",
          {(): broker.live_count()}),
         ("dispatch_links", "gauge", "Client connections the broker knows (MCP sessions and Dispatch-Session links).",
          {(): len(broker.links)}),
         ("dispatch_mail_pending", "gauge", "Stored messages not acked yet and not expired.",
-         {(): broker.store.count_all_pending(now)}),
-        ("dispatch_database_bytes", "gauge", "Bytes of database pages in use.", {(): broker.store.size()}),
+         {(): broker.mail_pending()}),
+        ("dispatch_database_bytes", "gauge", "Bytes of database pages in use.", {(): broker.database_bytes()}),
         ("dispatch_database_limit_bytes", "gauge", "--max-db: new mail is refused past it.", {(): broker.max_db}),
         ("dispatch_sends_total", "counter", "send and reply calls that stored mail.", {(): m.sends}),
         ("dispatch_messages_stored_total", "counter", "Messages stored, one per recipient.", {(): m.stored}),
@@ -1759,12 +1645,6 @@ def metrics_text(broker: Broker, failures: AuthFailures) -> str:
     return "\n".join(lines) + "\n"
 
 
-def ping_result(broker: Broker, name: str) -> dict[str, Any]:
-    now = time.time()
-    return {"ok": True, "name": name, "base": base_of(name), "server_time": iso_time(now),
-            "pending": broker.store.count_pending(name, now)}
-
-
 def describe_send(result: dict[str, Any]) -> str:
     """The tool result text: exactly what happened, in one or two lines."""
     parts = [f"chat_id {result['chat_id']}."]
@@ -1777,6 +1657,164 @@ def describe_send(result: dict[str, Any]) -> str:
     for name, why in result["reasons"].items():
         parts.append(f"Dropped for {name}: {why}.")
     return " ".join(parts)
+
+
+def build_app(broker: Broker, verifier: TokenVerifier, allowed_hosts: list[str], port: int,
+              failures: AuthFailures | None = None, metrics_token: str | None = None):
+    """The Starlette app: the MCP endpoint at /mcp (bearer auth), GET /healthz (no auth) and,
+    with a metrics token, GET /metrics (that bearer)."""
+    failures = failures or AuthFailures()
+    server = DispatchServer(
+        "dispatch",
+        version=__version__,
+        instructions=INSTRUCTIONS,
+        token_verifier=verifier,
+        # Resource-server-only auth: no OAuth routes, just the bearer check before MCP runs.
+        auth=AuthSettings(issuer_url="http://127.0.0.1", resource_server_url=None),
+        metrics=broker.metrics,
+    )
+
+    def link_of(ctx: Context) -> Link:
+        token = get_access_token()
+        headers = ctx.headers or {}
+        key = headers.get("mcp-session-id") or headers.get(LINK_HEADER)
+        if token is None or not key:
+            raise Refused(f"no session: use a stateful MCP session or send a {LINK_HEADER} header", "no_session")
+        return broker.link(key, token.client_id, (token.claims or {})["base"])
+
+    async def sent(ctx: Context, send, *args, client_msg_id: str | None) -> CallToolResult:
+        """send and reply: `send` (broker.send or broker.reply) from this link's caller, answered
+        as text and structured result; a rate-limited send is refused after RATE_LIMITED_PAUSE."""
+        sender = broker.caller(link_of(ctx))
+        try:
+            result = send(sender, *args, client_msg_id=client_msg_id)
+        except RateLimited:
+            await asyncio.sleep(RATE_LIMITED_PAUSE)
+            raise
+        structured = {k: result[k] for k in ("chat_id", "delivered_to", "dropped", "queued")}
+        return CallToolResult(content=[TextContent(type="text", text=describe_send(result))],
+                              structured_content=structured)
+
+    Body = Annotated[str, Field(description="The message text (UTF-8, at most 64 KiB by default).")]
+    ClientMsgId = Annotated[str | None, Field(description=(
+        "Optional: your own id for this message (1-64 of A-Z a-z 0-9 _ -). Sending again with the same id "
+        "(from your base, within the mail TTL) returns the first answer and stores nothing: retry safely."))]
+
+    @server.tool()
+    async def identify(
+        name: Annotated[str, Field(description="Participant name: your token's base, or base-suffix, e.g. 'backend-a8b3c1d2'.")],
+        ctx: Context,
+    ) -> PingResult:
+        """Bind this connection to participant `name` (first call on a connection). The name's base
+        must be your token's base. When a newer session of the same name listens, it takes over
+        receiving and the older listen ends as superseded."""
+        broker.identify(link_of(ctx), name)
+        return broker.status(name)
+
+    @server.tool()
+    async def send(
+        to: Annotated[str, Field(description="A participant name, a base name (all of that base), or '*' (every live participant).")],
+        body: Body,
+        ctx: Context,
+        client_msg_id: ClientMsgId = None,
+    ) -> Annotated[CallToolResult, SendResult]:
+        """Send a message. Returns chat_id, delivered_to (pushed to a live listener now),
+        queued (stored for an offline recipient) and dropped (will not get it; reason in the text)."""
+        return await sent(ctx, broker.send, to, body, client_msg_id=client_msg_id)
+
+    @server.tool()
+    async def reply(
+        chat_id: Annotated[str, Field(description="The chat_id of a message you received or sent.")],
+        body: Body,
+        ctx: Context,
+        client_msg_id: ClientMsgId = None,
+    ) -> Annotated[CallToolResult, SendResult]:
+        """Reply into a chat: goes to the other party of `chat_id`. Same result as send."""
+        return await sent(ctx, broker.reply, chat_id, body, client_msg_id=client_msg_id)
+
+    @server.tool()
+    async def ping(ctx: Context) -> PingResult:
+        """Health probe and heartbeat: your name, base, the broker's time and your pending count."""
+        name = broker.caller(link_of(ctx))
+        broker.seen(name)
+        return broker.status(name)
+
+    @server.tool(name="mail.ack")
+    async def mail_ack(
+        ids: Annotated[list[str], Field(description="Message ids you have delivered.", max_length=10_000)],
+        ctx: Context,
+    ) -> AckResult:
+        """Mark messages addressed to you as delivered, so they are not pushed again."""
+        return {"acked": broker.ack(broker.caller(link_of(ctx)), ids)}
+
+    @server.tool()
+    async def listen(
+        wait_s: Annotated[float, Field(description="Seconds to stay open (at most 300).", ge=0, le=MAX_LISTEN_SECONDS)],
+        ctx: Context,
+    ) -> Annotated[CallToolResult, ListenResult]:
+        """Receive: while this call is pending, your mail arrives as notifications/dispatch/mail on
+        this call's stream; with a progress token, notifications/progress every few seconds without
+        mail proves the stream alive. Returns {ended: why} after wait_s, when a newer listen of yours
+        supersedes it, or when its token is revoked."""
+        link = link_of(ctx)
+        name = broker.caller(link)
+        session, request_id, request = ctx.session, ctx.request_id, ctx.request_context.request
+
+        async def push(params: dict[str, Any]) -> None:
+            await session.send_notification(MailNotification(params=params), related_request_id=request_id)
+
+        async def keepalive(listened: float) -> None:
+            # The SDK's progress mechanism: it rides this call's stream in both protocol eras, and is
+            # a no-op for a client that sent no progress token (it never asked, so it is not told).
+            await ctx.report_progress(round(listened, 1), wait_s)
+
+        async def disconnected() -> bool:
+            return request is not None and await request.is_disconnected()
+
+        # A 2025-11-25 session outlives its requests: the SDK does not cancel this handler when the
+        # client goes away, so it must be asked. A 2026-07-28 handler is cancelled with its stream,
+        # so it is not asked: polling each idle listen twice a second is costly (BENCHMARKS.md).
+        legacy = bool((ctx.headers or {}).get("mcp-session-id"))
+        ended = await broker.listen(name, link, push, keepalive, wait_s, disconnected if legacy else None)
+        text = LISTEN_ENDINGS.get(ended, f"listen ended: {ended}")
+        return CallToolResult(content=[TextContent(type="text", text=text)], structured_content={"ended": ended})
+
+    @server.tool()
+    async def who(ctx: Context) -> WhoResult:
+        """List every known participant: name, base, live (listening now), last_seen, and how
+        many of your messages each has not acked yet."""
+        return {"participants": broker.who(broker.caller(link_of(ctx)))}
+
+    @server.tool()
+    async def inbox(
+        ctx: Context,
+        peek: Annotated[bool, Field(description="Only count pending mail.")] = False,
+        limit: Annotated[int, Field(description="At most this many messages.", ge=1, le=INBOX_MAX_LIMIT)] = 50,
+    ) -> InboxResult:
+        """Pull mode: your pending (unacked) mail, oldest first, at most `limit` messages and about
+        1 MB (`pending` counts them all). Ack what you handled with mail.ack, then ask again."""
+        return broker.inbox(broker.caller(link_of(ctx)), peek, limit)
+
+    @server.custom_route("/healthz", methods=["GET"])
+    async def healthz(request):
+        return JSONResponse({"ok": True, "version": __version__, "uptime": round(time.time() - broker.started, 1)})
+
+    if metrics_token:
+        expected = f"Bearer {metrics_token}".encode()
+
+        @server.custom_route("/metrics", methods=["GET"])
+        async def metrics(request):
+            given = request.headers.get("authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                note_auth_failure("bad metrics token")
+                return PlainTextResponse("metrics need the metrics bearer token\n", status_code=401,
+                                         headers={"WWW-Authenticate": "Bearer"})
+            return PlainTextResponse(metrics_text(broker, failures), media_type=METRICS_CONTENT_TYPE)
+
+    app = server.streamable_http_app(transport_security=host_security(allowed_hosts, port),
+                                     max_request_body_size=MAX_REQUEST_BYTES,
+                                     session_idle_timeout=broker.session_idle_timeout)
+    return exact_hosts(guarded(app, failures), allowed_hosts, port)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1795,6 +1833,38 @@ def configure_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=fmt, stream=sys.stderr)
     for noisy in ("mcp", "uvicorn.access", "httpx", "sse_starlette"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class ShutdownServer(uvicorn.Server):
+    """uvicorn's server, ending every pending listen as soon as SIGTERM/SIGINT arrives."""
+
+    def __init__(self, config: uvicorn.Config, broker: Broker):
+        super().__init__(config)
+        self.broker = broker
+
+    def handle_exit(self, sig, frame) -> None:
+        asyncio.get_running_loop().call_soon(self.broker.stop_listening)
+        super().handle_exit(sig, frame)
+
+
+def reload_tokens(verifier: TokenVerifier, broker: Broker) -> None:
+    try:
+        verifier.reload()
+    except ConfigError as exc:  # keep the old set rather than lock everyone out
+        log.error("SIGHUP: tokens not reloaded: %s", exc)
+        return
+    broker.tokens_changed(verifier.ids())
+
+
+def print_dev_banner(args: argparse.Namespace, token: str) -> None:
+    url = f"http://{args.host}:{args.port}/mcp"
+    print(f"""Development token (base 'dev'), shown once (each --dev run adds one to {args.tokens or default_tokens_path()}):
+  {token}
+
+Connect a Claude Code session:
+  claude mcp add dispatch -e DISPATCH_URL={url} -e DISPATCH_TOKEN={token} -- python3 {Path('dist/plugin.pyz').resolve()}
+  claude --dangerously-load-development-channels server:dispatch
+""", flush=True)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -1841,45 +1911,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     asyncio.run(run())
     return 0
-
-
-class ShutdownServer(uvicorn.Server):
-    """uvicorn's server, ending every pending listen as soon as SIGTERM/SIGINT arrives."""
-
-    def __init__(self, config: uvicorn.Config, broker: Broker):
-        super().__init__(config)
-        self.broker = broker
-
-    def handle_exit(self, sig, frame) -> None:
-        asyncio.get_running_loop().call_soon(self.broker.stop_listening)
-        super().handle_exit(sig, frame)
-
-
-#: What each --synchronous level means for a `send` that was answered, logged at start.
-DURABILITY = {
-    "FULL": "a send is fsynced before it is answered: it survives a broker crash and a power cut",
-    "NORMAL": "a send survives a broker crash; a power cut may lose the last sends answered",
-}
-
-
-def reload_tokens(verifier: TokenVerifier, broker: Broker) -> None:
-    try:
-        verifier.reload()
-    except ConfigError as exc:  # keep the old set rather than lock everyone out
-        log.error("SIGHUP: tokens not reloaded: %s", exc)
-        return
-    broker.tokens_changed(verifier.ids())
-
-
-def print_dev_banner(args: argparse.Namespace, token: str) -> None:
-    url = f"http://{args.host}:{args.port}/mcp"
-    print(f"""Development token (base 'dev'), shown once (each --dev run adds one to {args.tokens or default_tokens_path()}):
-  {token}
-
-Connect a Claude Code session:
-  claude mcp add dispatch -e DISPATCH_URL={url} -e DISPATCH_TOKEN={token} -- python3 {Path('dist/plugin.pyz').resolve()}
-  claude --dangerously-load-development-channels server:dispatch
-""", flush=True)
 
 
 def cmd_token_add(args: argparse.Namespace) -> int:
@@ -1939,17 +1970,22 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=port_number, default=DEFAULT_PORT, help="TCP port (default %(default)s)")
     s.add_argument("--db", help="SQLite file (default $STATE_DIRECTORY/dispatch.db or ./dispatch.db)")
     s.add_argument("--tokens", help="tokens file (default $CREDENTIALS_DIRECTORY/tokens or ./tokens)")
-    s.add_argument("--ttl", type=parse_duration, default="72h", help="how long undelivered mail is kept (default 72h)")
+    s.add_argument("--ttl", type=parse_duration, default=DEFAULT_TTL,
+                   help=f"how long undelivered mail is kept (default {format_duration(DEFAULT_TTL)})")
     s.add_argument("--max-body", type=positive_int, default=DEFAULT_MAX_BODY, help="largest body in bytes (default %(default)s)")
     s.add_argument("--max-pending", type=positive_int, default=DEFAULT_MAX_PENDING, help="unacked messages per recipient (default %(default)s)")
     s.add_argument("--max-names", type=positive_int, default=DEFAULT_MAX_NAMES, help="names one base may create (default %(default)s)")
-    s.add_argument("--max-db", type=byte_size, default="1G", help="database size past which new mail is refused, e.g. 500M, 1G (default 1G)")
+    s.add_argument("--max-db", type=byte_size, default=DEFAULT_MAX_DB,
+                   help=f"database size past which new mail is refused, e.g. 500M, 1G (default {format_size(DEFAULT_MAX_DB)})")
     s.add_argument("--rate", type=non_negative_number, default=DEFAULT_RATE, help="messages a second per base, one per recipient; 0 for no limit (default %(default)g)")
     s.add_argument("--burst", type=positive_int, default=DEFAULT_BURST, help="messages a base may send at once (default %(default)s)")
-    s.add_argument("--ack-timeout", type=parse_duration, default="15s", help="push again if not acked within (default 15s)")
-    s.add_argument("--session-idle-timeout", type=parse_duration, default="30m",
-                   help="forget a client connection that made no request for this long (default 30m)")
-    s.add_argument("--synchronous", choices=list(DURABILITY), default="FULL", help="SQLite fsync level (default FULL: survives power loss)")
+    s.add_argument("--ack-timeout", type=parse_duration, default=DEFAULT_ACK_TIMEOUT,
+                   help=f"push again if not acked within (default {format_duration(DEFAULT_ACK_TIMEOUT)})")
+    s.add_argument("--session-idle-timeout", type=parse_duration, default=DEFAULT_SESSION_IDLE_TIMEOUT,
+                   help="forget a client connection that made no request for this long "
+                        f"(default {format_duration(DEFAULT_SESSION_IDLE_TIMEOUT)})")
+    s.add_argument("--synchronous", choices=list(DURABILITY), default=DEFAULT_SYNCHRONOUS,
+                   help="SQLite fsync level (default %(default)s: survives power loss)")
     s.add_argument("--allowed-host", action="append", type=host_name, default=[],
                    help="Host header the broker answers to besides loopback, e.g. dispatch.example.net (repeatable)")
     s.add_argument("--tls-cert", help="PEM certificate: serve HTTPS directly")
