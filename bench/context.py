@@ -1,0 +1,307 @@
+"""One run of the bench: its plan, its scratch directory and copies of the .pyz files, its tokens,
+and the processes every section starts (brokers and plugins from tests/harness.py).
+
+    Bench ──copies──▶ WORK/broker.pyz, WORK/plugin.pyz   (a rebuild mid-run cannot change them)
+          ──spawns──▶ BrokerProc (broker.pyz serve)  ◀── PluginProc × N (plugin.pyz, stdio)
+          ──holds───▶ results{section: figures}, children (each ended by its pid at the end)
+
+A section is a function of a Bench: it starts what it needs here and writes its figures to
+`bench.results`.
+"""
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import re
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from measure import ROOT, base_interpreter, now, proc_sample
+
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
+from harness import AsyncPluginProcess, free_port  # noqa: E402  (the plugin as Claude Code drives it, as the tests do)
+
+BENCH = Path(__file__).resolve().parent
+TOKEN_RE = re.compile(r"^dsp_([a-z0-9]{1,32})_[0-9a-f]{48}$")
+#: Plugins spawned at once while building a crowd.
+SPAWN_BATCH = 8
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How much of each section to run."""
+
+    quick: bool
+    latency_n: int
+    latency_warmup: int
+    seq_n: int  #: messages for the one sequential sender
+    levels: tuple[tuple[int, int], ...]  #: (senders, messages per sender), pipelined
+    depth: int  #: tools/call requests in flight per pipelined sender
+    fanout_reps: int
+    session_levels: tuple[int, ...]  #: live sessions (plugin_client.py listeners) for scale and fan-out
+    idle_window: float  #: seconds of CPU sampling per scale level
+    plugin_warm_reps: int  #: warm plugin starts, each timed to `initialize` and to link up
+    python_reps: int  #: `python3 -I -c pass` runs, the start-up floor
+    broker_warm_reps: int
+    floor_n: int
+    send_cpu_n: int  #: sends in the BrokerClient loop (at most the broker's burst, 1,000: no rate limit)
+    soak_seconds: float = 600.0
+
+    @property
+    def pause(self) -> float:
+        """Settling time between steps (acks land, listens re-register)."""
+        return 0.5 if self.quick else 1.5
+
+
+FULL = Plan(quick=False, latency_n=1000, latency_warmup=50, seq_n=1000, levels=((1, 1000), (10, 300), (50, 100)),
+            depth=8, fanout_reps=3, session_levels=(100, 1000), idle_window=20.0, plugin_warm_reps=10,
+            python_reps=20, broker_warm_reps=3, floor_n=1000, send_cpu_n=1000)
+QUICK = Plan(quick=True, latency_n=150, latency_warmup=20, seq_n=100, levels=((1, 100), (3, 40)), depth=8,
+             fanout_reps=1, session_levels=(50,), idle_window=2.0, plugin_warm_reps=3, python_reps=5,
+             broker_warm_reps=0, floor_n=200, send_cpu_n=200)
+
+
+class Children:
+    """Every process the bench starts, so each can be ended by its own pid at the end."""
+
+    def __init__(self):
+        self.procs: list[Any] = []
+
+    def add(self, proc):
+        self.procs.append(proc)
+        return proc
+
+    def kill_all(self) -> None:
+        for proc in self.procs:
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGKILL)
+        for proc in self.procs:
+            if isinstance(proc, subprocess.Popen):
+                with contextlib.suppress(Exception):
+                    proc.wait(5)
+
+
+class Bench:
+    """The run: options, plan, scratch directory, the copied .pyz files, tokens, results."""
+
+    def __init__(self, args, plan: Plan):
+        self.args, self.plan = args, plan
+        self.children = Children()
+        self.py = args.python or base_interpreter()
+        dist = Path(args.dist).resolve() if args.dist else ROOT / "dist"
+        for name in ("broker.pyz", "plugin.pyz"):
+            if not (dist / name).exists():
+                raise SystemExit(f"{dist / name} is missing: build it with `.venv/bin/python build.py`")
+        base = Path(args.workdir) if args.workdir else Path(tempfile.gettempdir())
+        base.mkdir(parents=True, exist_ok=True)
+        self.work = Path(tempfile.mkdtemp(prefix="dispatch-bench-", dir=base))
+        (self.work / "plugins").mkdir()
+        # Copy: another process may rebuild dist/ while we run, and pex keys its cache on content.
+        # The plugin is dist's plugin.pyz, or --plugin (dispatch_plugin.py as the Claude Code
+        # plugin package runs it from a checkout, or another .pyz).
+        plugin = Path(args.plugin).resolve() if args.plugin else dist / "plugin.pyz"
+        self.broker_pyz, self.plugin_pyz = self.work / "broker.pyz", self.work / plugin.name
+        self.dist, self.dist_files = dist, {}
+        for name, source, target in (("broker.pyz", dist / "broker.pyz", self.broker_pyz),
+                                     (f"plugin {plugin.name}" if args.plugin else "plugin.pyz", plugin, self.plugin_pyz)):
+            shutil.copyfile(source, target)
+            self.dist_files[name] = {"sha256": hashlib.sha256(target.read_bytes()).hexdigest(),
+                                     "built": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(source.stat().st_mtime))}
+        self.broker_root = self.work / "pex-broker"  # fresh: the first broker start is the cold one
+        self.plugin_root = self.work / "pex-plugin"  # fresh: the first plugin start is the cold one
+        self.tokens_file = self.work / "tokens"
+        self.tokens_file.write_text("")  # exists, holds no token yet: the cold broker can start
+        self.tokens: dict[str, str] = {}
+        self.results: dict[str, Any] = {}
+        self.profiles: dict[str, str] = {}
+        self.broker_warm: list[float] = []  # every warm broker start: spare ones and the scale broker
+
+    def env(self, pex_root: Path) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("DISPATCH_", "CLAUDE_", "PEX_"))}
+        env["PEX_ROOT"] = str(pex_root)
+        env["XDG_CONFIG_HOME"] = str(self.work / "xdg-none")  # no user config.toml
+        return env
+
+    def mint(self, base: str) -> str:
+        """A token through the real CLI: `broker.pyz token add BASE --tokens FILE`."""
+        done = subprocess.run([self.py, str(self.broker_pyz), "token", "add", base, "--tokens", str(self.tokens_file)],
+                              capture_output=True, text=True, timeout=300, env=self.env(self.broker_root))
+        token = done.stdout.strip()
+        if done.returncode != 0 or not TOKEN_RE.match(token) or TOKEN_RE.match(token)[1] != base:
+            raise RuntimeError(f"token add {base} failed ({done.returncode}): {done.stdout} {done.stderr}")
+        self.tokens[base] = token
+        return token
+
+    async def start_plugins(self, specs: list[tuple[str, str]], url: str) -> list["PluginProc"]:
+        """Spawn, handshake and connect plugins (name, base), SPAWN_BATCH at a time."""
+        plugins = [PluginProc(self, name, self.tokens[base], url) for name, base in specs]
+        for start in range(0, len(plugins), SPAWN_BATCH):
+            batch = plugins[start:start + SPAWN_BATCH]
+            for p in batch:
+                await p.spawn()
+            await asyncio.gather(*(p.handshake() for p in batch))
+            await asyncio.gather(*(p.wait_connected() for p in batch))
+        return plugins
+
+    def profile_start(self, broker: "BrokerProc", label: str | None, plugins: list | None = None):
+        """With --profile: py-spy record (raw collapsed stacks, 250 Hz) of the broker and the given plugins."""
+        spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+        if not self.args.profile or not label or not Path(spy).exists():
+            return None
+        procs = []
+        for who, pid in [("broker", broker.pid), *((p.name, p.pid) for p in plugins or [])]:
+            out = Path(self.args.profile) / f"{label}.{who}.txt"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            procs.append(self.children.add(subprocess.Popen(
+                [spy, "record", "--pid", str(pid), "--format", "raw", "--rate", "250", "--output", str(out),
+                 "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
+            self.profiles[f"{label}.{who}"] = str(out)
+        time.sleep(0.5)  # let them attach
+        return procs
+
+    @staticmethod
+    def profile_stop(procs) -> None:
+        for proc in procs or []:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+        for proc in procs or []:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(30)
+
+    def cleanup(self) -> None:
+        self.children.kill_all()
+        if self.args.keep:
+            print(f"kept {self.work}", file=sys.stderr)
+        else:
+            shutil.rmtree(self.work, ignore_errors=True)
+
+
+class BrokerProc:
+    """`broker.pyz serve` on 127.0.0.1 with its own database; tokens from the bench's tokens file."""
+
+    def __init__(self, bench: Bench, label: str):
+        self.bench = bench
+        self.dir = bench.work / f"broker-{label}"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.db = self.dir / "dispatch.db"
+        self.log = self.dir / "broker.log"
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/mcp"
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def start(self, timeout: float = 120) -> float:
+        """Spawn and poll /healthz; seconds from spawn to the first 200."""
+        bench = self.bench
+        args = [bench.py, str(bench.broker_pyz), "serve", "--host", "127.0.0.1", "--port", str(self.port),
+                "--db", str(self.db), "--tokens", str(bench.tokens_file), "--synchronous", bench.args.synchronous,
+                # The per-base rate limit is a policy, not a cost: off, so the bench finds what the
+                # broker can carry (a fan-out to 1,000 costs a base 1,000 of its 1,000-message burst).
+                "--rate", "0"]
+        t0 = now()
+        self.proc = bench.children.add(subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=open(self.log, "ab"),
+                                                        env=bench.env(bench.broker_root), cwd=self.dir))
+        while now() < t0 + timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"broker exited {self.proc.returncode}: {self.log.read_text()[-2000:]}")
+            with contextlib.suppress(OSError), urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz",
+                                                                      timeout=2) as r:
+                if r.status == 200:
+                    return now() - t0
+            time.sleep(0.005)
+        raise RuntimeError(f"broker not healthy within {timeout}s: {self.log.read_text()[-2000:]}")
+
+    def reload_tokens(self) -> None:
+        before = self.log.read_text().count("tokens: ")
+        self.proc.send_signal(signal.SIGHUP)
+        deadline = now() + 20
+        while self.log.read_text().count("tokens: ") <= before:
+            if now() > deadline:
+                raise RuntimeError("broker did not reload its tokens on SIGHUP")
+            time.sleep(0.02)
+
+    def sample(self) -> dict[str, float]:
+        return proc_sample(self.proc.pid)
+
+    def query(self, sql: str, *params) -> list[tuple]:
+        """Read the broker's database beside it (WAL lets a reader in while it writes)."""
+        db = sqlite3.connect(self.db, timeout=10)
+        try:
+            return db.execute(sql, params).fetchall()
+        finally:
+            db.close()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+class PluginProc(AsyncPluginProcess):
+    """`plugin.pyz` (no arguments: the channel) driven over stdio as Claude Code drives it
+    (tests/harness.py), its transcript and config dir in the bench's scratch directory."""
+
+    def __init__(self, bench: Bench, name: str, token: str, url: str, pex_root: Path | None = None):
+        env = bench.env(pex_root or bench.plugin_root)
+        env.update({"DISPATCH_URL": url, "DISPATCH_TOKEN": token, "DISPATCH_NAME": name,
+                    "CLAUDE_CONFIG_DIR": str(bench.work / "claude" / name)})
+        super().__init__([bench.py, str(bench.plugin_pyz)], env, name=name, clock=now)
+        self.bench = bench
+
+    async def spawn(self) -> "PluginProc":
+        with open(self.bench.work / "plugins" / f"{self.name}.stderr", "ab") as errors:
+            self.stderr = errors
+            await super().spawn()
+        self.bench.children.add(self.proc)
+        return self
+
+
+class Observer:
+    """The bench's own broker calls (`who`), through the plugin's BrokerClient: never a measured path."""
+
+    def __init__(self, url: str, token: str, name: str):
+        import dispatch_plugin
+
+        config = dispatch_plugin.Config(url=url, token=token, base=TOKEN_RE.match(token)[1], name=name,
+                                        token_source="bench")
+        self.client = dispatch_plugin.BrokerClient(config)
+        self.client.identify()
+
+    def live(self) -> set[str]:
+        return {p["name"] for p in self.client.call("who")[0]["participants"] if p["live"]}
+
+    async def wait_live(self, names: set[str], timeout: float = 120) -> None:
+        deadline = now() + timeout
+        while missing := names - await asyncio.to_thread(self.live):
+            if now() > deadline:
+                raise RuntimeError(f"{len(missing)} participants not live within {timeout}s: {sorted(missing)[:5]}")
+            await asyncio.sleep(0.25)
+
+
+def cpu_of(broker: BrokerProc, pairs) -> dict[str, float]:
+    """CPU seconds so far: the broker, all senders, all receivers of (sender, receiver) plugin pairs."""
+    return {"broker": broker.sample()["cpu_s"],
+            "senders": sum(proc_sample(s.pid)["cpu_s"] for s, _ in pairs),
+            "receivers": sum(proc_sample(r.pid)["cpu_s"] for _, r in pairs)}
