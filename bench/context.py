@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import hashlib
 import os
-import re
 import shutil
 import signal
 import sqlite3
@@ -30,10 +29,10 @@ from measure import ROOT, base_interpreter, now, proc_sample
 
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
+import dispatch_plugin  # noqa: E402  (its BrokerClient for the bench's own calls, its TOKEN_RE)
 from harness import AsyncPluginProcess, free_port  # noqa: E402  (the plugin as Claude Code drives it, as the tests do)
 
 BENCH = Path(__file__).resolve().parent
-TOKEN_RE = re.compile(r"^dsp_([a-z0-9]{1,32})_[0-9a-f]{48}$")
 #: Plugins spawned at once while building a crowd.
 SPAWN_BATCH = 8
 
@@ -139,7 +138,8 @@ class Bench:
         done = subprocess.run([self.py, str(self.broker_pyz), "token", "add", base, "--tokens", str(self.tokens_file)],
                               capture_output=True, text=True, timeout=300, env=self.env(self.broker_root))
         token = done.stdout.strip()
-        if done.returncode != 0 or not TOKEN_RE.match(token) or TOKEN_RE.match(token)[1] != base:
+        match = dispatch_plugin.TOKEN_RE.fullmatch(token)
+        if done.returncode != 0 or not match or match[1] != base:
             raise RuntimeError(f"token add {base} failed ({done.returncode}): {done.stdout} {done.stderr}")
         self.tokens[base] = token
         return token
@@ -282,10 +282,8 @@ class Observer:
     """The bench's own broker calls (`who`), through the plugin's BrokerClient: never a measured path."""
 
     def __init__(self, url: str, token: str, name: str):
-        import dispatch_plugin
-
-        config = dispatch_plugin.Config(url=url, token=token, base=TOKEN_RE.match(token)[1], name=name,
-                                        token_source="bench")
+        base = dispatch_plugin.TOKEN_RE.fullmatch(token)[1]
+        config = dispatch_plugin.Config(url=url, token=token, base=base, name=name, token_source="bench")
         self.client = dispatch_plugin.BrokerClient(config)
         self.client.identify()
 

@@ -54,6 +54,9 @@ def figures_table(r: dict[str, Any]) -> str:
     def p50_p99(s: dict) -> str:
         return f"{ms(s)} / {ms(s, 'p99')}"
 
+    def each(*values: float, spec: str = ".2f", unit: str = "ms") -> str:
+        return " / ".join(format(v, spec) for v in values) + f" {unit}"
+
     f = r.get("floor", {})
     if f:
         row("floor", "SQLite WAL insert+commit, synchronous=FULL (p50 / p99)", p50_p99(f["sqlite_commit_ms"]))
@@ -71,21 +74,21 @@ def figures_table(r: dict[str, Any]) -> str:
     rss = r.get("plugin_rss_mb")
     if rss:
         row("plugins", f"plugin process RSS, link up, {rss['n']} processes: mean / max",
-            f"{rss['mean']:.1f} / {rss['max']:.1f} MB")
+            each(rss["mean"], rss["max"], spec=".1f", unit="MB"))
     lat = r.get("latency", {})
     if lat.get("n"):
         row("latency", f"send→channel ({lat['n']} sequential sends, back to back): p50 / p99 / max",
-            f"{lat['p50']:.2f} / {lat['p99']:.2f} / {lat['max']:.2f} ms")
+            each(lat["p50"], lat["p99"], lat["max"]))
         row("latency", "send tool call answered at A (p50 / p99)",
-            f"{lat['send_answer_ms']['p50']:.2f} / {lat['send_answer_ms']['p99']:.2f} ms")
+            each(lat["send_answer_ms"]["p50"], lat["send_answer_ms"]["p99"]))
         sp = lat.get("spaced")
         if sp:
             row("latency", f"send→channel spaced {sp['gap_ms']:.0f} ms apart (idle processes wake at each hop), "
-                "p50 / p99 / max", f"{sp['p50']:.2f} / {sp['p99']:.2f} / {sp['max']:.2f} ms")
+                "p50 / p99 / max", each(sp["p50"], sp["p99"], sp["max"]))
         cpu = lat.get("cpu_ms_per_msg")
         if cpu:
             row("latency", "CPU per message (send + push + ack): broker / sender plugin / receiver plugin",
-                f"{cpu['broker']:.2f} / {cpu['senders']:.2f} / {cpu['receivers']:.2f} ms")
+                each(cpu["broker"], cpu["senders"], cpu["receivers"]))
     sc = r.get("send_cpu")
     if sc:
         row("send CPU", f"the plugin's BrokerClient, {sc['n']} sends in a loop: CPU / wall per send",
