@@ -20,17 +20,7 @@ from http.client import HTTPConnection, HTTPResponse
 
 import pytest
 
-from conftest import (
-    LEGACY_INITIALIZE,
-    MODERN,
-    ROOT,
-    db_query,
-    http,
-    peer,
-    start_broker,
-    until_live,
-    wait_for,
-)
+from harness import LEGACY_INITIALIZE, MODERN, ROOT, db_query, http, peer, start_broker, until_live, wait_for
 
 pytestmark = pytest.mark.faults
 
