@@ -587,6 +587,24 @@ class PluginProcess:
             self.proc.wait(10)
 
 
+def wait_connected(plugin: PluginProcess, timeout: float = 40.0) -> str:
+    """Call the channel's `ping` tool until its broker link answers; the ping text."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text, is_error = plugin.tool("ping", timeout=30)
+        if not is_error:
+            return text
+        if time.monotonic() > deadline:
+            raise AssertionError(f"plugin not connected within {timeout}s: {text}")
+
+
+def connected(plugin: PluginProcess) -> PluginProcess:
+    """`plugin` after Claude Code's handshake, once its broker link answers."""
+    plugin.handshake()
+    wait_connected(plugin)
+    return plugin
+
+
 # ---------------------------------------------------------------------------------------------
 # The plugin process on an asyncio loop (benchmarks: many requests in flight, arrival times)
 # ---------------------------------------------------------------------------------------------
@@ -721,24 +739,6 @@ class AsyncPluginProcess:
             except asyncio.TimeoutError:
                 self.proc.kill()
                 await self.proc.wait()
-
-
-def connected(plugin: PluginProcess) -> PluginProcess:
-    """`plugin` after Claude Code's handshake, once its broker link answers."""
-    plugin.handshake()
-    wait_connected(plugin)
-    return plugin
-
-
-def wait_connected(plugin: PluginProcess, timeout: float = 40.0) -> str:
-    """Call the channel's `ping` tool until its broker link answers; the ping text."""
-    deadline = time.monotonic() + timeout
-    while True:
-        text, is_error = plugin.tool("ping", timeout=30)
-        if not is_error:
-            return text
-        if time.monotonic() > deadline:
-            raise AssertionError(f"plugin not connected within {timeout}s: {text}")
 
 
 # ---------------------------------------------------------------------------------------------
