@@ -1,12 +1,12 @@
-"""One run of the bench: its plan, its scratch directory and copies of the .pyz files, its tokens,
-and the processes every section starts (brokers and plugins from tests/harness.py).
+"""One run of the bench: its plan, its scratch directory and copies of the .pyz files, and the
+processes every section starts (brokers and plugins from tests/harness.py).
 
     Bench ──copies──▶ WORK/broker.pyz, WORK/plugin.pyz   (a rebuild mid-run cannot change them)
           ──spawns──▶ BrokerProc (broker.pyz serve)  ◀── PluginProc × N (plugin.pyz, stdio)
           ──holds───▶ results{section: figures}, children (each ended by its pid at the end)
 
-A section is a function of a Bench: it starts what it needs here and writes its figures to
-`bench.results`.
+Each broker keeps its own tokens (minted by the harness). A section is a function of a Bench: it
+starts what it needs here and writes its figures to `bench.results`.
 """
 
 import asyncio
@@ -15,12 +15,10 @@ import hashlib
 import os
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +28,8 @@ from measure import ROOT, base_interpreter, now, proc_sample
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 import dispatch_plugin  # noqa: E402  (its BrokerClient for the bench's own calls, its TOKEN_RE)
-from harness import AsyncPluginProcess, free_port  # noqa: E402  (the plugin as Claude Code drives it, as the tests do)
+# The broker and the plugin processes as the tests run them: one harness for both.
+from harness import AsyncPluginProcess, BrokerProcess, db_query, eventually, free_port  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
 #: Plugins spawned at once while building a crowd.
@@ -93,7 +92,7 @@ class Children:
 
 
 class Bench:
-    """The run: options, plan, scratch directory, the copied .pyz files, tokens, results."""
+    """The run: options, plan, scratch directory, the copied .pyz files, results."""
 
     def __init__(self, args, plan: Plan):
         self.args, self.plan = args, plan
@@ -120,9 +119,6 @@ class Bench:
                                      "built": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(source.stat().st_mtime))}
         self.broker_root = self.work / "pex-broker"  # fresh: the first broker start is the cold one
         self.plugin_root = self.work / "pex-plugin"  # fresh: the first plugin start is the cold one
-        self.tokens_file = self.work / "tokens"
-        self.tokens_file.write_text("")  # exists, holds no token yet: the cold broker can start
-        self.tokens: dict[str, str] = {}
         self.results: dict[str, Any] = {}
         self.profiles: dict[str, str] = {}
         self.broker_warm: list[float] = []  # every warm broker start: spare ones and the scale broker
@@ -133,20 +129,9 @@ class Bench:
         env["XDG_CONFIG_HOME"] = str(self.work / "xdg-none")  # no user config.toml
         return env
 
-    def mint(self, base: str) -> str:
-        """A token through the real CLI: `broker.pyz token add BASE --tokens FILE`."""
-        done = subprocess.run([self.py, str(self.broker_pyz), "token", "add", base, "--tokens", str(self.tokens_file)],
-                              capture_output=True, text=True, timeout=300, env=self.env(self.broker_root))
-        token = done.stdout.strip()
-        match = dispatch_plugin.TOKEN_RE.fullmatch(token)
-        if done.returncode != 0 or not match or match[1] != base:
-            raise RuntimeError(f"token add {base} failed ({done.returncode}): {done.stdout} {done.stderr}")
-        self.tokens[base] = token
-        return token
-
-    async def start_plugins(self, specs: list[tuple[str, str]], url: str) -> list["PluginProc"]:
+    async def start_plugins(self, specs: list[tuple[str, str]], broker: "BrokerProc") -> list["PluginProc"]:
         """Spawn, handshake and connect plugins (name, base), SPAWN_BATCH at a time."""
-        plugins = [PluginProc(self, name, self.tokens[base], url) for name, base in specs]
+        plugins = [PluginProc(self, name, broker.token(base), broker.url) for name, base in specs]
         for start in range(0, len(plugins), SPAWN_BATCH):
             batch = plugins[start:start + SPAWN_BATCH]
             for p in batch:
@@ -188,75 +173,40 @@ class Bench:
             shutil.rmtree(self.work, ignore_errors=True)
 
 
-class BrokerProc:
-    """`broker.pyz serve` on 127.0.0.1 with its own database; tokens from the bench's tokens file."""
+class BrokerProc(BrokerProcess):
+    """tests/harness.py's broker process on the bench's copy of broker.pyz, in the bench's
+    environment, sampled from /proc. Its tokens (`bases`) are minted before the timed start, so
+    the start measures spawn → /healthz alone."""
 
-    def __init__(self, bench: Bench, label: str):
+    def __init__(self, bench: Bench, label: str, *bases: str):
+        workdir = bench.work / f"broker-{label}"
+        workdir.mkdir(parents=True, exist_ok=True)
+        # The per-base rate limit is a policy, not a cost: off, so the bench finds what the broker
+        # can carry (a fan-out to 1,000 costs a base 1,000 of its 1,000-message burst).
+        super().__init__(workdir, command=[bench.py, str(bench.broker_pyz)], env=bench.env(bench.broker_root),
+                         extra=["--synchronous", bench.args.synchronous, "--rate", "0"])
         self.bench = bench
-        self.dir = bench.work / f"broker-{label}"
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.db = self.dir / "dispatch.db"
-        self.log = self.dir / "broker.log"
-        self.port = free_port()
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/mcp"
+        self.mint(*(bases or ("test",)))
 
     @property
     def pid(self) -> int:
         return self.proc.pid
 
-    def start(self, timeout: float = 120) -> float:
-        """Spawn and poll /healthz; seconds from spawn to the first 200."""
-        bench = self.bench
-        args = [bench.py, str(bench.broker_pyz), "serve", "--host", "127.0.0.1", "--port", str(self.port),
-                "--db", str(self.db), "--tokens", str(bench.tokens_file), "--synchronous", bench.args.synchronous,
-                # The per-base rate limit is a policy, not a cost: off, so the bench finds what the
-                # broker can carry (a fan-out to 1,000 costs a base 1,000 of its 1,000-message burst).
-                "--rate", "0"]
+    def start_timed(self) -> float:
+        """Start; seconds from spawn to the first /healthz 200 (as the harness polls: every 50 ms)."""
         t0 = now()
-        self.proc = bench.children.add(subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=open(self.log, "ab"),
-                                                        env=bench.env(bench.broker_root), cwd=self.dir))
-        while now() < t0 + timeout:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"broker exited {self.proc.returncode}: {self.log.read_text()[-2000:]}")
-            with contextlib.suppress(OSError), urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz",
-                                                                      timeout=2) as r:
-                if r.status == 200:
-                    return now() - t0
-            time.sleep(0.005)
-        raise RuntimeError(f"broker not healthy within {timeout}s: {self.log.read_text()[-2000:]}")
-
-    def reload_tokens(self) -> None:
-        before = self.log.read_text().count("tokens: ")
-        self.proc.send_signal(signal.SIGHUP)
-        deadline = now() + 20
-        while self.log.read_text().count("tokens: ") <= before:
-            if now() > deadline:
-                raise RuntimeError("broker did not reload its tokens on SIGHUP")
-            time.sleep(0.02)
+        try:
+            self.start()
+        finally:
+            if self.proc:
+                self.bench.children.add(self.proc)
+        return now() - t0
 
     def sample(self) -> dict[str, float]:
         return proc_sample(self.proc.pid)
 
     def query(self, sql: str, *params) -> list[tuple]:
-        """Read the broker's database beside it (WAL lets a reader in while it writes)."""
-        db = sqlite3.connect(self.db, timeout=10)
-        try:
-            return db.execute(sql, params).fetchall()
-        finally:
-            db.close()
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        return db_query(self, sql, *params)
 
 
 class PluginProc(AsyncPluginProcess):
@@ -291,11 +241,10 @@ class Observer:
         return {p["name"] for p in self.client.call("who")[0]["participants"] if p["live"]}
 
     async def wait_live(self, names: set[str], timeout: float = 120) -> None:
-        deadline = now() + timeout
-        while missing := names - await asyncio.to_thread(self.live):
-            if now() > deadline:
-                raise RuntimeError(f"{len(missing)} participants not live within {timeout}s: {sorted(missing)[:5]}")
-            await asyncio.sleep(0.25)
+        async def all_live() -> bool:
+            return names <= await asyncio.to_thread(self.live)
+
+        await eventually(all_live, timeout, interval=0.25, what=f"{len(names)} participants live")
 
 
 def cpu_of(broker: BrokerProc, pairs) -> dict[str, float]:

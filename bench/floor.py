@@ -22,7 +22,7 @@ import sys
 import time
 from typing import Any
 
-from context import BENCH, Bench, free_port
+from context import BENCH, Bench, eventually, free_port
 from measure import now, proc_sample, say, stats
 
 #: Pause between spaced sends: lets the receiver's ack of the previous message land first. The
@@ -79,15 +79,15 @@ async def http_posts(bench: Bench, n: int, floor: dict[str, Any]) -> None:
         [sys.executable, str(BENCH / "floor_server.py"), str(port), str(bench.work / "floor-server.db")],
         stdout=subprocess.DEVNULL, stderr=open(log, "ab")))
     try:
-        deadline = now() + 60
-        while True:
-            try:
+        async def listening() -> bool:
+            if server.poll() is not None:
+                raise RuntimeError(f"floor server exited {server.returncode}: {log.read_text()}")
+            with contextlib.suppress(OSError):
                 socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if now() > deadline or server.poll() is not None:
-                    raise RuntimeError(f"floor server did not start: {log.read_text()}")
-                await asyncio.sleep(0.05)
+                return True
+            return False
+
+        await eventually(listening, 60, what="the floor server")
         floor["server_rss_mb"] = proc_sample(server.pid)["rss_mb"]
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         body = json.dumps({"to": "rcv-0001", "body": "x" * 40}).encode()

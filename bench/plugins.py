@@ -37,7 +37,7 @@ async def send_cpu(bench: Bench, broker: BrokerProc, receiver: PluginProc) -> No
     say(f"send CPU: the plugin's BrokerClient, {n} sends in a loop to {receiver.name}")
     done = await asyncio.to_thread(subprocess.run, [
         bench.py, str(BENCH / "plugin_client.py"), "send-loop", str(bench.plugin_pyz), broker.url,
-        bench.tokens["cpu"], "cpu-0001", receiver.name, str(n)], capture_output=True, text=True, timeout=300)
+        broker.token("cpu"), "cpu-0001", receiver.name, str(n)], capture_output=True, text=True, timeout=300)
     if done.returncode != 0:
         raise RuntimeError(f"send loop failed ({done.returncode}): {done.stderr[-2000:]}")
     report = json.loads(done.stdout.strip().splitlines()[-1])
@@ -50,18 +50,15 @@ async def plugins(bench: Bench, broker: BrokerProc) -> None:
     """Latency, send CPU, throughput and the plugin fan-out, on one crowd of plugins."""
     smax = max(s for s, _ in bench.plan.levels)
     bases = [sender_base(i) for i in range(1, smax + 1)]
-    for base in sorted(set(bases) - set(bench.tokens)):
-        bench.mint(base)
-    if set(bases) - {"snd"}:
-        broker.reload_tokens()
+    broker.mint(*bases)
     senders = [f"{base}-{i:04d}" for i, base in enumerate(bases, start=1)]
     receivers = [f"rcv-{i:04d}" for i in range(1, smax + 1)]
     say(f"plugins: starting {2 * smax + 1} plugin processes")
     t0 = now()
     crowd = await bench.start_plugins([(n, n.split("-")[0]) for n in senders] + [(n, "rcv") for n in receivers]
-                                      + [("snd-fan", "snd")], broker.url)
+                                      + [("snd-fan", "snd")], broker)
     by_name = {p.name: p for p in crowd}
-    observer = await asyncio.to_thread(Observer, broker.url, bench.tokens["snd"], "snd-observer")
+    observer = await asyncio.to_thread(Observer, broker.url, broker.token("snd"), "snd-observer")
     await observer.wait_live({p.name for p in crowd})
     say(f"  {len(crowd)} plugins connected and listening in {now() - t0:.1f} s")
     rss = [proc_sample(p.pid)["rss_mb"] for p in crowd]

@@ -41,7 +41,7 @@ class ListenerWorker:
         with open(self.bench.work / f"listeners-{self.start}.stderr", "ab") as errors:
             self.proc = self.bench.children.add(await asyncio.create_subprocess_exec(
                 self.bench.py, str(BENCH / "plugin_client.py"), "listeners", str(self.bench.plugin_pyz), self.broker.url,
-                self.bench.tokens[self.base], self.base, str(self.start), str(self.count), stdin=asyncio.subprocess.DEVNULL,
+                self.broker.token(self.base), self.base, str(self.start), str(self.count), stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE, stderr=errors, limit=1 << 24))
         self.reader = asyncio.create_task(self._read())
 
@@ -84,13 +84,13 @@ async def sample(bench: Bench, broker: BrokerProc, sessions: int, kind: str, pro
 
 async def scale(bench: Bench) -> None:
     """A fresh broker: idle sample, then each level of sessions, sampled and fanned out to."""
-    broker = BrokerProc(bench, "scale")
-    bench.broker_warm.append(broker.start())
-    observer = await asyncio.to_thread(Observer, broker.url, bench.tokens["snd"], "snd-observer")
+    broker = BrokerProc(bench, "scale", "snd", "lsn")
+    bench.broker_warm.append(broker.start_timed())
+    observer = await asyncio.to_thread(Observer, broker.url, broker.token("snd"), "snd-observer")
     await asyncio.sleep(bench.plan.pause)
     rows = [await sample(bench, broker, 0, "no sessions")]
     say("scale: fan-out sender plugin")
-    [sender] = await bench.start_plugins([("snd-fan", "snd")], broker.url)
+    [sender] = await bench.start_plugins([("snd-fan", "snd")], broker)
     workers: list[ListenerWorker] = []
     arrivals: dict[str, list[tuple[str, float]]] = {}
 
@@ -146,7 +146,7 @@ async def soak(bench: Bench, broker: BrokerProc, sender: PluginProc, workers: li
         samples.append({"t_s": round(t - t_start), "rss_mb": s["rss_mb"], "fds": s["fds"], "threads": s["threads"],
                         "cpu_pct": round((s["cpu_s"] - last["cpu_s"]) / (t - t_last) * 100, 1)})
         last, t_last = s, t
-    observer = await asyncio.to_thread(Observer, broker.url, bench.tokens["snd"], "snd-observer")
+    observer = await asyncio.to_thread(Observer, broker.url, broker.token("snd"), "snd-observer")
     live_at_end = len(await asyncio.to_thread(observer.live) & {name for w in workers for name in w.names})
 
     def received(i: int) -> int:

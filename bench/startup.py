@@ -4,9 +4,10 @@
     plugin.pyz              spawn ──▶ initialize answered ──▶ link up   (first start, then warm)
     broker.pyz serve        spawn ──────────────▶ GET /healthz 200      (cold PEX_ROOT, then warm)
 
-`startup` also starts the main broker (the cold one) and mints the run's tokens with its CLI:
-base `snd` for senders, `rcv` for receiver plugins, `lsn` for the scale sessions, `cpu` for the
-send loop.
+`startup` also starts the main broker (the cold one), with tokens minted by the harness (the
+broker's real `token add`) before its timed start: base `snd` for senders, `rcv` for receiver
+plugins, `cpu` for the send loop. A broker's start is timed to the harness's /healthz poll (every
+50 ms).
 """
 
 import subprocess
@@ -26,16 +27,13 @@ async def startup(bench: Bench) -> BrokerProc:
     """Cold then warm starts; returns the main broker (the cold-started one, tokens loaded)."""
     plan, result = bench.plan, {}
     say("startup: cold broker (fresh PEX_ROOT)")
-    main = BrokerProc(bench, "main")
-    result["broker_cold_ms"] = round(main.start() * 1000, 1)
-    say(f"  broker cold {result['broker_cold_ms']} ms; minting tokens with the CLI")
-    for base in ("snd", "rcv", "lsn", "cpu"):
-        bench.mint(base)
-    main.reload_tokens()
+    main = BrokerProc(bench, "main", "snd", "rcv", "cpu")
+    result["broker_cold_ms"] = round(main.start_timed() * 1000, 1)
+    say(f"  broker cold {result['broker_cold_ms']} ms")
 
     for i in range(plan.broker_warm_reps):
         extra = BrokerProc(bench, f"warm{i}")
-        bench.broker_warm.append(extra.start())
+        bench.broker_warm.append(extra.start_timed())
         extra.stop()
 
     say(f"startup: `python3 -I -c pass` x {plan.python_reps}, the interpreter's own start")
@@ -48,13 +46,13 @@ async def startup(bench: Bench) -> BrokerProc:
 
     say("startup: first plugin start (fresh PEX_ROOT)")
     closed = f"http://127.0.0.1:{free_port()}/mcp"  # initialize must not depend on the broker
-    cold = await PluginProc(bench, "snd-cold", bench.tokens["snd"], closed).spawn()
+    cold = await PluginProc(bench, "snd-cold", main.token("snd"), closed).spawn()
     result["plugin_cold_ms"] = round(await cold.handshake() * 1000, 1)
     await cold.close()
     samples, link = [], []
     for i in range(plan.plugin_warm_reps):
         # Against the live broker: initialize does not wait for it, the link-up time does.
-        p = await PluginProc(bench, f"snd-warm{i}", bench.tokens["snd"], main.url).spawn()
+        p = await PluginProc(bench, f"snd-warm{i}", main.token("snd"), main.url).spawn()
         samples.append(await p.handshake())
         link.append(await p.wait_connected())
         await p.close()
