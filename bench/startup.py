@@ -4,8 +4,8 @@
     plugin.pyz              spawn ──▶ initialize answered ──▶ link up   (first start, then warm)
     broker.pyz serve        spawn ──────────────▶ GET /healthz 200      (cold PEX_ROOT, then warm)
 
-`startup` also starts the main broker (the cold one), with tokens minted by the harness (the
-broker's real `token add`) before its timed start: base `snd` for senders, `rcv` for receiver
+`startup` also starts the main broker (the cold one), with tokens minted by the harness
+(dispatch_broker.py's `token add`) before its timed start: base `snd` for senders, `rcv` for receiver
 plugins, `cpu` for the send loop. A broker's start is timed to the harness's /healthz poll (every
 50 ms).
 """
