@@ -3,7 +3,7 @@
     test ──tmux send-keys──▶ claude (tmux -L <own socket>) ──POST /v1/messages──▶ MessagesStandIn
                                 │  stdio MCP, hooks                                 (records bodies,
                                 ▼                                                    answers "ok")
-                          dispatch plugin ──HTTP──▶ broker (conftest)
+                          dispatch plugin ──HTTP──▶ broker (harness)
     transcript: $CLAUDE_CONFIG_DIR/projects/<cwd, every non-alphanumeric as ->/<session id>.jsonl
 
 What the tests read: every request body the stand-in received (the last one holds the whole
@@ -29,7 +29,8 @@ from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from harness import ROOT, wait_for
+
 PINNED = ROOT / ".claude-code" / "node_modules" / ".bin" / "claude"
 CLAUDE = str(PINNED) if PINNED.exists() else shutil.which("claude")
 TMUX = shutil.which("tmux")
@@ -40,17 +41,6 @@ API_KEY = "sk-ant-api03-dispatch-e2e-" + "x" * 60 + "-AAAAAAAA"
 MAX_RECORDED = 2000
 #: What the scripted model says to every request.
 REPLY = "ok"
-
-
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.1):
-    """Poll `predicate` until it returns something truthy or `timeout` passes; return that value."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,15 +357,15 @@ class ClaudeSession:
         self.keys("Enter")
 
     def wait_screen(self, pattern: str, timeout: float = 30) -> re.Match:
-        return wait_until(lambda: re.search(pattern, self.screen()), timeout,
-                          f"{pattern!r} on the screen:\n{self.screen()}")
+        return wait_for(lambda: re.search(pattern, self.screen()), timeout, 0.1,
+                        f"{pattern!r} on the screen:\n{self.screen()}")
 
     def submit(self, prompt: str, timeout: float = 60) -> dict:
         """Type `prompt` and wait until the model is asked about it; that request's body."""
         self.type(prompt)
-        return wait_until(lambda: next((r for r in reversed(self.api.messages_requests())
-                                        if occurrences(prompt, r)), None), timeout,
-                          f"a /v1/messages request with {prompt!r}; screen:\n{self.screen()}")
+        return wait_for(lambda: next((r for r in reversed(self.api.messages_requests())
+                                      if occurrences(prompt, r)), None), timeout, 0.1,
+                        f"a /v1/messages request with {prompt!r}; screen:\n{self.screen()}")
 
     @property
     def session_id(self) -> str:
@@ -401,5 +391,5 @@ class ClaudeSession:
         with contextlib.suppress(Exception):
             if re.search(self.READY, self.screen()):
                 self.type("/exit")
-                wait_until(lambda: "Pane is dead" in self.screen() or not self.screen(), 10, "Claude Code to exit")
+                wait_for(lambda: "Pane is dead" in self.screen() or not self.screen(), 10, 0.1, "Claude Code to exit")
         self.tmux("kill-server", check=False)

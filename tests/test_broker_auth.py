@@ -11,19 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from mcp.shared.exceptions import MCPError
-from conftest import (
-    LEGACY_INITIALIZE,
-    MODERN,
-    ToolFailed,
-    broker_module,
-    fresh,
-    http,
-    liveness,
-    logged,
-    peer,
-    start_broker,
-    until_live,
-)
+from harness import (LEGACY_INITIALIZE, MODERN, ToolFailed, broker_module, fresh, http, liveness, logged, peer,
+                    start_broker, until_live)
 
 dispatch_broker = broker_module()
 

@@ -11,7 +11,7 @@ import sys
 import time
 
 import pytest
-from conftest import BROKER, MODERN, BrokerProcess, broker_module, free_port, http, peer, until_live
+from harness import BROKER, MODERN, BrokerProcess, broker_module, free_port, http, peer, until_live
 
 dispatch_broker = broker_module()
 

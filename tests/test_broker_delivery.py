@@ -15,23 +15,8 @@ import urllib.error
 import urllib.request
 
 import pytest
-from conftest import (
-    LEGACY,
-    LEGACY_INITIALIZE,
-    MODERN,
-    ToolFailed,
-    broker_module,
-    db_query,
-    eventually,
-    fresh,
-    http,
-    liveness,
-    logged,
-    peer,
-    start_broker,
-    until_live,
-    wait_for,
-)
+from harness import (LEGACY, LEGACY_INITIALIZE, MODERN, ToolFailed, broker_module, db_query, eventually, fresh, http,
+                    listening, liveness, logged, peer, start_broker, until_live, wait_for)
 
 dispatch_broker = broker_module()
 
@@ -42,10 +27,8 @@ dispatch_broker = broker_module()
 @pytest.mark.anyio
 @pytest.mark.parametrize("mode", [MODERN, LEGACY])
 async def test_send_to_live_listener_pushes_mail_from_the_callers_name(module_broker, mode):
-    sender, receiver = fresh("backend"), fresh("frontend")
-    async with peer(module_broker, "backend", sender, mode) as b, peer(module_broker, "frontend", receiver, mode) as f:
-        f.listen()
-        await until_live(b, receiver)
+    async with listening(module_broker, mode) as (b, f):
+        sender, receiver = b.name, f.name
 
         result = await b.call("send", to=receiver, body="hello, frontend")
 
@@ -162,10 +145,8 @@ async def test_reply_routes_by_chat_id_after_broker_restart(broker_factory):
 @pytest.mark.anyio
 @pytest.mark.parametrize("mode", [MODERN, LEGACY])
 async def test_unacked_mail_is_pushed_again_with_same_id(module_broker, mode):
-    sender, receiver = fresh("backend"), fresh("frontend")
-    async with peer(module_broker, "backend", sender, mode) as b, peer(module_broker, "frontend", receiver, mode) as f:
-        f.listen()
-        await until_live(b, receiver)
+    async with listening(module_broker, mode) as (b, f):
+        receiver = f.name
         await b.call("send", to=receiver, body="ack me")
         first = await f.next_mail()
 
@@ -176,10 +157,8 @@ async def test_unacked_mail_is_pushed_again_with_same_id(module_broker, mode):
 
 @pytest.mark.anyio
 async def test_acked_mail_is_not_pushed_again(module_broker):
-    sender, receiver = fresh("backend"), fresh("frontend")
-    async with peer(module_broker, "backend", sender) as b, peer(module_broker, "frontend", receiver) as f:
-        f.listen()
-        await until_live(b, receiver)
+    async with listening(module_broker) as (b, f):
+        receiver = f.name
         await b.call("send", to=receiver, body="acked")
         await b.call("send", to=receiver, body="not acked")
         acked, unacked = await f.next_mail(), await f.next_mail()

@@ -5,12 +5,11 @@ line Prometheus would reject fails here too.
 """
 
 import json
-import urllib.request
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import ToolFailed, fresh, http, peer, start_broker
+from harness import ToolFailed, fresh, http, peer, start_broker
 
 METRICS_TOKEN = "metrics-" + "5" * 32
 

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from harness import build
+
 REPO = Path(__file__).resolve().parent.parent
 #: Every CPython the zipapps must run on; versions this machine lacks are skipped.
 TARGET_PYTHONS = ("3.11", "3.12", "3.13", "3.14")
@@ -171,7 +173,7 @@ def listing(directory):
 
 
 @pytest.fixture(scope="session")
-def stand_in_dist(build_zipapps, tmp_path_factory):
+def stand_in_dist(tmp_path_factory):
     """This machine's broker file and plugin.pyz, built by build.py --src from throwaway modules."""
     if HOST is None:
         pytest.skip(f"no broker file is built for {sys.platform} {platform.machine()}")
@@ -179,7 +181,7 @@ def stand_in_dist(build_zipapps, tmp_path_factory):
     for name, module in (("broker", "dispatch_broker"), ("plugin", "dispatch_plugin")):
         probe = "mcp" if name == "broker" else "json"
         (src / f"{module}.py").write_text(STAND_IN.format(module=module, imports=STAND_IN_IMPORTS[name], probe=probe))
-    return build_zipapps(tmp_path_factory.mktemp("stand-in-dist"), src=src, platforms=[HOST])
+    return build(tmp_path_factory.mktemp("stand-in-dist"), src=src, platforms=[HOST])
 
 
 # --- plugin.pyz -------------------------------------------------------------------------------
@@ -234,10 +236,10 @@ def test_plugin_zipapp_prints_usage_with_only_a_python_and_writes_nothing(dist, 
 # --- broker files -----------------------------------------------------------------------------
 
 
-def test_zipapps_are_reproducible_byte_for_byte(dist, build_zipapps, tmp_path):
+def test_zipapps_are_reproducible_byte_for_byte(dist, tmp_path):
     if dist.prebuilt:
         pytest.skip("DISPATCH_DIST may come from another commit: unset it to check this")
-    again = build_zipapps(tmp_path / "again")
+    again = build(tmp_path / "again")
     names = sorted(path.name for path in dist.dir.glob("*.pyz"))
     assert names == sorted(path.name for path in again.dir.glob("*.pyz"))
     assert {name: sha256(again.dir / name) for name in names} == {name: sha256(dist.dir / name) for name in names}
@@ -365,13 +367,15 @@ def plugin_needs_the_sdk():
 def test_real_zipapps_serve_and_exchange_mail_with_only_a_python(dist, python, tmp_path):
     """broker.pyz serves, and two plugin.pyz channels answer initialize, pass a message and a
     reply, and call every tool the plugin offers, so every broker tool runs inside a zipapp."""
-    from conftest import BrokerProcess, PluginProcess, http, plugin_env
+    from harness import BrokerProcess, PluginProcess, http, plugin_env
 
     bare = bare_env(tmp_path)
-    broker = BrokerProcess(tmp_path, command=[str(python), "-I", str(dist.broker)], env=bare).start()
+    broker = BrokerProcess(tmp_path, command=[str(python), "-I", str(dist.broker)], env=bare)
+    carol = broker.cli("token", "add", "carol", "--tokens", str(broker.tokens_file)).stdout.strip()  # the zipapp's own
+    broker.start()
     initialize = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
                   "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}}
-    status, _, body = http(broker.url, json.dumps(initialize).encode(), {"Authorization": f"Bearer {broker.token('carol')}"})
+    status, _, body = http(broker.url, json.dumps(initialize).encode(), {"Authorization": f"Bearer {carol}"})
     assert status == 200 and "protocolVersion" in body, (status, body)
     if plugin_needs_the_sdk():
         broker.kill()

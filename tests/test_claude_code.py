@@ -24,7 +24,7 @@ import pytest
 
 import claude_session as cs
 from claude_session import CLAUDE, isolated_env
-from conftest import db_query, plugin_env, run_cli, wait_for
+from harness import db_query, plugin_env, run_cli, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = [".claude-plugin", ".mcp.json", "hooks", "commands", "dispatch_plugin.py"]  # what the plugin package runs
@@ -101,7 +101,7 @@ def test_claude_code_reports_the_plugin_connected(broker, dist, tmp_path, via):
 @needs_claude
 def test_claude_mcp_list_says_why_when_the_broker_refuses_the_token(broker, dist, tmp_path):
     """The reason reaches the user, not only the model: tools/list answers with it."""
-    from conftest import unknown_token
+    from harness import unknown_token
 
     out = claude_mcp_list(["python3", str(dist.plugin)], {"DISPATCH_URL": broker.url,
                                                            "DISPATCH_TOKEN": unknown_token("claude")}, tmp_path / "home")

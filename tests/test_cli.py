@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from conftest import NOT_A_BROKER, PLUGIN, BrokerProcess, closed_url, impostor, plugin_env, run_cli, unknown_token
+from harness import NOT_A_BROKER, PLUGIN, BrokerProcess, closed_url, impostor, plugin_env, run_cli, unknown_token
 
 sys.path.insert(0, str(PLUGIN.parent))
 import dispatch_plugin  # noqa: E402

@@ -10,7 +10,7 @@ import sys
 
 import mcp_types.version
 
-from conftest import PLUGIN
+from harness import PLUGIN
 
 sys.path.insert(0, str(PLUGIN.parent))
 import dispatch_broker as broker  # noqa: E402

@@ -13,7 +13,6 @@ import errno
 import os
 import re
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -24,26 +23,14 @@ from dataclasses import dataclass
 import pytest
 
 import dispatch_plugin
-from conftest import (
-    ROOT,
-    BrokerProcess,
-    ToolFailed,
-    db_query,
-    eventually,
-    mint,
-    peer,
-    plugin_env,
-    start_broker,
-    until_live,
-    wait_connected,
-    wait_for,
-)
+from harness import (ROOT, BrokerProcess, Proxy, ToolFailed, connected, db_query, eventually, peer, plugin_env,
+                    start_broker, until_live, wait_connected, wait_for)
 
 pytestmark = pytest.mark.faults
 
 
 # --------------------------------------------------------------------------------------------
-# Helpers: one-shot senders, a proxy that holds or goes silent, plugin transcripts
+# Helpers: one-shot senders, plugin transcripts
 # --------------------------------------------------------------------------------------------
 
 
@@ -90,75 +77,6 @@ def push_messages(client: dispatch_plugin.BrokerClient, to: str, count: int, att
         attempts.append(Attempt(body, started, time.monotonic(), True))
 
 
-class Proxy:
-    """A TCP proxy of the test's own between one plugin and the broker.
-
-    `hold_acks`: the connection that carries the first mail.ack request stops forwarding there,
-    for good (the broker never sees that ack). `silence()`: every connection open now stops
-    forwarding both ways without closing, as a path that went dead does; connections opened later
-    are forwarded normally, as after a NAT or Wi-Fi change.
-    """
-
-    def __init__(self, port: int, hold_acks: bool = False):
-        self.port, self.hold_acks = port, hold_acks
-        self.held = threading.Event()  #: an ack is being held
-        self.closed = threading.Event()
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}/mcp"
-        self.pairs: list[dict] = []  # {"sockets": (client, upstream), "frozen": bool}
-        self.lock = threading.Lock()
-        threading.Thread(target=self.accept, daemon=True).start()
-
-    def accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.server.accept()
-                upstream = socket.create_connection(("127.0.0.1", self.port))
-            except OSError:
-                return
-            pair = {"sockets": (client, upstream), "frozen": False}
-            with self.lock:
-                self.pairs.append(pair)
-            threading.Thread(target=self.pump, args=(client, upstream, pair, True), daemon=True).start()
-            threading.Thread(target=self.pump, args=(upstream, client, pair, False), daemon=True).start()
-
-    def pump(self, src: socket.socket, dst: socket.socket, pair: dict, outbound: bool) -> None:
-        tail = b""
-        try:
-            while chunk := src.recv(65536):
-                if outbound and self.hold_acks and b"mail.ack" in tail + chunk and not self.held.is_set():
-                    self.held.set()
-                    pair["frozen"] = True
-                if pair["frozen"]:
-                    self.closed.wait(120)  # neither forward nor read again; the peers see silence
-                    break
-                tail = chunk[-16:]
-                dst.sendall(chunk)
-        except OSError:
-            pass
-        if not pair["frozen"] or self.closed.is_set():
-            for s in (src, dst):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-
-    def silence(self) -> int:
-        """Freeze every open connection; returns how many."""
-        with self.lock:
-            for pair in self.pairs:
-                pair["frozen"] = True
-            return len(self.pairs)
-
-    def close(self) -> None:
-        self.closed.set()
-        self.server.close()
-        with self.lock:
-            pairs, self.pairs = self.pairs, []
-        for pair in pairs:
-            for s in pair["sockets"]:
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-
-
 def events_with(plugin, message_id: str) -> list[dict]:
     return [e for e in plugin.channel if e["meta"]["message_id"] == message_id]
 
@@ -170,13 +88,6 @@ def message_id_of(broker: BrokerProcess, body: str) -> str:
 
 def acked(broker: BrokerProcess, message_id: str) -> bool:
     return db_query(broker, "SELECT acked_at IS NOT NULL FROM messages WHERE id = ?", message_id) == [(1,)]
-
-
-def start_plugin(plugins, env: dict[str, str]):
-    p = plugins(env)
-    p.handshake()
-    wait_connected(p)
-    return p
 
 
 # --------------------------------------------------------------------------------------------
@@ -193,7 +104,7 @@ def test_every_accepted_send_is_delivered_exactly_once_when_the_broker_is_sigkil
                                                                                               broker_factory):
     broker = start_broker(broker_factory, "--rate", "0", "--ack-timeout", "2s")
     receivers = [f"frontend-r{i}" for i in range(2)]
-    channels = {name: start_plugin(plugins, plugin_env(broker, "frontend", name)) for name in receivers}
+    channels = {name: connected(plugins(plugin_env(broker, "frontend", name))) for name in receivers}
     attempts: dict[str, list[Attempt]] = {f"backend-s{i}": [] for i in range(SENDERS)}
     threads = [threading.Thread(target=push_messages, daemon=True,
                                 args=(oneshot(broker, "backend", name), receivers[i % 2], PER_SENDER, attempts[name]))
@@ -266,10 +177,10 @@ def test_mail_pushed_to_a_plugin_killed_before_its_ack_reaches_the_next_plugin_o
         plugins, broker_factory, how):
     broker = start_broker(broker_factory, "--ack-timeout", "2s")
     name, body = "frontend-crashy", f"pushed, never acked ({how})"
-    proxy = Proxy(broker.port, hold_acks=True) if how == "ack-held-on-the-wire" else None
+    proxy = Proxy(broker.port, ack="silence") if how == "ack-held-on-the-wire" else None
     try:
         env = plugin_env(broker, "frontend", name)
-        first = start_plugin(plugins, {**env, "DISPATCH_URL": proxy.url} if proxy else env)
+        first = connected(plugins({**env, "DISPATCH_URL": proxy.url} if proxy else env))
         if not proxy:
             first.proc.send_signal(signal.SIGSTOP)  # the push lands in its socket; it never reads it
         sender = oneshot(broker, "backend", "backend-1")
@@ -314,7 +225,7 @@ def test_plugin_listens_again_when_its_connection_goes_silent_and_mail_sent_mean
     name = "frontend-quiet"
     proxy = Proxy(broker.port)
     try:
-        plugin = start_plugin(plugins, {**plugin_env(broker, "frontend", name), "DISPATCH_URL": proxy.url})
+        plugin = connected(plugins({**plugin_env(broker, "frontend", name), "DISPATCH_URL": proxy.url}))
         mark = len(broker.logs())
         sender = oneshot(broker, "backend", "backend-1")
         sender.identify()
@@ -390,7 +301,7 @@ def integrity(db_path) -> str:
 async def test_send_fails_with_a_clear_error_while_the_disk_is_full_and_works_again_when_space_returns(
         broker_factory, tmp_path):
     with small_tmpfs(tmp_path / "disk") as disk:
-        broker = mint(broker_factory(), "backend", "frontend")
+        broker = broker_factory().mint("backend", "frontend")
         broker.db = disk / "dispatch.db"  # the log and tokens stay on the real disk
         broker.start()
         async with peer(broker, "backend", "backend-1") as b, peer(broker, "frontend", "frontend-1") as f:
@@ -429,7 +340,7 @@ async def test_send_fails_with_a_clear_error_while_the_disk_is_full_and_works_ag
 def test_broker_refuses_to_start_and_names_the_file_when_its_database_is_on_a_read_only_filesystem(
         broker_factory, tmp_path):
     with small_tmpfs(tmp_path / "disk") as disk:
-        broker = mint(broker_factory(), "backend")
+        broker = broker_factory().mint("backend")
         broker.db = disk / "dispatch.db"
         broker.start()
         assert broker.stop() == 0  # a mailbox with its schema; now the filesystem turns read-only
@@ -455,7 +366,7 @@ def clock_broker(broker_factory, tmp_path, *extra: str) -> tuple[BrokerProcess, 
     broker = broker_factory(*extra)
     broker.command = [sys.executable, str(ROOT / "tests" / "clock_broker.py")]
     broker.env = {**os.environ, "DISPATCH_TEST_CLOCK": str(clock)}
-    mint(broker, "backend", "frontend").start()
+    broker.mint("backend", "frontend").start()
 
     def jump(seconds: float) -> None:
         clock.write_text(str(float(clock.read_text()) + seconds))

@@ -10,8 +10,8 @@ import uuid
 
 import pytest
 
-from conftest import (NOT_A_BROKER, PLUGIN, closed_url, db_query, impostor, plugin_env, record_channel_event, run_cli,
-                      unknown_token)
+from harness import (NOT_A_BROKER, PLUGIN, closed_url, connected, db_query, impostor, plugin_env, record_channel_event,
+                    run_cli, unknown_token)
 
 
 def hook(env: dict[str, str], event: str, session_id: str, **fields) -> tuple[dict | None, str]:
@@ -103,13 +103,10 @@ def test_prompt_submit_prints_one_hint_when_dispatch_url_is_not_a_broker(shared_
 
 
 def test_prompt_submit_shows_nothing_the_sessions_channel_already_delivered(shared_broker, plugins):
-    from conftest import wait_connected
 
     session_id = str(uuid.uuid4())
     name = f"test-{session_id[:8]}"
-    channel = plugins({**session_env(shared_broker), "CLAUDE_CODE_SESSION_ID": session_id})
-    channel.handshake()
-    wait_connected(channel)
+    channel = connected(plugins({**session_env(shared_broker), "CLAUDE_CODE_SESSION_ID": session_id}))
     assert hook(session_env(shared_broker), "prompt-submit", session_id) == (None, "")  # before: nothing to show
     sender = plugin_env(shared_broker, "test", "test-channelfriend")
     assert run_cli(sender, "send", "--to", name, "for the channel").returncode == 0
@@ -176,13 +173,11 @@ def test_prompt_submit_leaves_what_it_showed_pending_until_the_transcript_record
 
 
 def test_the_channel_acks_mail_the_prompt_hook_showed_once_the_transcript_records_it(shared_broker, plugins):
-    from conftest import wait_connected, wait_for
+    from harness import wait_for
 
     session_id = str(uuid.uuid4())
     name = f"test-{session_id[:8]}"
-    channel = plugins({**session_env(shared_broker), "CLAUDE_CODE_SESSION_ID": session_id}, accepts=False)
-    channel.handshake()
-    wait_connected(channel)
+    channel = connected(plugins({**session_env(shared_broker), "CLAUDE_CODE_SESSION_ID": session_id}, accepts=False))
     channel.transcript.parent.mkdir(parents=True)
     channel.transcript.write_text("")
     sender = plugin_env(shared_broker, "test", "test-hookpath")

@@ -24,19 +24,8 @@ import pytest
 from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 
-from conftest import (
-    BASES,
-    LEGACY_INITIALIZE,
-    MODERN,
-    ToolFailed,
-    broker_module,
-    fresh,
-    http,
-    mint,
-    peer,
-    wait_for,
-)
-from conftest import BrokerProcess
+from harness import (BASES, LEGACY_INITIALIZE, MODERN, BrokerProcess, ToolFailed, broker_module, fresh, http, peer,
+                    wait_for)
 
 pytestmark = pytest.mark.faults
 
@@ -47,7 +36,7 @@ dispatch_broker = broker_module()
 def target(tmp_path_factory):
     """One broker with default limits for the whole module, and a canary: a message waiting for a
     participant of a base nothing else writes to."""
-    broker = mint(BrokerProcess(tmp_path_factory.mktemp("hostile")), *BASES, "canary").start()
+    broker = BrokerProcess(tmp_path_factory.mktemp("hostile")).mint(*BASES, "canary").start()
     Link(broker, "canary", "canary-keeper")
     Link(broker, "backend", "backend-canary").call("send", {"to": "canary-keeper", "body": CANARY})
     yield broker

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from test_service import free_port, get_healthz, post_initialize, tail, wait_until
+from harness import free_port
+from test_service import get_healthz, post_initialize, tail, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 #: What the sdist needs: pyproject.toml, its readme, and its py-modules.

@@ -14,9 +14,8 @@ import signal
 import subprocess
 from pathlib import Path
 
-import pytest
-
-from test_service import free_port, get_healthz, post_initialize, tail, wait_until
+from harness import free_port
+from test_service import get_healthz, post_initialize, tail, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 AGENT = ROOT / "net.dispatch.broker.plist"

@@ -6,21 +6,18 @@ Every broker and plugin is a real process; the only addition is a TCP proxy of t
 loses or holds one ack on the wire, or breaks every connection at once.
 """
 
-import contextlib
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
 
 import pytest
 
-from conftest import (PLUGIN, closed_url, db_query, plugin_env, record_channel_event, run_cli, unknown_token, wait_connected,
-                      wait_for)
+from harness import (PLUGIN, Proxy, closed_url, connected, db_query, plugin_env, record_channel_event, run_cli,
+                    unknown_token, wait_connected, wait_for)
 
 META_KEY = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 CLOCK = re.compile(r"\b\d\d:\d\d:\d\d\b")
@@ -187,76 +184,6 @@ def test_a_body_imitating_a_channel_tag_reaches_the_model_with_no_channel_tag_in
     assert set(event) == {"content", "meta"}
 
 
-class Proxy:
-    """A TCP proxy of the test's own between a plugin and the broker. `ack="lose"` resets the
-    connections of the first two requests containing "mail.ack" (the plugin's ack and its one
-    retry on a fresh connection: the broker never sees that ack);
-    `ack="hold"` forwards it only once `release` is set (bounded: 30 s). `cut_answer=b"…"`: the
-    first request containing those bytes reaches the broker, its answer does not (the connection
-    is reset instead). `reset_all()` breaks every open connection, as a network blip would."""
-
-    def __init__(self, port: int, ack: str | None = None, cut_answer: bytes | None = None):
-        self.port, self.ack, self.tampered = port, ack, 0
-        self.cut_answer, self.answers_cut = cut_answer, 0
-        self.release = threading.Event()
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}/mcp"
-        self.open: list[socket.socket] = []
-        self.lock = threading.Lock()
-        threading.Thread(target=self.accept, daemon=True).start()
-
-    def accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.server.accept()
-                upstream = socket.create_connection(("127.0.0.1", self.port))
-            except OSError:
-                return
-            with self.lock:
-                self.open += [client, upstream]
-            cut = threading.Event()  # this connection carried the request whose answer is lost
-            threading.Thread(target=self.pump, args=(client, upstream, True, cut), daemon=True).start()
-            threading.Thread(target=self.pump, args=(upstream, client, False, cut), daemon=True).start()
-
-    def pump(self, src: socket.socket, dst: socket.socket, inspect: bool, cut: threading.Event) -> None:
-        tail = b""
-        try:
-            while chunk := src.recv(65536):
-                if inspect and self.cut_answer and self.cut_answer in tail + chunk and not self.answers_cut:
-                    self.answers_cut += 1
-                    cut.set()
-                if not inspect and cut.is_set():
-                    break  # the broker answered; the client never hears it
-                if inspect and self.ack and b"mail.ack" in tail + chunk and self.first():
-                    if self.ack == "lose":
-                        break
-                    self.release.wait(30)  # a slow network, for as long as the test needs
-                tail = chunk[-16:]
-                dst.sendall(chunk)
-        except OSError:
-            pass
-        for s in (src, dst):
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-
-    def first(self) -> bool:
-        with self.lock:
-            self.tampered += 1
-            return self.tampered <= (2 if self.ack == "lose" else 1)
-
-    def reset_all(self) -> None:
-        with self.lock:
-            sockets, self.open = self.open, []
-        for s in sockets:  # shutdown, unlike close, also wakes the pump blocked in recv on it
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-
-    def close(self) -> None:
-        self.release.set()
-        self.server.close()
-        self.reset_all()
-
-
 @pytest.mark.parametrize("mode", ["lose", "hold"])
 def test_redelivered_message_appears_once_in_the_transcript(plugins, broker_factory, mode):
     """lose: the ack never arrives, so the broker pushes the mail again after the 1 s ack
@@ -265,9 +192,7 @@ def test_redelivered_message_appears_once_in_the_transcript(plugins, broker_fact
     broker = broker_factory("--ack-timeout", "1s").start()
     proxy = Proxy(broker.port, ack=mode)
     try:
-        receiver = plugins({**plugin_env(broker, "test", "test-rcv"), "DISPATCH_URL": proxy.url})
-        receiver.handshake()
-        wait_connected(receiver)
+        receiver = connected(plugins({**plugin_env(broker, "test", "test-rcv"), "DISPATCH_URL": proxy.url}))
         sent = run_cli(plugin_env(broker, "test", "test-snd"), "send", "--to", "test-rcv", "once only")
         assert sent.returncode == 0, sent.stderr
         [event] = receiver.wait_channel(1)
@@ -439,9 +364,7 @@ def test_tools_list_and_every_tool_say_why_when_the_broker_refuses_the_token_or_
 
 
 def test_plugin_exits_0_promptly_when_stdin_closes(plugins, shared_broker):
-    p = plugins(plugin_env(shared_broker, "test", "test-leaver"))
-    p.handshake()
-    wait_connected(p)
+    p = connected(plugins(plugin_env(shared_broker, "test", "test-leaver")))
     closed = time.monotonic()
     p.proc.stdin.close()
     assert wait_exit(p, 5) == 0
@@ -459,12 +382,8 @@ def test_a_restarted_session_takes_its_name_over_and_the_old_process_stops_recei
     # Claude Code may start a server again while the old one lingers: the newest receives, the
     # old one goes quiet while the newer one listens, rather than the two taking turns.
     env = plugin_env(shared_broker, "test", "test-phoenix")
-    old = plugins(env)
-    old.handshake()
-    wait_connected(old)
-    new = plugins(env)
-    new.handshake()
-    wait_connected(new)
+    old = connected(plugins(env))
+    new = connected(plugins(env))
     wait_for(lambda: "Not receiving since" in old.tool("ping")[0], timeout=10, what="the old session superseded")
     sender = plugin_env(shared_broker, "test", "test-phoenixfriend")
     for body in ("one", "two"):
@@ -475,12 +394,8 @@ def test_a_restarted_session_takes_its_name_over_and_the_old_process_stops_recei
 
 def test_a_superseded_plugin_listens_again_once_the_newer_session_is_gone(plugins, shared_broker):
     env = plugin_env(shared_broker, "test", fresh_name("test-lazarus"))
-    old = plugins(env)
-    old.handshake()
-    wait_connected(old)
-    new = plugins(env)
-    new.handshake()
-    wait_connected(new)
+    old = connected(plugins(env))
+    new = connected(plugins(env))
     wait_for(lambda: "Not receiving since" in old.tool("ping")[0], timeout=10, what="the old session superseded")
     new.kill()
     wait_for(lambda: "Not receiving" not in old.tool("ping")[0], timeout=40, what="the old session listening again")
@@ -516,9 +431,7 @@ def test_mail_claude_code_drops_is_never_acked_and_the_channel_turns_off_naming_
                                                                                         install):
     extra, flag = INSTALLS[install]
     name = fresh_name("test-deaf")
-    receiver = plugins({**plugin_env(shared_broker, "test", name), **extra}, accepts=False)
-    receiver.handshake()
-    wait_connected(receiver)
+    receiver = connected(plugins({**plugin_env(shared_broker, "test", name), **extra}, accepts=False))
     sender = plugin_env(shared_broker, "test", fresh_name("test-speaker"))
     assert run_cli(sender, "send", "--to", name, "into the void?").returncode == 0
     [event] = receiver.wait_channel(1)
@@ -542,9 +455,7 @@ def test_mail_claude_code_drops_is_never_acked_and_the_channel_turns_off_naming_
 
 def test_mail_is_acked_only_once_the_transcript_records_it(plugins, shared_broker):
     name = fresh_name("test-slowhost")
-    receiver = plugins(plugin_env(shared_broker, "test", name), accepts=False)
-    receiver.handshake()
-    wait_connected(receiver)
+    receiver = connected(plugins(plugin_env(shared_broker, "test", name), accepts=False))
     assert run_cli(plugin_env(shared_broker, "test", fresh_name("test-quick")), "send", "--to", name, "hi").returncode == 0
     [event] = receiver.wait_channel(1)
     time.sleep(1.5)  # well inside the 5 s the plugin waits for its proof
@@ -575,9 +486,7 @@ def test_a_redelivery_of_mail_the_transcript_already_shows_is_acked_and_not_show
     in the transcript what the last one showed, and only acks it when the broker pushes it again."""
     name = fresh_name("test-resumed")
     env = plugin_env(shared_broker, "test", name, CLAUDE_CODE_SESSION_ID=str(uuid.uuid4()))
-    first = plugins(env, accepts=False)
-    first.handshake()
-    wait_connected(first)
+    first = connected(plugins(env, accepts=False))
     assert run_cli(plugin_env(shared_broker, "test", fresh_name("test-x")), "send", "--to", name, "once").returncode == 0
     [event] = first.wait_channel(1)
     record_channel_event(first.transcript, env["CLAUDE_CODE_SESSION_ID"], event)  # shown, but the ack is lost:
@@ -591,9 +500,7 @@ def test_a_redelivery_of_mail_the_transcript_already_shows_is_acked_and_not_show
 
 def test_the_inbox_tool_acks_what_it_returned_once_the_transcript_records_the_tool_result(plugins, shared_broker):
     name = fresh_name("test-puller")
-    receiver = plugins(plugin_env(shared_broker, "test", name), accepts=False)
-    receiver.handshake()
-    wait_connected(receiver)
+    receiver = connected(plugins(plugin_env(shared_broker, "test", name), accepts=False))
     receiver.transcript.parent.mkdir(parents=True)
     receiver.transcript.write_text("")
     assert run_cli(plugin_env(shared_broker, "test", fresh_name("test-y")), "send", "--to", name, "pull").returncode == 0

@@ -14,7 +14,7 @@ import uuid
 
 import pytest
 
-from conftest import PLUGIN, plugin_env, run_cli, wait_connected
+from harness import PLUGIN, plugin_env, run_cli, wait_connected
 
 sys.path.insert(0, str(PLUGIN.parent))
 import dispatch_plugin  # noqa: E402
@@ -131,7 +131,7 @@ def test_session_start_outside_claude_code_describes_both_modes_with_the_real_so
 
 
 def test_hook_hints_name_a_command_that_exists_for_the_install(shared_broker):
-    from conftest import closed_url
+    from harness import closed_url
 
     env = {**plugin_env(shared_broker, "test"), "DISPATCH_URL": closed_url()}
     hint = lambda e: json.loads(run_cli(e, "hook", "prompt-submit", input="{}").stdout)[  # noqa: E731

@@ -12,14 +12,14 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
+
+from harness import free_port, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "dispatch.service"
@@ -107,12 +107,6 @@ def replace_option(argv: list[str], option: str, value: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def post_initialize(url: str, token: str | None) -> tuple[int, str]:
     """POST an initialize request; return (status, first JSON-RPC message or error body)."""
     headers = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
@@ -143,15 +137,14 @@ def get_healthz(port: int) -> dict | None:
 
 def wait_until(predicate, timeout: float, what: str, proc: subprocess.Popen, log: Path):
     """Poll `predicate` until truthy; fail at once, with the log, if the broker exits first."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def check():
         if proc.poll() is not None:
             pytest.fail(f"broker exited with {proc.returncode} while waiting for {what}:\n{tail(log)}")
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}:\n{tail(log)}")
+        return predicate()
+    try:
+        return wait_for(check, timeout, 0.2, what)
+    except AssertionError as timed_out:
+        pytest.fail(f"{timed_out}:\n{tail(log)}")
 
 
 def tail(log: Path, chars: int = 3000) -> str:

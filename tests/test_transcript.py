@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import PLUGIN
+from harness import PLUGIN
 
 sys.path.insert(0, str(PLUGIN.parent))
 import dispatch_plugin  # noqa: E402
