@@ -1,6 +1,6 @@
 """build.py: a standard-library plugin.pyz for every machine, and a broker file per platform.
 
-The `dist` fixture (tests/conftest.py) builds once per session, or reuses DISPATCH_DIST.
+The `dist` fixture (tests/conftest.py, through harness.build) builds once per session, or reuses DISPATCH_DIST.
 Zipapps run with `python -I`, an empty HOME, PEX_ROOT under tmp and a bare PATH: no venv, no
 pip, no network. The `stand_in_dist` zipapps carry throwaway modules, so the packaging is
 checked under every Python whatever state dispatch_broker.py and dispatch_plugin.py are in.
