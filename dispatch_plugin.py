@@ -1603,7 +1603,8 @@ def hook_transcript(data: dict[str, Any]) -> Path | None:
 
 def cmd_hook_prompt_submit(args: argparse.Namespace) -> int:
     """UserPromptSubmit hook: add waiting mail the transcript does not have yet to the prompt's
-    context, then mark it read. Silent when there is none.
+    context. It is marked read once the transcript shows it (at once where there is none).
+    Silent when there is nothing to add.
 
     Example: echo '{"session_id": "a8b3c1d2-…"}' | python3 dispatch_plugin.py hook prompt-submit
     """
@@ -1626,7 +1627,8 @@ def cmd_hook_prompt_submit(args: argparse.Namespace) -> int:
             big = unseen[0]
             hook_output("UserPromptSubmit", f"A Dispatch message from {big['from']} ({len(big['body'])} characters) is "
                                             "too long to add here: call the dispatch `inbox` tool to read it.")
-            client.call("mail.ack", ids=sorted(proven))
+            if proven:
+                client.call("mail.ack", ids=sorted(proven))
             return 0
         more = found["pending"] - len(proven) - len(batch)
         tail = f"\n({more} more waiting: they come with the next prompt, or call the inbox tool.)" if more > 0 else ""
