@@ -64,7 +64,7 @@ BROKER_PROTOCOL = "2026-07-28"
 #: channels off for a server that accepts it.
 CHANNEL_PROTOCOLS = ("2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")
 #: Each `listen` stays open this long; the next one is issued the moment it returns. Each
-#: re-issue costs the broker a tool call: at 1,000 sessions, 25 s listens took a fifth of its core.
+#: re-issue costs the broker a tool call, and at a thousand sessions short listens add up (BENCHMARKS.md).
 LISTEN_SECONDS = 120.0
 #: The heartbeat: a listen stream silent this long (no mail, and none of the keepalives the
 #: broker writes there every 3 s) is a dead connection, however it looks to TCP. It is the
