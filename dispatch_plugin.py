@@ -333,9 +333,9 @@ class BrokerClient:
 
     http.client and ssl are imported on first use: the channel must answer `initialize` first."""
 
-    def __init__(self, config: Config, link_id: str | None = None):
+    def __init__(self, config: Config):
         self.config = config
-        self.link_id = link_id or os.urandom(16).hex()
+        self.link_id = os.urandom(16).hex()
         parts = urllib.parse.urlsplit(config.url)
         self.https = parts.scheme == "https"
         self.host, self.port = parts.hostname, parts.port or (443 if self.https else 80)
@@ -373,12 +373,6 @@ class BrokerClient:
     def give_back(self, conn) -> None:
         with self.lock:
             self.idle.append(conn)
-
-    def close(self) -> None:
-        with self.lock:
-            idle, self.idle = self.idle, []
-        for conn in idle:
-            conn.close()
 
     # -- one request --------------------------------------------------------------------------
 
@@ -900,33 +894,26 @@ def doctor_command(env=os.environ) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def proven_in(path: Path | None, ids: set[str]) -> set[str]:
-    """Which of `ids` the transcript at `path` already shows the model."""
-    if not path or not ids:
-        return set()
-    try:
-        data = path.read_bytes()
-    except OSError:
-        return set()
+def proven_among(lines: list[bytes], ids: set[str]) -> set[str]:
+    """Which of `ids` these transcript lines show the model."""
     wanted = [i.encode() for i in ids]
-    lines = (line for line in data.split(b"\n") if any(w in line for w in wanted))
+    lines = [line for line in lines if any(w in line for w in wanted)]
     return {found for line in lines for _, found in transcript_proofs(line)} & ids
 
 
 def deliver(client: BrokerClient, messages: list[dict[str, Any]], show: Callable[[list], None],
-            proven: set[str] = frozenset(), transcript: bool = False) -> int:
+            proven: set[str] = frozenset(), transcript: bool = False) -> None:
     """Show what the transcript does not already have (`show` writes and flushes), and only then
     ack: a closed pipe or a killed process leaves the mail pending, never lost. What was shown is
     acked here only where there is no `transcript` to prove it by; otherwise its reader (the
     channel's prover, or the next prompt hook) acks it once Claude Code wrote it there, since
-    Claude Code records what a hook or a tool printed only after it has finished. The number shown."""
+    Claude Code records what a hook or a tool printed only after it has finished."""
     unseen = [m for m in messages if m["id"] not in proven]
     if unseen:
         show(unseen)
     done = [m["id"] for m in messages if m["id"] in proven or not transcript]
     if done:
         client.call("mail.ack", ids=done)
-    return len(unseen)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1614,13 +1601,16 @@ def cmd_hook_prompt_submit(args: argparse.Namespace) -> int:
         found = client.call("inbox", limit=INBOX_LIMIT)[0]
         messages = found["messages"]
         transcript = hook_transcript(data)
+        reader = GrowingFile(transcript) if transcript else None
         ids = {m["id"] for m in messages}
-        proven = proven_in(transcript, ids) | (set(prompt_channel_ids(data.get("prompt"))) & ids)
-        # Mail already pushed to this session's channel may be on its way into the transcript.
+        proven = (proven_among(reader.new_lines(), ids) if reader else set()) | \
+            (set(prompt_channel_ids(data.get("prompt"))) & ids)
+        # Mail already pushed to this session's channel may be on its way into the transcript:
+        # what is appended meanwhile is read, not the whole transcript again.
         deadline = time.monotonic() + HOOK_PROOF_WAIT
-        while any(m["attempt"] and m["id"] not in proven for m in messages) and time.monotonic() < deadline:
+        while reader and any(m["attempt"] and m["id"] not in proven for m in messages) and time.monotonic() < deadline:
             time.sleep(0.1)
-            proven |= proven_in(transcript, ids)
+            proven |= proven_among(reader.new_lines(), ids)
         unseen = [m for m in messages if m["id"] not in proven]
         batch = fitting(unseen, HOOK_CONTEXT_CHARS - 600)
         if unseen and not batch:

@@ -172,12 +172,14 @@ def test_the_watcher_finds_the_session_file_when_the_directory_is_named_otherwis
     assert ids_of(watcher(tmp_path, "/a/very/long/path")) == ["m1"]
 
 
-def test_proven_in_finds_only_the_asked_ids_in_a_whole_transcript(tmp_path):
+def test_proven_among_finds_only_the_asked_ids_in_a_whole_transcript(tmp_path):
     path = tmp_path / "t.jsonl"
     lines = [retyped(ENQUEUE, content=f'<channel source="dispatch" message_id="m_{n}">x</channel>') for n in range(5)]
     path.write_text("\n".join([TYPED_USER, *lines, DEQUEUE]) + "\n")
-    assert dispatch_plugin.proven_in(path, {"m_1", "m_3", "m_9"}) == {"m_1", "m_3"}
-    assert dispatch_plugin.proven_in(tmp_path / "missing.jsonl", {"m_1"}) == set()
+    reader = dispatch_plugin.GrowingFile(path)
+    assert dispatch_plugin.proven_among(reader.new_lines(), {"m_1", "m_3", "m_9"}) == {"m_1", "m_3"}
+    missing = dispatch_plugin.GrowingFile(tmp_path / "missing.jsonl")
+    assert dispatch_plugin.proven_among(missing.new_lines(), {"m_1"}) == set()
 
 
 def test_the_watcher_reads_a_transcript_begun_beside_the_session_later_as_after_clear(tmp_path):
