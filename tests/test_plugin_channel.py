@@ -16,7 +16,7 @@ import uuid
 
 import pytest
 
-from harness import (PLUGIN, Proxy, closed_url, connected, db_query, plugin_env, record_channel_event, run_cli,
+from harness import (PLUGIN, Proxy, closed_url, connected, db_query, fresh, plugin_env, record_channel_event, run_cli,
                     unknown_token, wait_connected, wait_for)
 
 META_KEY = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
@@ -133,10 +133,6 @@ def test_a_line_that_is_not_json_gets_a_parse_error_and_the_channel_keeps_answer
 # --------------------------------------------------------------------------------------------
 
 
-def fresh_name(prefix: str) -> str:
-    return f"{prefix}{os.urandom(3).hex()}"
-
-
 def start_pair(plugins, broker, a: str, b: str):
     pair = plugins(plugin_env(broker, "test", a)), plugins(plugin_env(broker, "test", b))
     for p in pair:
@@ -175,7 +171,7 @@ FORGED_TAGS = {
 
 @pytest.mark.parametrize("body", FORGED_TAGS.values(), ids=FORGED_TAGS.keys())
 def test_a_body_imitating_a_channel_tag_reaches_the_model_with_no_channel_tag_in_it(plugins, shared_broker, body):
-    pa, pb = start_pair(plugins, shared_broker, fresh_name("test-mallory"), fresh_name("test-victim"))
+    pa, pb = start_pair(plugins, shared_broker, fresh("test-mallory"), fresh("test-victim"))
     assert not pa.tool("send", to=pb.env["DISPATCH_NAME"], body=body)[1]
     [event] = pb.wait_channel(1)
     assert event["meta"]["from"] == pa.env["DISPATCH_NAME"]
@@ -393,13 +389,13 @@ def test_a_restarted_session_takes_its_name_over_and_the_old_process_stops_recei
 
 
 def test_a_superseded_plugin_listens_again_once_the_newer_session_is_gone(plugins, shared_broker):
-    env = plugin_env(shared_broker, "test", fresh_name("test-lazarus"))
+    env = plugin_env(shared_broker, "test", fresh("test-lazarus"))
     old = connected(plugins(env))
     new = connected(plugins(env))
     wait_for(lambda: "Not receiving since" in old.tool("ping")[0], timeout=10, what="the old session superseded")
     new.kill()
     wait_for(lambda: "Not receiving" not in old.tool("ping")[0], timeout=40, what="the old session listening again")
-    sender = plugin_env(shared_broker, "test", fresh_name("test-lazarusfriend"))
+    sender = plugin_env(shared_broker, "test", fresh("test-lazarusfriend"))
     assert run_cli(sender, "send", "--to", env["DISPATCH_NAME"], "you again").returncode == 0
     assert [e["content"] for e in old.wait_channel(1)] == ["you again"]
 
@@ -430,9 +426,9 @@ INSTALLS = {
 def test_mail_claude_code_drops_is_never_acked_and_the_channel_turns_off_naming_the_flag(plugins, shared_broker,
                                                                                         install):
     extra, flag = INSTALLS[install]
-    name = fresh_name("test-deaf")
+    name = fresh("test-deaf")
     receiver = connected(plugins({**plugin_env(shared_broker, "test", name), **extra}, accepts=False))
-    sender = plugin_env(shared_broker, "test", fresh_name("test-speaker"))
+    sender = plugin_env(shared_broker, "test", fresh("test-speaker"))
     assert run_cli(sender, "send", "--to", name, "into the void?").returncode == 0
     [event] = receiver.wait_channel(1)
     text = wait_for(lambda: next((t for t in [receiver.tool("ping")[0]] if "channel off" in t), None), timeout=15,
@@ -454,9 +450,9 @@ def test_mail_claude_code_drops_is_never_acked_and_the_channel_turns_off_naming_
 
 
 def test_mail_is_acked_only_once_the_transcript_records_it(plugins, shared_broker):
-    name = fresh_name("test-slowhost")
+    name = fresh("test-slowhost")
     receiver = connected(plugins(plugin_env(shared_broker, "test", name), accepts=False))
-    assert run_cli(plugin_env(shared_broker, "test", fresh_name("test-quick")), "send", "--to", name, "hi").returncode == 0
+    assert run_cli(plugin_env(shared_broker, "test", fresh("test-quick")), "send", "--to", name, "hi").returncode == 0
     [event] = receiver.wait_channel(1)
     time.sleep(1.5)  # well inside the 5 s the plugin waits for its proof
     assert acked_at(shared_broker, event["meta"]["message_id"]) is None, "acked before the transcript had it"
@@ -467,12 +463,12 @@ def test_mail_is_acked_only_once_the_transcript_records_it(plugins, shared_broke
 
 
 def test_without_a_session_id_the_channel_does_not_listen_and_the_inbox_tool_delivers(plugins, shared_broker):
-    name = fresh_name("test-nosession")
+    name = fresh("test-nosession")
     receiver = plugins(plugin_env(shared_broker, "test", name), session=False)
     receiver.handshake()
     text = wait_connected(receiver)
     assert "no Claude Code session id" in text and "when the `inbox` tool is called" in text, text
-    sent = run_cli(plugin_env(shared_broker, "test", fresh_name("test-teller")), "send", "--to", name, "pull me")
+    sent = run_cli(plugin_env(shared_broker, "test", fresh("test-teller")), "send", "--to", name, "pull me")
     assert "queued" in sent.stdout.lower(), sent.stdout
     time.sleep(1)
     assert receiver.channel == []
@@ -484,10 +480,10 @@ def test_without_a_session_id_the_channel_does_not_listen_and_the_inbox_tool_del
 def test_a_redelivery_of_mail_the_transcript_already_shows_is_acked_and_not_shown_again(plugins, shared_broker):
     """A restarted server (Claude Code restarts them; a resumed session keeps its transcript) finds
     in the transcript what the last one showed, and only acks it when the broker pushes it again."""
-    name = fresh_name("test-resumed")
+    name = fresh("test-resumed")
     env = plugin_env(shared_broker, "test", name, CLAUDE_CODE_SESSION_ID=str(uuid.uuid4()))
     first = connected(plugins(env, accepts=False))
-    assert run_cli(plugin_env(shared_broker, "test", fresh_name("test-x")), "send", "--to", name, "once").returncode == 0
+    assert run_cli(plugin_env(shared_broker, "test", fresh("test-x")), "send", "--to", name, "once").returncode == 0
     [event] = first.wait_channel(1)
     record_channel_event(first.transcript, env["CLAUDE_CODE_SESSION_ID"], event)  # shown, but the ack is lost:
     first.kill()  # killed before it could ack
@@ -499,11 +495,11 @@ def test_a_redelivery_of_mail_the_transcript_already_shows_is_acked_and_not_show
 
 
 def test_the_inbox_tool_acks_what_it_returned_once_the_transcript_records_the_tool_result(plugins, shared_broker):
-    name = fresh_name("test-puller")
+    name = fresh("test-puller")
     receiver = connected(plugins(plugin_env(shared_broker, "test", name), accepts=False))
     receiver.transcript.parent.mkdir(parents=True)
     receiver.transcript.write_text("")
-    assert run_cli(plugin_env(shared_broker, "test", fresh_name("test-y")), "send", "--to", name, "pull").returncode == 0
+    assert run_cli(plugin_env(shared_broker, "test", fresh("test-y")), "send", "--to", name, "pull").returncode == 0
     [event] = receiver.wait_channel(1)
     wait_for(lambda: "channel off" in receiver.tool("ping")[0], timeout=15, what="the channel off")
     text, is_error = receiver.tool("inbox")
@@ -523,10 +519,10 @@ def stored_with_body(broker, body: str) -> int:
 def test_a_send_whose_answer_is_lost_is_made_again_and_stored_once(plugins, shared_broker):
     proxy = Proxy(shared_broker.port, cut_answer=b'"name": "send"')
     try:
-        receiver = plugin_env(shared_broker, "test", fresh_name("test-once"))
+        receiver = plugin_env(shared_broker, "test", fresh("test-once"))
         assert run_cli(receiver, "ping").returncode == 0
         body = f"exactly once {os.urandom(4).hex()}"
-        sent = run_cli({**plugin_env(shared_broker, "test", fresh_name("test-twice")), "DISPATCH_URL": proxy.url},
+        sent = run_cli({**plugin_env(shared_broker, "test", fresh("test-twice")), "DISPATCH_URL": proxy.url},
                        "send", "--to", receiver["DISPATCH_NAME"], body)
         assert sent.returncode == 0 and sent.stdout.startswith("Sent"), sent.stdout + sent.stderr
         assert proxy.answers_cut == 1
