@@ -1639,25 +1639,23 @@ def parser() -> argparse.ArgumentParser:
                f"(env or {config_file()}).")
     p.add_argument("--version", action="version", version=__version__)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-
-    def command(name, fn, parent=sub):
+    groups = {"": sub}  # "hook" is added below the others, where the help lists it
+    # Each command is named after its function, and its docstring is its help.
+    commands = {}
+    for group, fn in (("", cmd_send), ("", cmd_who), ("", cmd_inbox), ("", cmd_ping), ("", cmd_doctor),
+                      ("hook", cmd_hook_session_start), ("hook", cmd_hook_prompt_submit)):
+        if group not in groups:
+            groups[group] = sub.add_parser(group, help="Claude Code hooks (the plugin package runs them).") \
+                .add_subparsers(dest=group, required=True, metavar="EVENT")
+        parent = groups[group]
+        name = fn.__name__.removeprefix("cmd_").removeprefix("hook_").replace("_", "-")
         doc = fn.__doc__.strip()
-        c = parent.add_parser(name, help=doc.splitlines()[0], description=doc,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-        c.set_defaults(func=fn)
-        return c
-
-    s = command("send", cmd_send)
-    s.add_argument("--to", required=True, help="participant name, base name, or '*'")
-    s.add_argument("body", help="the message, or - to read it from stdin")
-    command("who", cmd_who)
-    command("inbox", cmd_inbox).add_argument("--peek", action="store_true", help="only count waiting messages")
-    command("ping", cmd_ping)
-    command("doctor", cmd_doctor)
-    h = sub.add_parser("hook", help="Claude Code hooks (the plugin package runs them).")
-    hsub = h.add_subparsers(dest="hook", required=True, metavar="EVENT")
-    command("session-start", cmd_hook_session_start, hsub)
-    command("prompt-submit", cmd_hook_prompt_submit, hsub)
+        commands[name] = parent.add_parser(name, help=doc.splitlines()[0], description=doc,
+                                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        commands[name].set_defaults(func=fn)
+    commands["send"].add_argument("--to", required=True, help="participant name, base name, or '*'")
+    commands["send"].add_argument("body", help="the message, or - to read it from stdin")
+    commands["inbox"].add_argument("--peek", action="store_true", help="only count waiting messages")
     return p
 
 

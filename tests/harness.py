@@ -337,6 +337,13 @@ async def peer(broker: BrokerProcess, base: str, name: str | None = None, mode: 
 
 
 @contextlib.asynccontextmanager
+async def fresh_peers(broker: BrokerProcess, *bases: str):
+    """One identified peer for each base, under a fresh name and with that base's token."""
+    async with contextlib.AsyncExitStack() as stack:
+        yield [await stack.enter_async_context(peer(broker, base, fresh(base))) for base in bases]
+
+
+@contextlib.asynccontextmanager
 async def listening(broker: BrokerProcess, mode: str = MODERN, sender_base: str = "backend",
                     receiver_base: str = "frontend"):
     """A fresh sender and a fresh receiver whose listen is registered: (sender peer, receiver peer);

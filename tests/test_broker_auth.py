@@ -11,8 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from mcp.shared.exceptions import MCPError
-from harness import (LEGACY_INITIALIZE, MODERN, ToolFailed, broker_module, fresh, http, liveness, logged, peer,
-                    start_broker, until_live)
+from harness import (LEGACY_INITIALIZE, MODERN, ToolFailed, broker_module, fresh, fresh_peers, http, liveness, logged,
+                    peer, start_broker, until_live)
 
 dispatch_broker = broker_module()
 
@@ -97,9 +97,8 @@ async def test_identify_is_refused_when_name_is_of_another_base(module_broker, n
 
 @pytest.mark.anyio
 async def test_reply_is_refused_when_caller_is_not_a_party_of_the_chat(module_broker):
-    sender, receiver, outsider = fresh("backend"), fresh("frontend"), fresh("other")
-    async with (peer(module_broker, "backend", sender) as s, peer(module_broker, "frontend", receiver),
-                peer(module_broker, "other", outsider) as o):
+    async with fresh_peers(module_broker, "backend", "frontend", "other") as (s, f, o):
+        receiver, outsider = f.name, o.name
         chat_id = (await s.call("send", to=receiver, body="between us"))["chat_id"]
         mark = len(module_broker.logs())
 
@@ -112,9 +111,8 @@ async def test_reply_is_refused_when_caller_is_not_a_party_of_the_chat(module_br
 
 @pytest.mark.anyio
 async def test_ack_of_someone_elses_message_is_refused_and_it_stays_pending_for_its_owner(module_broker):
-    sender, owner, outsider = fresh("backend"), fresh("frontend"), fresh("other")
-    async with (peer(module_broker, "backend", sender) as s, peer(module_broker, "frontend", owner) as f,
-                peer(module_broker, "other", outsider) as o):
+    async with fresh_peers(module_broker, "backend", "frontend", "other") as (s, f, o):
+        owner, outsider = f.name, o.name
         await s.call("send", to=owner, body="for the owner only")
         await s.call("send", to=outsider, body="for the outsider")
         [theirs] = [m["id"] for m in (await f.call("inbox"))["messages"]]

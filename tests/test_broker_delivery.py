@@ -15,8 +15,8 @@ import urllib.error
 import urllib.request
 
 import pytest
-from harness import (LEGACY, LEGACY_INITIALIZE, MODERN, ToolFailed, broker_module, db_query, eventually, fresh, http,
-                    listening, liveness, logged, peer, start_broker, until_live, wait_for)
+from harness import (LEGACY, LEGACY_INITIALIZE, MODERN, ToolFailed, broker_module, db_query, eventually, fresh,
+                    fresh_peers, http, listening, liveness, logged, peer, start_broker, until_live, wait_for)
 
 dispatch_broker = broker_module()
 
@@ -100,10 +100,9 @@ async def test_send_to_never_seen_name_is_refused_with_clear_error(module_broker
 
 @pytest.mark.anyio
 async def test_mail_is_from_the_senders_identified_name_not_its_token_or_arguments(module_broker):
-    first, second, receiver = fresh("backend"), fresh("backend"), fresh("frontend")
     # Two sessions with the same backend token: each mail names the session that sent it.
-    async with (peer(module_broker, "backend", first) as b1, peer(module_broker, "backend", second) as b2,
-                peer(module_broker, "frontend", receiver) as f):
+    async with fresh_peers(module_broker, "backend", "backend", "frontend") as (b1, b2, f):
+        first, second, receiver = b1.name, b2.name, f.name
         await b1.call("send", to=receiver, body="one")
         await b2.call("send", to=receiver, body="two", **{"from": "frontend-spoofed"})
 
@@ -557,9 +556,8 @@ async def test_inbox_answers_at_most_about_1_mb_and_pending_still_counts_all(mod
 
 @pytest.mark.anyio
 async def test_a_repeated_client_msg_id_gets_the_first_answer_and_is_stored_once(module_broker):
-    sender, sibling, receiver, outsider = fresh("backend"), fresh("backend"), fresh("frontend"), fresh("other")
-    async with (peer(module_broker, "backend", sender) as b, peer(module_broker, "backend", sibling) as b2,
-                peer(module_broker, "frontend", receiver) as f, peer(module_broker, "other", outsider) as o):
+    async with fresh_peers(module_broker, "backend", "backend", "frontend", "other") as (b, b2, f, o):
+        receiver, outsider = f.name, o.name
         first = await b.client.call_tool("send", {"to": receiver, "body": "once", "client_msg_id": "retry-1"})
         again = await b.client.call_tool("send", {"to": receiver, "body": "once", "client_msg_id": "retry-1"})
         # The id is the sender's base's: a sibling session of that base repeating it is a repeat too.
