@@ -11,9 +11,10 @@
                             ──later───> re-exec that venv
 
 The plugin imports only the standard library, so plugin.pyz is a plain zipapp (PEP 441) that
-CPython runs straight from the zip: two entries, dispatch_plugin.py and a __main__.py calling its
-main(), behind a `#!/usr/bin/env python3` line. Nothing is unpacked and nothing is written; one
-file serves every OS and CPU.
+CPython runs straight from the zip: dispatch_plugin.py, a __main__.py calling its main(), and
+dispatch_plugin.pyc (the building CPython's compiled code, which only that CPython version runs;
+every other compiles the source), behind a `#!/usr/bin/env python3` line. Nothing is unpacked and
+nothing is written; one file serves every OS, CPU and CPython >= 3.11.
 
 The broker needs the SDK's compiled wheels (pydantic_core, cryptography, cffi), which cannot be
 imported from inside a zip, so pex writes it and its first run unpacks it into PEX_ROOT, which
@@ -30,7 +31,7 @@ Run (the broker needs pex; without it build.py first installs the pinned pex int
     python3 build.py --platform macos-arm64   # only that broker (and the plugin); repeatable
     python3 build.py --relock        # after changing dependencies in pyproject.toml
 
-Size (plugin 48 kB; brokers 15.8 MB macOS arm64, 17.0 MB Linux aarch64, 17.6 MB Linux x86_64,
+Size (plugin 135 kB; brokers 15.8 MB macOS arm64, 17.0 MB Linux aarch64, 17.6 MB Linux x86_64,
 20.4 MB macOS x86_64): each compiled wheel but cryptography's (abi3) is carried once per CPython,
 4 copies a file; pydantic_core's (~2.2 MB each) are half of it. cryptography's only Intel-Mac
 wheel holds both Mac CPUs (7.8 MB against ~4.5 MB elsewhere), hence the Intel file's weight.
@@ -42,8 +43,8 @@ Time: ~20 s for all five files with pex's caches warm (on 2 busy cores; running 
 builds side by side was no faster); the first build also downloads ~80 MB of wheels.
 
 Reproducible: plugin.pyz is written entry by entry in a fixed order, dated 1980-01-01, mode
-0644, and stored rather than deflated (zlib builds differ in what they emit, a stored entry is
-the same bytes everywhere). pex writes zip entries in a fixed order dated 1980-01-01, and pex.lock
+0644; the source is stored rather than deflated (zlib builds differ in what they emit, a stored
+entry is the same bytes everywhere), so only the compiled entry differs between CPython versions. pex writes zip entries in a fixed order dated 1980-01-01, and pex.lock
 pins each wheel by hash, so two builds of one commit with the same pex and the same build Python
 (pex's bootstrap differs either side of 3.12) give the same sha256. SOURCE_DATE_EPOCH is not
 needed. Downloaded wheels stay in pex's own cache (~/.cache/pex), so only the first build uses the
@@ -56,6 +57,7 @@ import importlib.util
 import json
 import os
 import platform
+import py_compile
 import shutil
 import subprocess
 import sys
@@ -218,17 +220,33 @@ def relock_intel_mac():
 # --- plugin: a standard-library zipapp ------------------------------------------------------
 
 
-def zip_entry(name):
+def zip_entry(name, compress_type=zipfile.ZIP_STORED):
     """A zip entry whose header is the same bytes whoever builds it, wherever, whenever."""
     entry = zipfile.ZipInfo(name, date_time=ZIP_EPOCH)
     entry.create_system = 3  # Unix, also when Windows builds: the field is part of the bytes
     entry.external_attr = 0o100644 << 16  # a regular file, rw-r--r--
-    entry.compress_type = zipfile.ZIP_STORED
+    entry.compress_type = compress_type
     return entry
 
 
+def compiled(source):
+    """The building CPython's bytecode for the plugin, as a .pyc that carries the source's hash.
+
+    Compiling the 80 kB module takes longer than the interpreter's own start, on every start:
+    zipimport keeps no compiled copy. It runs this .pyc instead when the running CPython is the
+    version that built it and the source beside it has that hash; any other CPython compiles
+    the source as before."""
+    with tempfile.TemporaryDirectory() as tmp:
+        source_file, pyc = Path(tmp) / f"{PLUGIN_MODULE}.py", Path(tmp) / f"{PLUGIN_MODULE}.pyc"
+        source_file.write_bytes(source)
+        py_compile.compile(str(source_file), str(pyc), dfile=source_file.name, doraise=True,
+                           invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH)
+        return pyc.read_bytes()
+
+
 def build_plugin(src_dir, out_dir):
-    """Write out_dir/plugin.pyz: the shebang line, then a zip of __main__.py and the plugin."""
+    """Write out_dir/plugin.pyz: the shebang line, then a zip of __main__.py, the plugin and its
+    compiled code."""
     source = src_dir / f"{PLUGIN_MODULE}.py"
     if not source.exists():
         raise BuildError(f"no {source.name} in {src_dir}")
@@ -239,6 +257,8 @@ def build_plugin(src_dir, out_dir):
         with zipfile.ZipFile(f, "w") as pyz:
             pyz.writestr(zip_entry("__main__.py"), PLUGIN_MAIN)
             pyz.writestr(zip_entry(source.name), source.read_bytes())
+            # Deflated, as only its own CPython reads it: stored, it would make the file 210 kB.
+            pyz.writestr(zip_entry(f"{PLUGIN_MODULE}.pyc", zipfile.ZIP_DEFLATED), compiled(source.read_bytes()))
     partial.chmod(0o755)
     partial.replace(out)
     return out

@@ -31,7 +31,6 @@ from __future__ import annotations  # annotations stay unevaluated: argparse is 
 import collections
 import itertools
 import json
-import logging
 import os
 import re
 import signal
@@ -40,11 +39,12 @@ import threading
 import time
 import urllib.parse
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # names in annotations only: importing typing costs the channel's start 2 ms
+    from typing import Any, Callable
 
 __version__ = "0.1.0"
-
-log = logging.getLogger("dispatch.plugin")
 
 # --------------------------------------------------------------------------------------------
 # Defaults and environment names (README lists each)
@@ -120,6 +120,21 @@ SERVER_SOURCE = "dispatch"
 CHANNEL_FLAGS = ("--dangerously-load-development-channels", "--channels")
 
 
+#: DISPATCH_LOG's levels, least first.
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def log(level: str, text: str) -> None:
+    """One line on stderr if `level` is at or above DISPATCH_LOG's (WARNING by default). The
+    channel's stderr goes to Claude Code's debug log. Not the logging module: importing it is a
+    fifth of the time the channel takes to answer `initialize` (BENCHMARKS.md). An unknown level
+    counts as WARNING."""
+    wanted = os.environ.get(ENV_LOG, "WARNING").upper()
+    if LOG_LEVELS.index(level) >= LOG_LEVELS.index(wanted if wanted in LOG_LEVELS else "WARNING"):
+        sys.stderr.write(f"dispatch {level} {text}\n")
+        sys.stderr.flush()
+
+
 # --------------------------------------------------------------------------------------------
 # Exceptions
 # --------------------------------------------------------------------------------------------
@@ -151,12 +166,10 @@ def config_file() -> Path:
     return Path(base) / "dispatch" / "config.toml"
 
 
-class Config(NamedTuple):
-    url: str
-    token: str
-    base: str
-    name: str
-    token_source: str
+class Config(collections.namedtuple("Config", "url token base name token_source")):
+    """Where the broker is, the token and the name to use there, and where the token came from."""
+
+    __slots__ = ()
 
     @property
     def origin(self) -> str:
@@ -1047,7 +1060,7 @@ class Channel:
         for line in sys.stdin.buffer:
             if line.strip():
                 self.handle(line)
-        log.info("stdin closed; exiting")
+        log("INFO", "stdin closed; exiting")
 
     def handle(self, line: bytes) -> None:
         try:
@@ -1105,7 +1118,7 @@ class Channel:
                 self.receive()
             except ConfigError as exc:
                 self.broken = f"Dispatch: {exc}"
-                log.error("%s", exc)
+                log("ERROR", str(exc))
                 self.verdict.set()
                 return
             except DispatchError as exc:
@@ -1116,7 +1129,7 @@ class Channel:
 
     def link_up(self) -> None:
         if self.down_since is not None:
-            log.info("connected to %s as %s", self.config.url, self.config.name)
+            log("INFO", f"connected to {self.config.url} as {self.config.name}")
         self.down_since = None
         self.ready.set()
         self.verdict.set()
@@ -1135,7 +1148,7 @@ class Channel:
         if self.down_since is None:
             self.down_since = time.time()
         self.down_why = why
-        log.warning("broker link down: %s", why)
+        log("WARNING", f"broker link down: {why}")
 
     def receive(self) -> None:
         """Listen after listen. A listen silent for the heartbeat is abandoned and issued again
@@ -1153,12 +1166,12 @@ class Channel:
                 raise
             if ended is None:
                 if self.mode != "off":
-                    log.warning("the listen stream was silent for %.0f s (no mail, no keepalive): listening again",
-                                HEARTBEAT_SECONDS)
+                    log("WARNING", f"the listen stream was silent for {HEARTBEAT_SECONDS:.0f} s (no mail, no keepalive): "
+                                   "listening again")
             elif ended == "superseded":
                 self.superseded_at = time.time()
-                log.warning("a newer session named %s receives its mail now; this one listens again when it is gone",
-                            self.config.name)
+                log("WARNING", f"a newer session named {self.config.name} receives its mail now; this one listens "
+                               "again when it is gone")
                 while self.name_live_elsewhere():
                     time.sleep(HEARTBEAT_SECONDS)
                 self.superseded_at = None
@@ -1217,7 +1230,7 @@ class Channel:
                 ids, self.to_ack = self.to_ack, []
             if heard and self.mode == "trying":
                 self.mode = "on"
-                log.info("channel on: the transcript shows our events")
+                log("INFO", "channel on: the transcript shows our events")
             if late:
                 self.unproven(late)
             if ids:
@@ -1240,7 +1253,7 @@ class Channel:
 
     def turn_off(self, why: str) -> None:
         self.mode, self.off_why = "off", why
-        log.warning("%s", self.off_note())
+        log("WARNING", self.off_note())
 
     def off_note(self) -> str:
         later = ("with the next prompt (the prompt hook)" if installed_as_plugin(self.env)
@@ -1252,7 +1265,7 @@ class Channel:
         try:
             self.client.call("mail.ack", ids=ids)
         except DispatchError as exc:  # unacked mail is pushed again and acked again, not shown again
-            log.warning("ack of %d messages failed (%s); the broker will push them again", len(ids), exc)
+            log("WARNING", f"ack of {len(ids)} messages failed ({exc}); the broker will push them again")
 
     # -- tools for Claude ---------------------------------------------------------------------
 
@@ -1661,8 +1674,6 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(level=os.environ.get(ENV_LOG, "WARNING").upper(), stream=sys.stderr,
-                        format="dispatch %(levelname)s %(message)s")
     if not argv:
         return run_channel()
     args = parser().parse_args(argv)

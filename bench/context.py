@@ -117,6 +117,10 @@ class Bench:
             shutil.copyfile(source, target)
             self.dist_files[name] = {"sha256": hashlib.sha256(target.read_bytes()).hexdigest(),
                                      "built": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(source.stat().st_mtime))}
+        # What the plugin package runs, and what plugin.pyz runs on a CPython other than its builder's.
+        self.plugin_source = self.work / "source" / "dispatch_plugin.py"
+        self.plugin_source.parent.mkdir()
+        shutil.copyfile(ROOT / "dispatch_plugin.py", self.plugin_source)
         self.broker_root = self.work / "pex-broker"  # fresh: the first broker start is the cold one
         self.plugin_root = self.work / "pex-plugin"  # fresh: the first plugin start is the cold one
         self.results: dict[str, Any] = {}
@@ -213,11 +217,12 @@ class PluginProc(AsyncPluginProcess):
     """`plugin.pyz` (no arguments: the channel) driven over stdio as Claude Code drives it
     (tests/harness.py), its transcript and config dir in the bench's scratch directory."""
 
-    def __init__(self, bench: Bench, name: str, token: str, url: str, pex_root: Path | None = None):
+    def __init__(self, bench: Bench, name: str, token: str, url: str, pex_root: Path | None = None,
+                 program: Path | None = None):
         env = bench.env(pex_root or bench.plugin_root)
         env.update({"DISPATCH_URL": url, "DISPATCH_TOKEN": token, "DISPATCH_NAME": name,
                     "CLAUDE_CONFIG_DIR": str(bench.work / "claude" / name)})
-        super().__init__([bench.py, str(bench.plugin_pyz)], env, name=name, clock=now)
+        super().__init__([bench.py, str(program or bench.plugin_pyz)], env, name=name, clock=now)
         self.bench = bench
 
     async def spawn(self) -> "PluginProc":

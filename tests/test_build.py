@@ -7,6 +7,7 @@ checked under every Python whatever state dispatch_broker.py and dispatch_plugin
 """
 
 import hashlib
+import importlib.util
 import json
 import os
 import platform
@@ -187,38 +188,84 @@ def stand_in_dist(tmp_path_factory):
 # --- plugin.pyz -------------------------------------------------------------------------------
 
 
-def test_plugin_zipapp_holds_only_the_plugin_and_a_main_behind_a_shebang(dist):
+def test_plugin_zipapp_holds_the_plugin_its_compiled_code_and_a_main_behind_a_shebang(dist):
     data = dist.plugin.read_bytes()
     assert data.startswith(b"#!/usr/bin/env python3\n")
     with zipfile.ZipFile(dist.plugin) as pyz:
-        assert pyz.namelist() == ["__main__.py", "dispatch_plugin.py"]
+        assert pyz.namelist() == ["__main__.py", "dispatch_plugin.py", "dispatch_plugin.pyc"]
         main = pyz.read("__main__.py").decode()
         assert "sys.exit(dispatch_plugin.main())" in main
         assert {info.date_time for info in pyz.infolist()} == {(1980, 1, 1, 0, 0, 0)}
+        source, pyc = pyz.read("dispatch_plugin.py"), pyz.read("dispatch_plugin.pyc")
         if not dist.prebuilt:
-            assert pyz.read("dispatch_plugin.py") == (REPO / "dispatch_plugin.py").read_bytes()
+            assert source == (REPO / "dispatch_plugin.py").read_bytes()
+    # A hash-checked .pyc of exactly that source (PEP 552): no CPython runs it beside another source.
+    assert int.from_bytes(pyc[4:8], "little") == 0b11
+    assert pyc[8:16] == importlib.util.source_hash(source)
+
+
+def plugin_module_file(python, pyz, home):
+    """(the CPython's .pyc magic number, the file it imported dispatch_plugin from), run as the zipapp runs."""
+    code = ("import importlib.util, sys; sys.path.insert(0, sys.argv[1]); import dispatch_plugin; "
+            "print(importlib.util.MAGIC_NUMBER.hex(), dispatch_plugin.__file__)")
+    done = subprocess.run([str(python), *PLUGIN_FLAGS, "-c", code, str(pyz)], env=bare_env(home),
+                          capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    assert done.returncode == 0, done.stderr
+    magic, path = done.stdout.split()
+    return bytes.fromhex(magic), path
+
+
+@pytest.mark.parametrize("python", each_python())
+def test_plugin_zipapp_runs_its_compiled_code_on_the_cpython_that_built_it_and_its_source_on_any_other(
+        dist, python, tmp_path):
+    with zipfile.ZipFile(dist.plugin) as pyz:
+        built_by = pyz.read("dispatch_plugin.pyc")[:4]
+    magic, path = plugin_module_file(python, dist.plugin, tmp_path)
+    assert path == f"{dist.plugin}/dispatch_plugin.{'pyc' if magic == built_by else 'py'}"
+
+
+def test_plugin_zipapp_runs_its_source_when_the_compiled_code_is_of_another_source(dist, tmp_path):
+    """The .pyc is this CPython's, but the source beside it was changed after the build."""
+    changed = tmp_path / "plugin.pyz"
+    with zipfile.ZipFile(dist.plugin) as old, zipfile.ZipFile(changed, "w") as new:
+        for info in old.infolist():
+            data = old.read(info)
+            new.writestr(info, data + b"\nCHANGED = True\n" if info.filename == "dispatch_plugin.py" else data)
+            built_by = data[:4] if info.filename == "dispatch_plugin.pyc" else None
+    magic, path = plugin_module_file(sys.executable, changed, tmp_path)
+    assert magic == built_by, "dist was built by another CPython: unset DISPATCH_DIST to check this"
+    assert path == f"{changed}/dispatch_plugin.py"
 
 
 def test_plugin_zipapp_is_under_200_kb(dist):
     assert dist.plugin.stat().st_size < PLUGIN_MAX_BYTES
 
 
-def test_plugin_zipapp_is_the_same_bytes_whichever_python_builds_it(dist, tmp_path):
-    """Only the standard library writes it, so every CPython >= 3.11 writes the same file."""
+def test_plugin_zipapp_is_the_same_source_whichever_python_builds_it_and_the_same_bytes_from_one(dist, tmp_path):
+    """Only the standard library writes it: each CPython >= 3.11 writes the same file each time,
+    and all of them the same entries but for their own compiled code."""
     if dist.prebuilt:
         pytest.skip("DISPATCH_DIST may come from another commit: unset it to check this")
-    digests = {}
+    entries = {}
     for version in TARGET_PYTHONS:
         python = find_python(version)
         if python is None:
             continue
-        out = tmp_path / version
-        out.mkdir()
-        code = f"import sys; sys.path.insert(0, {str(REPO)!r}); import build, pathlib; " \
-               f"build.build_plugin(build.ROOT, pathlib.Path({str(out)!r}))"
-        subprocess.run([str(python), "-I", "-c", code], check=True, timeout=60)
-        digests[version] = sha256(out / "plugin.pyz")
-    assert set(digests.values()) == {sha256(dist.plugin)}, digests
+        digests = set()
+        for attempt in ("first", "second"):
+            out = tmp_path / version / attempt
+            out.mkdir(parents=True)
+            code = f"import sys; sys.path.insert(0, {str(REPO)!r}); import build, pathlib; " \
+                   f"build.build_plugin(build.ROOT, pathlib.Path({str(out)!r}))"
+            subprocess.run([str(python), "-I", "-c", code], check=True, timeout=60)
+            digests.add(sha256(out / "plugin.pyz"))
+        assert len(digests) == 1, version
+        with zipfile.ZipFile(out / "plugin.pyz") as pyz:
+            entries[version] = [(i.filename, i.CRC) for i in pyz.infolist() if not i.filename.endswith(".pyc")]
+    assert entries
+    with zipfile.ZipFile(dist.plugin) as pyz:
+        ours = [(i.filename, i.CRC) for i in pyz.infolist() if not i.filename.endswith(".pyc")]
+    assert all(e == ours for e in entries.values()), entries
 
 
 @pytest.mark.parametrize("python", each_python())
