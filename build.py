@@ -57,6 +57,7 @@ import json
 import os
 import platform
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -242,6 +243,81 @@ def build_plugin(src_dir, out_dir):
     partial.chmod(0o755)
     partial.replace(out)
     return out
+
+
+# --- broker: universal Mach-O binaries cut to one CPU ----------------------------------------
+
+#: A universal (fat) Mach-O starts with a big-endian fat_header (magic, number of slices), then
+#: one fat_arch per slice: cputype, cpusubtype, offset, size, align (mach-o/fat.h). The 64-bit
+#: form has 64-bit offsets and sizes and a reserved word.
+FAT_ARCH_FORMATS = {0xCAFEBABE: ">IIIII", 0xCAFEBABF: ">IIQQI4x"}
+FAT_HEADER = ">II"
+#: A Java class file starts with 0xcafebabe too, then its version (45 or more) where a fat
+#: Mach-O counts its slices; file(1) reads fewer than 20 as a Mach-O.
+MAX_FAT_SLICES = 19
+#: cputype, as fat_arch and a thin Mach-O's header hold it (mach/machine.h).
+CPU_TYPES = {"x86_64": 0x01000007, "arm64": 0x0100000C}
+
+
+def is_fat_macho(data):
+    if len(data) < struct.calcsize(FAT_HEADER):
+        return False
+    magic, slices = struct.unpack_from(FAT_HEADER, data)
+    return magic in FAT_ARCH_FORMATS and 0 < slices <= MAX_FAT_SLICES
+
+
+def fat_slices(data):
+    """{cputype: (offset, size)} of each slice a fat Mach-O holds."""
+    magic, count = struct.unpack_from(FAT_HEADER, data)
+    arch = FAT_ARCH_FORMATS[magic]
+    entries = (struct.unpack_from(arch, data, struct.calcsize(FAT_HEADER) + i * struct.calcsize(arch))
+               for i in range(count))
+    return {cputype: (offset, size) for cputype, _subtype, offset, size, _align in entries}
+
+
+def thin_macho(data, cpu, name):
+    """What `lipo -thin cpu` writes: the slice for `cpu`, copied out. Each slice is a complete thin
+    Mach-O, load commands and code signature (if any) included, so nothing in it needs changing.
+    `name` is for errors."""
+    if not is_fat_macho(data):
+        raise BuildError(f"{name} is not a universal (fat) Mach-O binary")
+    slices = fat_slices(data)
+    if CPU_TYPES[cpu] not in slices:
+        held = ", ".join(f"{cputype:#010x}" for cputype in slices)
+        raise BuildError(f"{name} has no {cpu} slice (it holds cputypes {held})")
+    offset, size = slices[CPU_TYPES[cpu]]
+    if offset + size > len(data):
+        raise BuildError(f"{name}: its {cpu} slice runs past the end of the file")
+    return data[offset:offset + size]
+
+
+def zip_prefix(path, pyz):
+    """The bytes before the zip's first entry: a pex's shebang line."""
+    start = min((entry.header_offset for entry in pyz.infolist()), default=pyz.start_dir)
+    with path.open("rb") as f:
+        return f.read(start)
+
+
+def thin_fat_binaries(path, cpu):
+    """Rewrite the zipapp at `path` with each fat Mach-O entry cut to its `cpu` slice.
+
+    Every entry keeps its ZipInfo (name, date, compression, mode) and place, and the prefix stays.
+    Each is deflated again by the same zlib at pex's level (the default), which gives pex's bytes
+    back, so the output is as reproducible as pex's: a file without fat binaries comes out
+    unchanged. PEX-INFO and the wheels' RECORDs keep the published wheel's hashes: pex uses the
+    first only to name its cache directories and checks neither at run time.
+    """
+    partial = path.with_name(path.name + ".partial")
+    with zipfile.ZipFile(path) as pyz, partial.open("wb") as f:
+        f.write(zip_prefix(path, pyz))
+        with zipfile.ZipFile(f, "w") as thinned:
+            for entry in pyz.infolist():
+                data = pyz.read(entry)
+                if is_fat_macho(data):
+                    data = thin_macho(data, cpu, entry.filename)
+                thinned.writestr(entry, data)
+    shutil.copymode(path, partial)
+    partial.replace(path)
 
 
 # --- broker: one pex per platform -----------------------------------------------------------
