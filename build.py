@@ -5,7 +5,7 @@
     pex.lock + dispatch_broker.py ──pex──> dist/broker-linux-x86_64.pyz   one per platform, each
                                            dist/broker-linux-aarch64.pyz  for CPython 3.11-3.14
                                            dist/broker-macos-arm64.pyz
-                                           dist/broker-macos-x86_64.pyz
+                                           dist/broker-macos-x86_64.pyz   fat binaries cut to x86_64
                                      copy> dist/broker.pyz   the one for the machine that builds
     python3 dist/broker.pyz ──1st run──> $PEX_ROOT/  (unpack the wheels, make a venv: ~60 MB)
                             ──later───> re-exec that venv
@@ -30,10 +30,12 @@ Run (the broker needs pex; without it build.py first installs the pinned pex int
     python3 build.py --platform macos-arm64   # only that broker (and the plugin); repeatable
     python3 build.py --relock        # after changing dependencies in pyproject.toml
 
-Size (plugin 48 kB; brokers 15.8 MB macOS arm64, 17.0 MB Linux aarch64, 17.6 MB Linux x86_64,
-20.4 MB macOS x86_64): each compiled wheel but cryptography's (abi3) is carried once per CPython,
+Size (plugin 80 kB; brokers 15.9 MB macOS arm64, 16.7 MB macOS x86_64, 17.0 MB Linux aarch64,
+17.6 MB Linux x86_64): each compiled wheel but cryptography's (abi3) is carried once per CPython,
 4 copies a file; pydantic_core's (~2.2 MB each) are half of it. cryptography's only Intel-Mac
-wheel holds both Mac CPUs (7.8 MB against ~4.5 MB elsewhere), hence the Intel file's weight.
+wheel is universal2, both Mac CPUs in one binary (7.8 MB deflated): the Intel file keeps only its
+x86_64 half (3.9 MB), as `lipo -thin x86_64` would: carried whole, it would make that file
+20.5 MB, over the 20 MB each file may weigh.
 BROKER_EXCLUDES leaves out the locked projects the broker never imports. pex deflates at zlib's
 default level with no setting for it (level 9 would save 0.4%); --no-pre-install-wheels carries the
 wheels as published (~3% larger); --layout packed/loose is a directory, not one file.
@@ -80,9 +82,10 @@ PYTHONS = ("3.11", "3.12", "3.13", "3.14")
 #: One pip for locking and building, so both resolve alike. Not pex's default (26.2.2): the
 #: package index this project uses does not serve that release.
 PIP_VERSION = "26.2.1"
-#: Intel Macs get their own lock: cryptography's last release with a wheel for them (universal2,
-#: both CPUs, ~7.8 MB) is 48.0.1, and a universal lock holds one version of each project, so
-#: pex.lock would push that older and twice as heavy wheel on every other platform too.
+#: Intel Macs get their own lock: cryptography's last release with a wheel for them is 48.0.1
+#: (universal2: both CPUs in one binary, of which the Intel file keeps only the x86_64 half, see
+#: Platform.thin_to), and a universal lock holds one version of each project, so pex.lock would
+#: push that older and twice as heavy wheel on every other platform too.
 INTEL_MAC_LOCK_FILE = ROOT / "pex-macos-x86_64.lock"
 #: What that lock changes; every other project is pinned to pex.lock's version.
 INTEL_MAC_PINS = {"cryptography": "cryptography<49"}
@@ -99,6 +102,9 @@ class Platform:
     system: str
     machines: tuple
     lock: Path = LOCK_FILE
+    #: The one CPU to keep of each universal (fat) Mach-O binary in the file, or None to carry
+    #: every binary as its wheel ships it.
+    thin_to: str | None = None
 
     @property
     def filename(self):
@@ -112,8 +118,9 @@ PLATFORMS = (
     # macOS 11 was the first release on arm64, so its wheels run on every Apple-silicon Mac.
     Platform("macos-arm64", "macOS arm64", "macosx_11_0_arm64", "darwin", ("arm64",)),
     # 10.15 is the oldest macOS for which every locked compiled wheel has an Intel build.
+    # Its cryptography wheel is universal2; an Intel Mac never loads the arm64 half.
     Platform("macos-x86_64", "macOS x86_64", "macosx_10_15_x86_64", "darwin", ("x86_64",),
-             lock=INTEL_MAC_LOCK_FILE),
+             lock=INTEL_MAC_LOCK_FILE, thin_to="x86_64"),
 )
 
 BROKER_MODULE = "dispatch_broker"
@@ -447,6 +454,8 @@ def build_broker(target, src_dir, out_dir):
                               stderr=subprocess.PIPE, text=True)
     if done.returncode != 0:
         raise BuildError(f"pex failed for {target.filename} (exit {done.returncode}):\n{done.stderr}")
+    if target.thin_to is not None:
+        thin_fat_binaries(out_dir / target.filename, target.thin_to)
     return out_dir / target.filename
 
 

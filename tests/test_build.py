@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 #: Every CPython the zipapps must run on; versions this machine lacks are skipped.
 TARGET_PYTHONS = ("3.11", "3.12", "3.13", "3.14")
 #: Broker file -> the platform tag each compiled wheel in it must carry. universal2 holds both
-#: macOS CPUs: cryptography's only wheel for Intel Macs.
+#: macOS CPUs: cryptography's only wheel for Intel Macs (build.py keeps its x86_64 half).
 BROKER_PLATFORMS = {
     "linux-x86_64": r"manylinux(2014|_2_\d+)_x86_64",
     "linux-aarch64": r"manylinux(2014|_2_\d+)_aarch64",
@@ -62,6 +62,9 @@ STAND_IN_IMPORTS = {
               "from cryptography.hazmat.primitives.ciphers.aead import AESGCM",
     "plugin": "import asyncio, http.client, json, ssl, tomllib, urllib.request",
 }
+#: Mac broker file -> the one CPU its Mach-O binaries may be for: build.py cuts the Intel file's
+#: universal2 binaries to x86_64, and the Apple-silicon file carries its wheels' as they ship.
+MAC_CPUS = {"macos-x86_64": "x86_64", "macos-arm64": "arm64"}
 #: cputype in a Mach-O header (mach/machine.h).
 CPU_TYPES = {"x86_64": 0x01000007, "arm64": 0x0100000C}
 #: How a Mach-O binary starts: thin (0xfeedfacf 64-bit or 0xfeedface 32-bit, written
@@ -177,6 +180,22 @@ def our_files(pyz):
         return {name.split("/")[0] for name in z.namelist()} - pex_runtime
 
 
+def mach_o_binaries(pyz):
+    """{entry: "fat", or the CPU of a thin Mach-O} for each Mach-O binary in a zipapp."""
+    cpus = {cputype: cpu for cpu, cputype in CPU_TYPES.items()}
+    found = {}
+    with zipfile.ZipFile(pyz) as z:
+        for entry in z.infolist():
+            with z.open(entry) as f:
+                head = f.read(8)
+            if len(head) == 8 and struct.unpack(">I", head[:4])[0] in FAT_MACHO:
+                found[entry.filename] = "fat"
+            elif head[:4] in THIN_MACHO:
+                cputype = struct.unpack("<I", head[4:])[0]
+                found[entry.filename] = cpus.get(cputype, f"{cputype:#x}")
+    return found
+
+
 def fat_binary(slices, magic=0xCAFEBABE):
     """A universal Mach-O holding `slices` ({cputype: bytes}) back to back after its header."""
     arch = FAT_MACHO[magic]
@@ -272,13 +291,17 @@ def test_zipapps_are_reproducible_byte_for_byte(dist, tmp_path):
     assert {name: sha256(again.dir / name) for name in names} == {name: sha256(dist.dir / name) for name in names}
 
 
-@pytest.mark.parametrize("platform_name", [
-    pytest.param(name, marks=pytest.mark.xfail(
-        strict=True, reason="cryptography's only Intel-Mac wheel is universal2 (both CPUs, 7.8 MB): ~20.4 MB"))
-    if name == "macos-x86_64" else name
-    for name in BROKER_PLATFORMS])
+@pytest.mark.parametrize("platform_name", BROKER_PLATFORMS)
 def test_broker_file_is_under_20_mb(dist, platform_name):
     assert dist.broker_for(platform_name).stat().st_size < BROKER_MAX_BYTES
+
+
+@pytest.mark.parametrize("platform_name", MAC_CPUS)
+def test_mac_broker_file_holds_only_thin_mach_o_binaries_for_its_cpu(dist, platform_name):
+    binaries = mach_o_binaries(dist.broker_for(platform_name))
+    # cryptography's is universal2 in its Intel-Mac wheel: the one binary the thinning must cut.
+    assert any(name.endswith("/cryptography/hazmat/bindings/_rust.abi3.so") for name in binaries), binaries
+    assert set(binaries.values()) == {MAC_CPUS[platform_name]}, binaries
 
 
 @pytest.mark.parametrize("magic", FAT_MACHO, ids=("fat", "fat64"))
