@@ -5,7 +5,7 @@
     pex.lock + dispatch_broker.py ──pex──> dist/broker-linux-x86_64.pyz   one per platform, each
                                            dist/broker-linux-aarch64.pyz  for CPython 3.11-3.14
                                            dist/broker-macos-arm64.pyz
-                                           dist/broker-macos-x86_64.pyz
+                                           dist/broker-macos-x86_64.pyz   fat binaries cut to x86_64
                                      copy> dist/broker.pyz   the one for the machine that builds
     python3 dist/broker.pyz ──1st run──> $PEX_ROOT/  (unpack the wheels, make a venv: ~60 MB)
                             ──later───> re-exec that venv
@@ -31,10 +31,12 @@ Run (the broker needs pex; without it build.py first installs the pinned pex int
     python3 build.py --platform macos-arm64   # only that broker (and the plugin); repeatable
     python3 build.py --relock        # after changing dependencies in pyproject.toml
 
-Size (plugin 135 kB; brokers 15.8 MB macOS arm64, 17.0 MB Linux aarch64, 17.6 MB Linux x86_64,
-20.4 MB macOS x86_64): each compiled wheel but cryptography's (abi3) is carried once per CPython,
+Size (plugin 138 kB; brokers 15.9 MB macOS arm64, 16.7 MB macOS x86_64, 17.0 MB Linux aarch64,
+17.6 MB Linux x86_64): each compiled wheel but cryptography's (abi3) is carried once per CPython,
 4 copies a file; pydantic_core's (~2.2 MB each) are half of it. cryptography's only Intel-Mac
-wheel holds both Mac CPUs (7.8 MB against ~4.5 MB elsewhere), hence the Intel file's weight.
+wheel is universal2, both Mac CPUs in one binary (7.8 MB deflated): the Intel file keeps only its
+x86_64 half (3.9 MB), as `lipo -thin x86_64` would: carried whole, it would make that file
+20.5 MB, over the 20 MB each file may weigh.
 BROKER_EXCLUDES leaves out the locked projects the broker never imports. pex deflates at zlib's
 default level with no setting for it (level 9 would save 0.4%); --no-pre-install-wheels carries the
 wheels as published (~3% larger); --layout packed/loose is a directory, not one file.
@@ -59,6 +61,7 @@ import os
 import platform
 import py_compile
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -81,9 +84,10 @@ PYTHONS = ("3.11", "3.12", "3.13", "3.14")
 #: One pip for locking and building, so both resolve alike. Not pex's default (26.2.2): the
 #: package index this project uses does not serve that release.
 PIP_VERSION = "26.2.1"
-#: Intel Macs get their own lock: cryptography's last release with a wheel for them (universal2,
-#: both CPUs, ~7.8 MB) is 48.0.1, and a universal lock holds one version of each project, so
-#: pex.lock would push that older and twice as heavy wheel on every other platform too.
+#: Intel Macs get their own lock: cryptography's last release with a wheel for them is 48.0.1
+#: (universal2: both CPUs in one binary, of which the Intel file keeps only the x86_64 half, see
+#: Platform.thin_to), and a universal lock holds one version of each project, so pex.lock would
+#: push that older and twice as heavy wheel on every other platform too.
 INTEL_MAC_LOCK_FILE = ROOT / "pex-macos-x86_64.lock"
 #: What that lock changes; every other project is pinned to pex.lock's version.
 INTEL_MAC_PINS = {"cryptography": "cryptography<49"}
@@ -100,6 +104,9 @@ class Platform:
     system: str
     machines: tuple
     lock: Path = LOCK_FILE
+    #: The one CPU to keep of each universal (fat) Mach-O binary in the file, or None to carry
+    #: every binary as its wheel ships it.
+    thin_to: str | None = None
 
     @property
     def filename(self):
@@ -113,8 +120,9 @@ PLATFORMS = (
     # macOS 11 was the first release on arm64, so its wheels run on every Apple-silicon Mac.
     Platform("macos-arm64", "macOS arm64", "macosx_11_0_arm64", "darwin", ("arm64",)),
     # 10.15 is the oldest macOS for which every locked compiled wheel has an Intel build.
+    # Its cryptography wheel is universal2; an Intel Mac never loads the arm64 half.
     Platform("macos-x86_64", "macOS x86_64", "macosx_10_15_x86_64", "darwin", ("x86_64",),
-             lock=INTEL_MAC_LOCK_FILE),
+             lock=INTEL_MAC_LOCK_FILE, thin_to="x86_64"),
 )
 
 BROKER_MODULE = "dispatch_broker"
@@ -264,6 +272,81 @@ def build_plugin(src_dir, out_dir):
     return out
 
 
+# --- broker: universal Mach-O binaries cut to one CPU ----------------------------------------
+
+#: A universal (fat) Mach-O starts with a big-endian fat_header (magic, number of slices), then
+#: one fat_arch per slice: cputype, cpusubtype, offset, size, align (mach-o/fat.h). The 64-bit
+#: form has 64-bit offsets and sizes and a reserved word.
+FAT_ARCH_FORMATS = {0xCAFEBABE: ">IIIII", 0xCAFEBABF: ">IIQQI4x"}
+FAT_HEADER = ">II"
+#: A Java class file starts with 0xcafebabe too, then its version (45 or more) where a fat
+#: Mach-O counts its slices; file(1) reads fewer than 20 as a Mach-O.
+MAX_FAT_SLICES = 19
+#: cputype, as fat_arch and a thin Mach-O's header hold it (mach/machine.h).
+CPU_TYPES = {"x86_64": 0x01000007, "arm64": 0x0100000C}
+
+
+def is_fat_macho(data):
+    if len(data) < struct.calcsize(FAT_HEADER):
+        return False
+    magic, slices = struct.unpack_from(FAT_HEADER, data)
+    return magic in FAT_ARCH_FORMATS and 0 < slices <= MAX_FAT_SLICES
+
+
+def fat_slices(data):
+    """{cputype: (offset, size)} of each slice a fat Mach-O holds."""
+    magic, count = struct.unpack_from(FAT_HEADER, data)
+    arch = FAT_ARCH_FORMATS[magic]
+    entries = (struct.unpack_from(arch, data, struct.calcsize(FAT_HEADER) + i * struct.calcsize(arch))
+               for i in range(count))
+    return {cputype: (offset, size) for cputype, _subtype, offset, size, _align in entries}
+
+
+def thin_macho(data, cpu, name):
+    """What `lipo -thin cpu` writes: the slice for `cpu`, copied out. Each slice is a complete thin
+    Mach-O, load commands and code signature (if any) included, so nothing in it needs changing.
+    `name` is for errors."""
+    if not is_fat_macho(data):
+        raise BuildError(f"{name} is not a universal (fat) Mach-O binary")
+    slices = fat_slices(data)
+    if CPU_TYPES[cpu] not in slices:
+        held = ", ".join(f"{cputype:#010x}" for cputype in slices)
+        raise BuildError(f"{name} has no {cpu} slice (it holds cputypes {held})")
+    offset, size = slices[CPU_TYPES[cpu]]
+    if offset + size > len(data):
+        raise BuildError(f"{name}: its {cpu} slice runs past the end of the file")
+    return data[offset:offset + size]
+
+
+def zip_prefix(path, pyz):
+    """The bytes before the zip's first entry: a pex's shebang line."""
+    start = min((entry.header_offset for entry in pyz.infolist()), default=pyz.start_dir)
+    with path.open("rb") as f:
+        return f.read(start)
+
+
+def thin_fat_binaries(path, cpu):
+    """Rewrite the zipapp at `path` with each fat Mach-O entry cut to its `cpu` slice.
+
+    Every entry keeps its ZipInfo (name, date, compression, mode) and place, and the prefix stays.
+    Each is deflated again by the same zlib at pex's level (the default), which gives pex's bytes
+    back, so the output is as reproducible as pex's: a file without fat binaries comes out
+    unchanged. PEX-INFO and the wheels' RECORDs keep the published wheel's hashes: pex uses the
+    first only to name its cache directories and checks neither at run time.
+    """
+    partial = path.with_name(path.name + ".partial")
+    with zipfile.ZipFile(path) as pyz, partial.open("wb") as f:
+        f.write(zip_prefix(path, pyz))
+        with zipfile.ZipFile(f, "w") as thinned:
+            for entry in pyz.infolist():
+                data = pyz.read(entry)
+                if is_fat_macho(data):
+                    data = thin_macho(data, cpu, entry.filename)
+                thinned.writestr(entry, data)
+    shutil.copymode(path, partial)
+    partial.replace(path)
+
+
 # --- broker: one pex per platform -----------------------------------------------------------
 
 
@@ -391,6 +474,8 @@ def build_broker(target, src_dir, out_dir):
                               stderr=subprocess.PIPE, text=True)
     if done.returncode != 0:
         raise BuildError(f"pex failed for {target.filename} (exit {done.returncode}):\n{done.stderr}")
+    if target.thin_to is not None:
+        thin_fat_binaries(out_dir / target.filename, target.thin_to)
     return out_dir / target.filename
 
 

@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import re
+import struct
 import subprocess
 import sys
 import tomllib
@@ -22,11 +23,14 @@ import pytest
 
 from harness import build
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import build as build_module  # noqa: E402  (harness's build() runs it; this is the module)
+
 REPO = Path(__file__).resolve().parent.parent
 #: Every CPython the zipapps must run on; versions this machine lacks are skipped.
 TARGET_PYTHONS = ("3.11", "3.12", "3.13", "3.14")
 #: Broker file -> the platform tag each compiled wheel in it must carry. universal2 holds both
-#: macOS CPUs: cryptography's only wheel for Intel Macs.
+#: macOS CPUs: cryptography's only wheel for Intel Macs (build.py keeps its x86_64 half).
 BROKER_PLATFORMS = {
     "linux-x86_64": r"manylinux(2014|_2_\d+)_x86_64",
     "linux-aarch64": r"manylinux(2014|_2_\d+)_aarch64",
@@ -59,6 +63,15 @@ STAND_IN_IMPORTS = {
               "from cryptography.hazmat.primitives.ciphers.aead import AESGCM",
     "plugin": "import asyncio, http.client, json, ssl, tomllib, urllib.request",
 }
+#: Mac broker file -> the one CPU its Mach-O binaries may be for: build.py cuts the Intel file's
+#: universal2 binaries to x86_64, and the Apple-silicon file carries its wheels' as they ship.
+MAC_CPUS = {"macos-x86_64": "x86_64", "macos-arm64": "arm64"}
+#: cputype in a Mach-O header (mach/machine.h).
+CPU_TYPES = {"x86_64": 0x01000007, "arm64": 0x0100000C}
+#: How a Mach-O binary starts: thin (0xfeedfacf 64-bit or 0xfeedface 32-bit, written
+#: little-endian) or universal, "fat" (0xcafebabe, or 0xcafebabf with 64-bit offsets, big-endian).
+THIN_MACHO = (b"\xcf\xfa\xed\xfe", b"\xce\xfa\xed\xfe")
+FAT_MACHO = {0xCAFEBABE: ">IIIII", 0xCAFEBABF: ">IIQQI4x"}  # magic -> its fat_arch layout
 #: A first run of a broker file unpacks its wheels (~70 MB): seconds, not minutes.
 RUN_TIMEOUT_S = 120
 
@@ -166,6 +179,39 @@ def our_files(pyz):
     pex_runtime = {".bootstrap", ".deps", "__pex__", "__main__.py", "PEX-INFO"}
     with zipfile.ZipFile(pyz) as z:
         return {name.split("/")[0] for name in z.namelist()} - pex_runtime
+
+
+def mach_o_binaries(pyz):
+    """{entry: "fat", or the CPU of a thin Mach-O} for each Mach-O binary in a zipapp."""
+    cpus = {cputype: cpu for cpu, cputype in CPU_TYPES.items()}
+    found = {}
+    with zipfile.ZipFile(pyz) as z:
+        for entry in z.infolist():
+            with z.open(entry) as f:
+                head = f.read(8)
+            if len(head) == 8 and struct.unpack(">I", head[:4])[0] in FAT_MACHO:
+                found[entry.filename] = "fat"
+            elif head[:4] in THIN_MACHO:
+                cputype = struct.unpack("<I", head[4:])[0]
+                found[entry.filename] = cpus.get(cputype, f"{cputype:#x}")
+    return found
+
+
+def fat_binary(slices, magic=0xCAFEBABE):
+    """A universal Mach-O holding `slices` ({cputype: bytes}) back to back after its header."""
+    arch = FAT_MACHO[magic]
+    offset = struct.calcsize(">II") + len(slices) * struct.calcsize(arch)
+    header, body = struct.pack(">II", magic, len(slices)), b""
+    for cputype, data in slices.items():
+        header += struct.pack(arch, cputype, 3, offset, len(data), 0)
+        body += data
+        offset += len(data)
+    return header + body
+
+
+def thin_slice(cpu):
+    """A stand-in thin Mach-O for `cpu`: its header's first two words, then bytes only it has."""
+    return THIN_MACHO[0] + struct.pack("<I", CPU_TYPES[cpu]) + f"the {cpu} slice".encode() * 8
 
 
 def listing(directory):
@@ -292,13 +338,59 @@ def test_zipapps_are_reproducible_byte_for_byte(dist, tmp_path):
     assert {name: sha256(again.dir / name) for name in names} == {name: sha256(dist.dir / name) for name in names}
 
 
-@pytest.mark.parametrize("platform_name", [
-    pytest.param(name, marks=pytest.mark.xfail(
-        strict=True, reason="cryptography's only Intel-Mac wheel is universal2 (both CPUs, 7.8 MB): ~20.4 MB"))
-    if name == "macos-x86_64" else name
-    for name in BROKER_PLATFORMS])
+@pytest.mark.parametrize("platform_name", BROKER_PLATFORMS)
 def test_broker_file_is_under_20_mb(dist, platform_name):
     assert dist.broker_for(platform_name).stat().st_size < BROKER_MAX_BYTES
+
+
+@pytest.mark.parametrize("platform_name", MAC_CPUS)
+def test_mac_broker_file_holds_only_thin_mach_o_binaries_for_its_cpu(dist, platform_name):
+    binaries = mach_o_binaries(dist.broker_for(platform_name))
+    # cryptography's is universal2 in its Intel-Mac wheel: the one binary the thinning must cut.
+    assert any(name.endswith("/cryptography/hazmat/bindings/_rust.abi3.so") for name in binaries), binaries
+    assert set(binaries.values()) == {MAC_CPUS[platform_name]}, binaries
+
+
+@pytest.mark.parametrize("magic", FAT_MACHO, ids=("fat", "fat64"))
+def test_thin_macho_copies_out_exactly_the_x86_64_slice(magic):
+    fat = fat_binary({CPU_TYPES[cpu]: thin_slice(cpu) for cpu in ("arm64", "x86_64")}, magic)
+    assert build_module.thin_macho(fat, "x86_64", "fake.so") == thin_slice("x86_64")
+
+
+@pytest.mark.parametrize("data", [
+    pytest.param(thin_slice("x86_64"), id="thin-mach-o"),
+    pytest.param(b"", id="empty"),
+    pytest.param(b"\xca\xfe\xba\xbe\x00\x00\x00\x41" + b"\x00" * 64, id="java-class"),
+    pytest.param(fat_binary({CPU_TYPES["arm64"]: thin_slice("arm64")}), id="fat-without-x86_64"),
+])
+def test_thin_macho_refuses_what_has_no_x86_64_slice_to_cut_out(data):
+    with pytest.raises(build_module.BuildError, match="fake.so"):
+        build_module.thin_macho(data, "x86_64", "fake.so")
+
+
+def test_thin_fat_binaries_changes_only_fat_entries_and_keeps_the_prefix(tmp_path):
+    fat = fat_binary({CPU_TYPES[cpu]: thin_slice(cpu) for cpu in ("arm64", "x86_64")})
+    entries = [("lib/", b"", zipfile.ZIP_STORED, 0o40755), ("lib/fat.so", fat, zipfile.ZIP_DEFLATED, 0o100755),
+               ("lib/thin.so", thin_slice("arm64"), zipfile.ZIP_STORED, 0o100644),
+               ("a.py", b"print('a')\n" * 50, zipfile.ZIP_DEFLATED, 0o100644)]
+    pyz = tmp_path / "app.pyz"
+    with pyz.open("wb") as f:
+        f.write(b"#!/usr/bin/env python3\n")
+        with zipfile.ZipFile(f, "w") as z:
+            for name, data, compress_type, mode in entries:
+                info = zipfile.ZipInfo(name, date_time=(2001, 2, 3, 4, 5, 6))
+                info.compress_type, info.external_attr = compress_type, mode << 16
+                z.writestr(info, data)
+
+    build_module.thin_fat_binaries(pyz, "x86_64")
+
+    assert pyz.read_bytes().startswith(b"#!/usr/bin/env python3\nPK")
+    with zipfile.ZipFile(pyz) as z:
+        assert z.testzip() is None
+        kept = [(i.filename, z.read(i), i.compress_type, i.external_attr >> 16, i.date_time) for i in z.infolist()]
+    thinned = {"lib/fat.so": thin_slice("x86_64")}
+    assert kept == [(name, thinned.get(name, data), compress_type, mode, (2001, 2, 3, 4, 5, 6))
+                    for name, data, compress_type, mode in entries]
 
 
 @pytest.mark.parametrize("platform_name", BROKER_PLATFORMS)
