@@ -1071,9 +1071,12 @@ def within_bytes(mails, budget: int) -> list[dict[str, Any]]:
 
 async def written(listener: Listener, what: str, write) -> bool:
     """Await one write on a listen's stream for at most PUSH_TIMEOUT: a receiver that stopped
-    reading must not hold its listener forever. False (and the listen ends) if it failed."""
+    reading must not hold its listener forever. False (and the listen ends) if it failed. The
+    write runs in the listen's own task: asyncio.wait_for would start a task for each push
+    (Python 3.11), and a turn of the event loop before the write begins."""
     try:
-        await asyncio.wait_for(write, PUSH_TIMEOUT)
+        async with asyncio.timeout(PUSH_TIMEOUT):
+            await write
     except Exception as exc:  # a dead or stuck stream
         log.warning("%s to %s failed (%s)", what, listener.name, type(exc).__name__)
         return False
@@ -1348,9 +1351,10 @@ class Broker:
                     break
                 # Wake for the next disconnect check, or else when a keepalive is due.
                 wake = DISCONNECT_POLL if disconnected else written + KEEPALIVE_SECONDS - time.monotonic()
-                try:
-                    message_id, fresh = await asyncio.wait_for(listener.wake.get(), max(0.0, min(left, wake)))
-                except asyncio.TimeoutError:
+                try:  # not asyncio.wait_for: it would start a task for every get (see `written`)
+                    async with asyncio.timeout(max(0.0, min(left, wake))):
+                        message_id, fresh = await listener.wake.get()
+                except TimeoutError:
                     if disconnected and await disconnected():
                         reason = "disconnected"
                         break
