@@ -26,6 +26,7 @@ import asyncio
 import collections
 import contextlib
 import contextvars
+import gc
 import hashlib
 import hmac
 import json
@@ -1920,6 +1921,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
                             ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key,
                             timeout_graceful_shutdown=3, lifespan="on")
     server = ShutdownServer(config, broker)
+    # What the imports and the app made lives as long as the process: frozen (once its garbage
+    # is gone), a full garbage collection no longer walks it. It is ~90k objects: each full pass
+    # took ~50 ms, and every message in flight waited for it.
+    gc.collect()
+    gc.freeze()
 
     async def run() -> None:
         loop = asyncio.get_running_loop()
