@@ -131,8 +131,7 @@ def figures_table(r: dict[str, Any]) -> str:
         row("startup", "plugin spawn → initialize answered, warm (p50, max)",
             f"{ms(st['plugin_warm_ms'])} ({ms(st['plugin_warm_ms'], 'max')})")
         if "plugin_source_warm_ms" in st:
-            row("startup", "plugin spawn → initialize answered, warm, from source: dispatch_plugin.py as the plugin "
-                "package runs it, as plugin.pyz runs on another CPython than its builder's (p50, max)",
+            row("startup", "the same from source: dispatch_plugin.py, or plugin.pyz on another CPython (p50, max)",
                 f"{ms(st['plugin_source_warm_ms'])} ({ms(st['plugin_source_warm_ms'], 'max')})")
         row("startup", "plugin spawn → link up (first ping answered), warm (p50, max)",
             f"{ms(st['plugin_link_up_ms'])} ({ms(st['plugin_link_up_ms'], 'max')})")
