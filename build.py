@@ -31,7 +31,7 @@ Run (the broker needs pex; without it build.py first installs the pinned pex int
     python3 build.py --platform macos-arm64   # only that broker (and the plugin); repeatable
     python3 build.py --relock        # after changing dependencies in pyproject.toml
 
-Size (plugin 138 kB; brokers 15.9 MB macOS arm64, 16.7 MB macOS x86_64, 17.0 MB Linux aarch64,
+Size (plugin 140 kB; brokers 15.9 MB macOS arm64, 16.7 MB macOS x86_64, 17.0 MB Linux aarch64,
 17.6 MB Linux x86_64): each compiled wheel but cryptography's (abi3) is carried once per CPython,
 4 copies a file; pydantic_core's (~2.2 MB each) are half of it. cryptography's only Intel-Mac
 wheel is universal2, both Mac CPUs in one binary (7.8 MB deflated): the Intel file keeps only its
@@ -46,11 +46,11 @@ builds side by side was no faster); the first build also downloads ~80 MB of whe
 
 Reproducible: plugin.pyz is written entry by entry in a fixed order, dated 1980-01-01, mode
 0644; the source is stored rather than deflated (zlib builds differ in what they emit, a stored
-entry is the same bytes everywhere), so only the compiled entry differs between CPython versions. pex writes zip entries in a fixed order dated 1980-01-01, and pex.lock
-pins each wheel by hash, so two builds of one commit with the same pex and the same build Python
-(pex's bootstrap differs either side of 3.12) give the same sha256. SOURCE_DATE_EPOCH is not
-needed. Downloaded wheels stay in pex's own cache (~/.cache/pex), so only the first build uses the
-network.
+entry is the same bytes everywhere); only the compiled entry, deflated, follows the building
+CPython's version and zlib. pex writes zip entries in a fixed order dated 1980-01-01, and pex.lock pins each wheel by hash,
+so two builds of one commit with the same pex and the same build Python (pex's bootstrap differs
+either side of 3.12) give the same sha256. SOURCE_DATE_EPOCH is not needed. Downloaded wheels
+stay in pex's own cache (~/.cache/pex), so only the first build uses the network.
 """
 
 import argparse

@@ -26,7 +26,7 @@ from the environment or ~/.config/dispatch/config.toml (url, token, token_comman
 environment wins. Nothing is written to disk.
 """
 
-from __future__ import annotations  # annotations stay unevaluated: argparse is imported for the CLI only
+from __future__ import annotations  # unevaluated: names only annotations use (typing, argparse) stay unimported
 
 import collections
 import itertools
