@@ -47,10 +47,11 @@ builds side by side was no faster); the first build also downloads ~80 MB of whe
 Reproducible: plugin.pyz is written entry by entry in a fixed order, dated 1980-01-01, mode
 0644; the source is stored rather than deflated (zlib builds differ in what they emit, a stored
 entry is the same bytes everywhere); only the compiled entry, deflated, follows the building
-CPython's version and zlib. pex writes zip entries in a fixed order dated 1980-01-01, and pex.lock pins each wheel by hash,
-so two builds of one commit with the same pex and the same build Python (pex's bootstrap differs
-either side of 3.12) give the same sha256. SOURCE_DATE_EPOCH is not needed. Downloaded wheels
-stay in pex's own cache (~/.cache/pex), so only the first build uses the network.
+CPython's version and zlib. pex writes zip entries in a fixed order dated 1980-01-01, and
+pex.lock pins each wheel by hash, so two builds of one commit with the same pex and the same build
+Python (pex's bootstrap differs either side of 3.12) give the same sha256. SOURCE_DATE_EPOCH is
+not needed. Downloaded wheels stay in pex's own cache (~/.cache/pex), so only the first build uses
+the network.
 """
 
 import argparse
