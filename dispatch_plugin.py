@@ -1300,8 +1300,13 @@ class Channel:
 
     # -- tools for Claude ---------------------------------------------------------------------
 
-    def call_tool(self, request_id: Any, params: dict[str, Any]) -> None:
-        name, arguments = params.get("name"), params.get("arguments") or {}
+    def call_tool(self, request_id: Any, params: Any) -> None:
+        name = params.get("name") if isinstance(params, dict) else None
+        arguments = (params.get("arguments") or {}) if isinstance(params, dict) else None
+        if not isinstance(name, str) or not isinstance(arguments, dict):
+            self.respond(request_id, error=(-32602, 'Invalid params: tools/call takes {"name": a string, '
+                                                    '"arguments": an object}'))
+            return
         handler = getattr(self, f"tool_{name}", None) if name in TOOLS else None
         if handler is None:
             self.respond(request_id, error=(-32602, f"Unknown tool: {name}"))

@@ -119,6 +119,15 @@ def test_unknown_tool_is_a_protocol_error_and_bad_arguments_are_a_tool_error(plu
     assert is_error and text.startswith("Bad arguments for inbox") and "limit" in text
 
 
+@pytest.mark.parametrize("params", [["send"], {"name": ["send"]}, {"name": "send", "arguments": ["to", "body"]}],
+                         ids=["params a list", "name a list", "arguments a list"])
+def test_a_malformed_tools_call_gets_an_invalid_params_error_and_the_channel_keeps_answering(plugins, params):
+    p = plugins(offline_env())
+    p.handshake()
+    assert p.request("tools/call", params)["error"]["code"] == -32602
+    assert p.request("ping")["result"] == {}
+
+
 def test_a_line_that_is_not_json_gets_a_parse_error_and_the_channel_keeps_answering(plugins):
     p = plugins(offline_env())
     p.handshake()
