@@ -1392,7 +1392,7 @@ def run_channel() -> int:
     try:
         config = load_config()
     except ConfigError as exc:
-        print(f"dispatch: {exc}", file=sys.stderr, flush=True)
+        log("ERROR", str(exc))
         refuse_initialize(f"Dispatch is not configured: {exc}")
         return 1
     channel = Channel(config)
