@@ -1001,7 +1001,9 @@ def start_thread(target, *args) -> None:
 class Workers:
     """Threads for tool calls, each kept for the next call once its own is done. A thread
     started for every call put ~0.1 ms before each send: Thread.start waits until the new
-    thread runs, and the call then waits for the main thread to let go of the GIL."""
+    thread runs, and the call then waits for the main thread to let go of the GIL. Not
+    concurrent.futures' pool: it imports logging, and caps its threads, so calls stuck waiting
+    for the link (up to READY_WAIT, or a send's retries) could hold back a ping."""
 
     def __init__(self):
         self.calls: collections.deque = collections.deque()
