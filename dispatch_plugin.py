@@ -33,7 +33,6 @@ import itertools
 import json
 import os
 import re
-import signal
 import sys
 import threading
 import time
@@ -1057,8 +1056,8 @@ class Channel:
         self.proven: collections.OrderedDict[str, None] = collections.OrderedDict()  #: in the transcript
         self.to_ack: list[str] = []
         self.session_id = env.get("CLAUDE_CODE_SESSION_ID")
-        project = env.get("CLAUDE_PROJECT_DIR") or os.getcwd()
-        self.transcript = TranscriptWatcher(self.session_id, project, env) if self.session_id else None
+        self.project = env.get("CLAUDE_PROJECT_DIR") or os.getcwd()
+        self.transcript: TranscriptWatcher | None = None  #: from `start` on, where there is a session id
         claude = claude_command_line()
         self.expected = channel_expected(claude, env)
         #: 'trying' (listening, nothing proven yet), 'on' (the transcript showed an event) or 'off'.
@@ -1109,8 +1108,7 @@ class Channel:
         if method == "initialize":
             self.respond(request_id, self.initialize_result(params))
             if not self.started:
-                self.started = True
-                start_thread(self.keep_link)
+                self.start()
         elif method == "ping":
             self.respond(request_id, {})
         elif method == "tools/list":
@@ -1133,6 +1131,21 @@ class Channel:
             "serverInfo": {"name": "dispatch", "version": __version__},
             "instructions": INSTRUCTIONS.format(name=self.config.name, delivery=delivery),
         }
+
+    def start(self) -> None:
+        """The signal handlers, the transcript watcher and the link. Set up only once `initialize`
+        is answered, as Claude Code waits on that answer; on this thread, before the next request."""
+        self.started = True
+        # Claude Code ends its servers with SIGINT, then SIGTERM a tenth of a second later, and never
+        # closes stdin: leave at once, quietly. Unacked mail is pushed again and proven by the transcript.
+        import signal
+
+        for sig in ("SIGINT", "SIGTERM"):
+            if hasattr(signal, sig):
+                signal.signal(getattr(signal, sig), lambda *_: os._exit(0))
+        if self.session_id:
+            self.transcript = TranscriptWatcher(self.session_id, self.project, self.env)
+        start_thread(self.keep_link)
 
     # -- the broker link ----------------------------------------------------------------------
 
@@ -1386,11 +1399,6 @@ def refuse_initialize(why: str) -> None:
 
 
 def run_channel() -> int:
-    # Claude Code ends its servers with SIGINT, then SIGTERM a tenth of a second later, and never
-    # closes stdin: leave at once, quietly. Unacked mail is pushed again and proven by the transcript.
-    for sig in ("SIGINT", "SIGTERM"):
-        if hasattr(signal, sig):
-            signal.signal(getattr(signal, sig), lambda *_: os._exit(0))
     try:
         config = load_config()
     except ConfigError as exc:
