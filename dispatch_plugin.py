@@ -31,13 +31,12 @@ from __future__ import annotations  # unevaluated: names only annotations use (t
 import collections
 import itertools
 import json
-import os
+import os  # paths are strings, joined by os.path: pathlib would cost each start ~1.3 ms
 import re
 import sys
 import threading
 import time
 import urllib.parse
-from pathlib import Path
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # names in annotations only: importing typing costs the channel's start 2 ms
@@ -160,9 +159,9 @@ class Refused(DispatchError):
 # --------------------------------------------------------------------------------------------
 
 
-def config_file() -> Path:
-    base = os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config"
-    return Path(base) / "dispatch" / "config.toml"
+def config_file() -> str:
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return os.path.join(base, "dispatch", "config.toml")
 
 
 class Config(collections.namedtuple("Config", "url token base name token_source")):
@@ -183,13 +182,14 @@ SETTINGS = (("url", ENV_URL), ("token", ENV_TOKEN), ("token_command", ENV_TOKEN_
             ("allow_http", ENV_ALLOW_HTTP))
 
 
-def read_config_file(path: Path) -> dict[str, Any]:
+def read_config_file(path: str) -> dict[str, Any]:
     """config.toml's settings. One that holds a token must be private, as ssh wants of a key."""
     import tomllib
 
     try:
-        data = tomllib.loads(path.read_text())
-        mode = path.stat().st_mode
+        with open(path, encoding="utf-8") as f:
+            data = tomllib.loads(f.read())
+        mode = os.stat(path).st_mode
     except (tomllib.TOMLDecodeError, OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: {exc}") from None
     if "token" in data and os.name == "posix" and mode & 0o077:
@@ -202,7 +202,7 @@ def read_settings(env=os.environ) -> dict[str, str]:
     """url/token/token_command/name/allow_http from the config file, overridden by the environment."""
     settings: dict[str, str] = {}
     path = config_file()
-    if path.exists():
+    if os.path.exists(path):
         data = read_config_file(path)
         for key, var in SETTINGS:
             if key in data:
@@ -560,22 +560,26 @@ CHANNEL_TAG = re.compile(r'<channel source="([^"]*)"([^>]*)>')
 MESSAGE_ID_ATTR = re.compile(r'\bmessage_id="([^"]+)"')
 
 
-def claude_config_dir(env=os.environ) -> Path:
-    return Path(env.get("CLAUDE_CONFIG_DIR") or Path.home() / ".claude")
+def claude_config_dir(env=os.environ) -> str:
+    return env.get("CLAUDE_CONFIG_DIR") or os.path.join(os.path.expanduser("~"), ".claude")
 
 
-def transcript_path(session_id: str, project_dir: str, env=os.environ) -> Path:
+def transcript_path(session_id: str, project_dir: str, env=os.environ) -> str:
     """Where Claude Code keeps the session's transcript: projects/<project dir with every character
     but ASCII letters and digits as ->/<session id>.jsonl."""
-    return claude_config_dir(env) / "projects" / re.sub(r"[^A-Za-z0-9]", "-", project_dir) / f"{session_id}.jsonl"
+    return os.path.join(claude_config_dir(env), "projects", re.sub(r"[^A-Za-z0-9]", "-", project_dir),
+                        f"{session_id}.jsonl")
 
 
-def find_transcript(session_id: str, project_dir: str, env=os.environ) -> Path:
+def find_transcript(session_id: str, project_dir: str, env=os.environ) -> str:
     """The transcript's path; where the rule above misses (another naming of the directory),
     the file of that session id in any project directory."""
     path = transcript_path(session_id, project_dir, env)
-    if not path.exists():
-        found = sorted((claude_config_dir(env) / "projects").glob(f"*/{session_id}.jsonl"))
+    if not os.path.exists(path):
+        import glob
+
+        projects = os.path.join(glob.escape(claude_config_dir(env)), "projects")
+        found = sorted(glob.glob(os.path.join(projects, "*", glob.escape(f"{session_id}.jsonl"))))
         if found:
             return found[0]
     return path
@@ -649,12 +653,12 @@ def transcript_proofs(line: bytes) -> list[tuple[str, str]]:
 class GrowingFile:
     """One file read as it grows: each look returns the whole lines appended since the last."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: str):
         self.path, self.offset, self.partial = path, 0, b""
 
     def new_lines(self) -> list[bytes]:
         try:
-            size = self.path.stat().st_size
+            size = os.stat(self.path).st_size
         except OSError:
             return []
         if size < self.offset:  # replaced or truncated: read it anew
@@ -687,7 +691,7 @@ class TranscriptWatcher:
         self.listed = 0.0  #: the directory's mtime when it was last listed
 
     def new_proofs(self) -> list[tuple[str, str]]:
-        if not self.path.exists() and len(self.files) == 1:
+        if not os.path.exists(self.path) and len(self.files) == 1:
             self.path = self.locate()
             self.files = {self.path: GrowingFile(self.path)}
         self.look_beside()
@@ -696,14 +700,14 @@ class TranscriptWatcher:
     def look_beside(self) -> None:
         """New transcripts in the directory: listed only when the directory changed."""
         try:
-            changed = self.path.parent.stat().st_mtime
+            beside = os.path.dirname(self.path)
+            changed = os.stat(beside).st_mtime
             if changed == self.listed:
                 return
             self.listed = changed
-            for entry in os.scandir(self.path.parent):
-                path = Path(entry.path)
-                if entry.name.endswith(".jsonl") and path not in self.files and entry.stat().st_mtime >= self.since:
-                    self.files[path] = GrowingFile(path)
+            for entry in os.scandir(beside):
+                if entry.name.endswith(".jsonl") and entry.path not in self.files and entry.stat().st_mtime >= self.since:
+                    self.files[entry.path] = GrowingFile(entry.path)
         except OSError:
             pass
 
@@ -720,7 +724,7 @@ def installed_as_plugin(env=os.environ) -> bool:
 def marketplace(env=os.environ) -> str:
     """The marketplace the plugin came from: Claude Code gives a plugin's server its data
     directory, plugins/data/<plugin>-<marketplace>. 'dispatch' is this repository's own."""
-    data = Path(env.get("CLAUDE_PLUGIN_DATA", "")).name
+    data = os.path.basename(os.path.normpath(env.get("CLAUDE_PLUGIN_DATA", "")))
     return data.removeprefix("dispatch-") if data.startswith("dispatch-") else "dispatch"
 
 
@@ -739,8 +743,10 @@ def process_args(pid: int) -> tuple[int, list[str]] | None:
     """(parent pid, argv) of a process, where the system tells (Linux /proc, macOS ps)."""
     try:
         if os.path.exists("/proc/self/stat"):
-            stat = Path(f"/proc/{pid}/stat").read_text()
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().decode(errors="replace").split("\0")
             return int(stat.rsplit(")", 1)[1].split()[1]), [a for a in argv if a]
         if sys.platform == "darwin":
             import subprocess
@@ -764,7 +770,7 @@ def claude_command_line(pid: int | None = None, depth: int = 6) -> list[str] | N
         if not found:
             return None
         ppid, argv = found
-        if any(Path(a).name in ("claude", "claude.exe") for a in argv[:2]):
+        if any(os.path.basename(a) in ("claude", "claude.exe") for a in argv[:2]):
             return argv
         pid = ppid
     return None
@@ -898,7 +904,7 @@ def doctor_command(env=os.environ) -> str:
     """A command that exists for this install, for hints."""
     if installed_as_plugin(env):
         return "/dispatch:doctor"
-    return f"python3 {Path(sys.argv[0]).resolve()} doctor"
+    return f"python3 {os.path.realpath(sys.argv[0])} doctor"
 
 
 # --------------------------------------------------------------------------------------------
@@ -1376,7 +1382,7 @@ class Channel:
             return f"{found['pending']} Dispatch message(s) waiting."
         batch = fitting(found["messages"], INBOX_TOOL_CHARS) or found["messages"][:1]
         shown: list[str] = []
-        recorded = self.transcript is not None and self.transcript.path.exists()
+        recorded = self.transcript is not None and os.path.exists(self.transcript.path)
         deliver(client, batch, lambda unseen: shown.append(mail_for_claude(unseen, found["pending"])), proven,
                 transcript=recorded)
         more = found["pending"] - len(batch)
@@ -1639,9 +1645,9 @@ def prompt_channel_ids(prompt: Any) -> list[str]:
     return tag_ids(prompt) if isinstance(prompt, str) else []
 
 
-def hook_transcript(data: dict[str, Any]) -> Path | None:
+def hook_transcript(data: dict[str, Any]) -> str | None:
     if data.get("transcript_path"):
-        return Path(data["transcript_path"])
+        return data["transcript_path"]
     if data.get("session_id"):
         return find_transcript(data["session_id"], data.get("cwd") or os.getcwd())
     return None
@@ -1683,7 +1689,7 @@ def cmd_hook_prompt_submit(args: argparse.Namespace) -> int:
         tail = f"\n({more} more waiting: they come with the next prompt, or call the inbox tool.)" if more > 0 else ""
         deliver(client, batch + [m for m in messages if m["id"] in proven],
                 lambda shown: hook_output("UserPromptSubmit", mail_for_claude(shown, found["pending"]) + tail), proven,
-                transcript=bool(transcript and transcript.exists()))
+                transcript=bool(transcript and os.path.exists(transcript)))
     except DispatchError as exc:
         hook_output("UserPromptSubmit", f"Dispatch: {exc} (run `{doctor_command()}`)")
     return 0

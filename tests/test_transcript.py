@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -122,7 +123,7 @@ def test_lines_that_are_not_transcript_entries_prove_nothing(junk):
 
 def test_the_transcript_path_turns_every_character_but_letters_and_digits_into_a_dash(tmp_path):
     path = transcript_path("72da874e-4844", "/tmp/cc-probe/h4/my_proj x.é-Z9", {"CLAUDE_CONFIG_DIR": str(tmp_path)})
-    assert path == tmp_path / "projects" / "-tmp-cc-probe-h4-my-proj-x---Z9" / "72da874e-4844.jsonl"
+    assert Path(path) == tmp_path / "projects" / "-tmp-cc-probe-h4-my-proj-x---Z9" / "72da874e-4844.jsonl"
 
 
 def ids_of(w: TranscriptWatcher) -> list[str]:
@@ -135,33 +136,36 @@ def watcher(tmp_path, project="/work/p") -> TranscriptWatcher:
 
 def test_the_watcher_waits_for_the_file_to_appear_then_reads_only_what_is_appended(tmp_path):
     w = watcher(tmp_path)
+    path = Path(w.path)
     assert ids_of(w) == []
-    w.path.parent.mkdir(parents=True)
-    w.path.write_text(TYPED_USER + "\n" + ENQUEUE + "\n")
+    path.parent.mkdir(parents=True)
+    path.write_text(TYPED_USER + "\n" + ENQUEUE + "\n")
     assert ids_of(w) == ["m1"]
     assert ids_of(w) == []
-    with open(w.path, "a") as f:
+    with open(path, "a") as f:
         f.write(DEQUEUE + "\n" + CHANNEL_USER + "\n")
     assert ids_of(w) == ["m1"]
 
 
 def test_the_watcher_reads_a_line_written_in_two_parts_once_it_is_whole(tmp_path):
     w = watcher(tmp_path)
-    w.path.parent.mkdir(parents=True)
+    path = Path(w.path)
+    path.parent.mkdir(parents=True)
     line = retyped(ENQUEUE, content='<channel source="dispatch" message_id="m_split">x</channel>')
-    w.path.write_text(line[:40])
+    path.write_text(line[:40])
     assert ids_of(w) == []
-    with open(w.path, "a") as f:
+    with open(path, "a") as f:
         f.write(line[40:] + "\n")
     assert ids_of(w) == ["m_split"]
 
 
 def test_the_watcher_reads_a_replaced_transcript_from_its_start(tmp_path):
     w = watcher(tmp_path)
-    w.path.parent.mkdir(parents=True)
-    w.path.write_text(TYPED_USER + "\n" + TYPED_USER + "\n")
+    path = Path(w.path)
+    path.parent.mkdir(parents=True)
+    path.write_text(TYPED_USER + "\n" + TYPED_USER + "\n")
     assert ids_of(w) == []
-    w.path.write_text(ENQUEUE + "\n")
+    path.write_text(ENQUEUE + "\n")
     assert ids_of(w) == ["m1"]
 
 
@@ -185,14 +189,15 @@ def test_proven_among_finds_only_the_asked_ids_in_a_whole_transcript(tmp_path):
 def test_the_watcher_reads_a_transcript_begun_beside_the_session_later_as_after_clear(tmp_path):
     """/clear gives the session a new id and file in the same directory; the server keeps its old id."""
     w = watcher(tmp_path)
-    w.path.parent.mkdir(parents=True)
-    w.path.write_text(TYPED_USER + "\n")
-    old = w.path.parent / "an-older-session.jsonl"
+    path = Path(w.path)
+    path.parent.mkdir(parents=True)
+    path.write_text(TYPED_USER + "\n")
+    old = path.parent / "an-older-session.jsonl"
     old.write_text(retyped(ENQUEUE, content='<channel source="dispatch" message_id="m_old">x</channel>') + "\n")
     os.utime(old, (time.time() - 3600, time.time() - 3600))
     assert ids_of(w) == []
-    (w.path.parent / "sid-after-clear.jsonl").write_text(ENQUEUE + "\n")
+    (path.parent / "sid-after-clear.jsonl").write_text(ENQUEUE + "\n")
     assert ids_of(w) == ["m1"]
-    with open(w.path.parent / "sid-after-clear.jsonl", "a") as f:
+    with open(path.parent / "sid-after-clear.jsonl", "a") as f:
         f.write(retyped(ENQUEUE, content='<channel source="dispatch" message_id="m_2">x</channel>') + "\n")
     assert ids_of(w) == ["m_2"]
