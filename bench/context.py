@@ -49,8 +49,7 @@ class Plan:
     fanout_reps: int
     session_levels: tuple[int, ...]  #: live sessions (plugin_client.py listeners) for scale and fan-out
     idle_window: float  #: seconds of CPU sampling per scale level
-    plugin_warm_reps: int  #: warm plugin starts, each timed to `initialize` and to link up
-    python_reps: int  #: `python3 -I -c pass` runs, the start-up floor
+    plugin_warm_reps: int  #: warm plugin starts, each timed to `initialize` and to link up, each after a floor start
     broker_warm_reps: int
     floor_n: int
     send_cpu_n: int  #: sends in the BrokerClient loop (at most the broker's burst, 1,000: no rate limit)
@@ -63,10 +62,10 @@ class Plan:
 
 
 FULL = Plan(quick=False, latency_n=1000, latency_warmup=50, seq_n=1000, levels=((1, 1000), (10, 300), (50, 100)),
-            depth=8, fanout_reps=3, session_levels=(100, 1000), idle_window=20.0, plugin_warm_reps=10,
-            python_reps=20, broker_warm_reps=3, floor_n=1000, send_cpu_n=1000)
+            depth=8, fanout_reps=3, session_levels=(100, 1000), idle_window=20.0, plugin_warm_reps=20,
+            broker_warm_reps=3, floor_n=1000, send_cpu_n=1000)
 QUICK = Plan(quick=True, latency_n=150, latency_warmup=20, seq_n=100, levels=((1, 100), (3, 40)), depth=8,
-             fanout_reps=1, session_levels=(50,), idle_window=2.0, plugin_warm_reps=3, python_reps=5,
+             fanout_reps=1, session_levels=(50,), idle_window=2.0, plugin_warm_reps=3,
              broker_warm_reps=0, floor_n=200, send_cpu_n=200)
 
 

@@ -2,6 +2,7 @@
 
     python3 -I -c pass      spawn ──────────────▶ exit                  (the interpreter's floor)
     plugin.pyz              spawn ──▶ initialize answered ──▶ link up   (first start, then warm)
+                            (each warm start right after a floor start, both spawned alike)
     dispatch_plugin.py      spawn ──▶ initialize answered                (warm; compiled at each start)
     broker.pyz serve        spawn ──────────────▶ GET /healthz 200      (cold PEX_ROOT, then warm)
 
@@ -12,7 +13,6 @@ plugins, `cpu` for the send loop. A broker's start is timed to the harness's /he
 """
 
 import asyncio
-import subprocess
 from typing import Any
 
 from context import Bench, BrokerProc, PluginProc, free_port
@@ -41,29 +41,25 @@ async def startup(bench: Bench) -> BrokerProc:
         bench.broker_warm.append(extra.start_timed())
         extra.stop()
 
-    say(f"startup: `python3 -I -c pass` x {plan.python_reps}, the interpreter's own start")
-    samples = []
-    for _ in range(plan.python_reps):
-        t0 = now()
-        subprocess.run([bench.py, "-I", "-c", "pass"], check=True)
-        samples.append(now() - t0)
-    result["python_pass_ms"] = stats(samples)
-
     say("startup: first plugin start (fresh PEX_ROOT)")
     closed = f"http://127.0.0.1:{free_port()}/mcp"  # initialize must not depend on the broker
     cold = await PluginProc(bench, "snd-cold", main.token("snd"), closed).spawn()
     result["plugin_cold_ms"] = round(await cold.handshake() * 1000, 1)
     await cold.close()
-    samples, link = [], []
+    say(f"startup: warm plugin starts x {plan.plugin_warm_reps}, each after a `python3 -I -c pass` (the floor)")
+    floor, samples, link = [], [], []
     for i in range(plan.plugin_warm_reps):
+        # Side by side: a drift in the machine's speed moves the floor and the plugin alike.
+        floor.append(await python_pass(bench))
         # Against the live broker: initialize does not wait for it, the link-up time does.
         p = await PluginProc(bench, f"snd-warm{i}", main.token("snd"), main.url).spawn()
         samples.append(await p.handshake())
         link.append(await p.wait_connected())
         await p.close()
-        # The floor's starts meet an idle machine; let this session's teardown (its listen ending
-        # at the broker) finish before the next start, or it lands in that start's figure.
+        # Let this session's teardown (its listen ending at the broker) finish before the next
+        # pair of starts, or it lands in their figures.
         await asyncio.sleep(SETTLE_S)
+    result["python_pass_ms"] = stats(floor)
     result["plugin_warm_ms"] = stats(samples)
     result["plugin_link_up_ms"] = stats(link)
     samples = []
@@ -77,6 +73,16 @@ async def startup(bench: Bench) -> BrokerProc:
         f"from source p50 {result['plugin_source_warm_ms']['p50']} ms")
     bench.results["startup"] = result
     return main
+
+
+async def python_pass(bench: Bench) -> float:
+    """Seconds from spawning `python3 -I -c pass` to its exit, spawned as PluginProc spawns a
+    plugin (asyncio, pipes), so that the two figures differ only in what the programs do."""
+    t0 = now()
+    proc = await asyncio.create_subprocess_exec(bench.py, "-I", "-c", "pass", stdin=asyncio.subprocess.PIPE,
+                                                stdout=asyncio.subprocess.PIPE)
+    await proc.wait()
+    return now() - t0
 
 
 def broker_warm(bench: Bench) -> dict[str, Any]:
