@@ -1418,6 +1418,9 @@ class Broker:
         # On failure the mail stays pending for the next listen.
         if not await written(listener, f"push {mail.id}", listener.push(mail.params())):
             return False
+        # The SDK hands the push to the stream's own task, which writes it at its next turn: yield
+        # it that turn now, so the mail is on the wire before this task logs and wakes the send.
+        await asyncio.sleep(0)
         log.info("push %s to %s (attempt %d)", mail.id, listener.name, mail.attempt)
         self.metrics.pushes += 1
         self.metrics.redeliveries += mail.attempt > 1
