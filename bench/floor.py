@@ -4,7 +4,8 @@
     a line into a child's stdin and back           (the two stdio hops a message makes)
     stdlib http.client ──kept-alive POST──▶ bench/floor_server.py (Starlette on uvicorn)
                                             /echo: nothing stored; /insert: one FULL commit
-                                            = issue 11's send → channel floor
+                                            (issue 11's send → channel floor: the latency
+                                            section also posts to /insert between its sends)
     the RSS of an idle `python3 -I`                (the floor of a plugin's memory)
 
 Its figures are read by the goals (bench/goals.py) beside the figures they are the floor of.
@@ -72,50 +73,69 @@ async def stdio(bench: Bench, n: int, floor: dict[str, Any]) -> None:
     floor["stdio_rtt_ms"] = stats(samples)
 
 
+class FloorServer:
+    """bench/floor_server.py running, and one kept-alive stdlib connection to it."""
+
+    BODY = json.dumps({"to": "rcv-0001", "body": "x" * 40}).encode()
+
+    def __init__(self, bench: Bench):
+        self.bench, self.port, self.log = bench, free_port(), bench.work / "floor-server.log"
+        self.server: subprocess.Popen | None = None
+        self.conn: http.client.HTTPConnection | None = None
+
+    async def __aenter__(self) -> "FloorServer":
+        self.server = self.bench.children.add(subprocess.Popen(
+            [sys.executable, str(BENCH / "floor_server.py"), str(self.port), str(self.bench.work / "floor-server.db")],
+            stdout=subprocess.DEVNULL, stderr=open(self.log, "ab")))
+        await eventually(self.listening, 60, what="the floor server")
+        self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        return self
+
+    async def listening(self) -> bool:
+        if self.server.poll() is not None:
+            raise RuntimeError(f"floor server exited {self.server.returncode}: {self.log.read_text()}")
+        with contextlib.suppress(OSError):
+            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+            return True
+        return False
+
+    async def __aexit__(self, *exc) -> None:
+        if self.conn:
+            self.conn.close()
+        self.server.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.server.wait(10)
+
+    def posts(self, path: str, reps: int, gap: float = 0.0, warmup: int = WARMUP) -> list[float]:
+        """Seconds each of `reps` POSTs took, after `warmup` untimed ones; `gap` seconds after each."""
+        samples = []
+        for i in range(reps + warmup):
+            t0 = now()
+            self.conn.request("POST", path, self.BODY, {"Content-Type": "application/json"})
+            response = self.conn.getresponse()
+            response.read()
+            if response.status != 200:
+                raise RuntimeError(f"floor server {path}: HTTP {response.status}")
+            if i >= warmup:
+                samples.append(now() - t0)
+            if gap:
+                time.sleep(gap)
+        return samples
+
+
 async def http_posts(bench: Bench, n: int, floor: dict[str, Any]) -> None:
     """Kept-alive stdlib POSTs to the floor server: bare, with one FULL commit, and that spaced."""
-    port, log = free_port(), bench.work / "floor-server.log"
-    server = bench.children.add(subprocess.Popen(
-        [sys.executable, str(BENCH / "floor_server.py"), str(port), str(bench.work / "floor-server.db")],
-        stdout=subprocess.DEVNULL, stderr=open(log, "ab")))
-    try:
-        async def listening() -> bool:
-            if server.poll() is not None:
-                raise RuntimeError(f"floor server exited {server.returncode}: {log.read_text()}")
-            with contextlib.suppress(OSError):
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                return True
-            return False
-
-        await eventually(listening, 60, what="the floor server")
-        floor["server_rss_mb"] = proc_sample(server.pid)["rss_mb"]
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-        body = json.dumps({"to": "rcv-0001", "body": "x" * 40}).encode()
+    async with FloorServer(bench) as server:
+        floor["server_rss_mb"] = proc_sample(server.server.pid)["rss_mb"]
         for path, key, gap in (("/echo", "http_rtt_ms", 0.0), ("/insert", "http_commit_ms", 0.0),
                                ("/insert", "http_commit_spaced_ms", GAP_S)):
-            samples, reps = [], n if not gap else n // 2
+            reps = n if not gap else n // 2
             cpu0 = time.process_time()
-            for i in range(reps + WARMUP):
-                t0 = now()
-                conn.request("POST", path, body, {"Content-Type": "application/json"})
-                response = conn.getresponse()
-                response.read()
-                if response.status != 200:
-                    raise RuntimeError(f"floor server {path}: HTTP {response.status}")
-                if i >= WARMUP:
-                    samples.append(now() - t0)
-                if gap:
-                    time.sleep(gap)
-            floor[key] = stats(samples)
+            floor[key] = stats(server.posts(path, reps, gap))
             if gap:
                 floor[key]["gap_ms"] = gap * 1000
             if not gap:  # CPU of the client per kept-alive POST: the floor of the plugin's per-send CPU
                 floor[key]["client_cpu_ms"] = round((time.process_time() - cpu0) * 1000 / (reps + WARMUP), 3)
-        conn.close()
-    finally:
-        server.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            server.wait(10)
 
 
 async def floor(bench: Bench) -> None:
@@ -124,12 +144,9 @@ async def floor(bench: Bench) -> None:
     result: dict[str, Any] = {"sqlite_commit_ms": sqlite_commit(bench, n)}
     await stdio(bench, n, result)
     await http_posts(bench, n, result)
-    # Issue 11's floor of send → channel: one kept-alive stdlib POST to a bare Starlette endpoint
-    # on uvicorn that stores the message with one durable commit.
-    result["send_channel_floor_ms"] = result["http_commit_ms"]["p50"]
     # The floor of one sequential sender: the stdio hop into A, then that POST.
     result["sequential_sender_floor_per_s"] = round(
         1000 / (result["stdio_rtt_ms"]["p50"] + result["http_commit_ms"]["p50"]), 1)
     bench.results["floor"] = result
-    say(f"  floor send->channel {result['send_channel_floor_ms']} ms (POST + FULL commit), "
+    say(f"  floor POST + FULL commit {result['http_commit_ms']['p50']} ms, "
         f"bare POST {result['http_rtt_ms']['p50']} ms, stdio {result['stdio_rtt_ms']['p50']} ms")
