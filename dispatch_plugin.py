@@ -999,6 +999,16 @@ def channel_meta(mail: dict[str, Any]) -> dict[str, str]:
             "sent_at": str(mail["sent_at"]), "to": str(mail["to"])}
 
 
+def leave_quietly_on_signals() -> None:
+    """Claude Code ends its servers with SIGINT, then SIGTERM a tenth of a second later, and never
+    closes stdin: leave at once, quietly. Unacked mail is pushed again and proven by the transcript."""
+    import signal  # here: the channel answers `initialize` first
+
+    for sig in ("SIGINT", "SIGTERM"):
+        if hasattr(signal, sig):
+            signal.signal(getattr(signal, sig), lambda *_: os._exit(0))
+
+
 def start_thread(target, *args) -> None:
     threading.Thread(target=target, args=args, daemon=True).start()
 
@@ -1142,13 +1152,7 @@ class Channel:
         """The signal handlers, the transcript watcher and the link. Set up only once `initialize`
         is answered, as Claude Code waits on that answer; on this thread, before the next request."""
         self.started = True
-        # Claude Code ends its servers with SIGINT, then SIGTERM a tenth of a second later, and never
-        # closes stdin: leave at once, quietly. Unacked mail is pushed again and proven by the transcript.
-        import signal
-
-        for sig in ("SIGINT", "SIGTERM"):
-            if hasattr(signal, sig):
-                signal.signal(getattr(signal, sig), lambda *_: os._exit(0))
+        leave_quietly_on_signals()
         if self.session_id:
             self.transcript = TranscriptWatcher(self.session_id, self.project, self.env)
         start_thread(self.keep_link)
@@ -1409,6 +1413,7 @@ def run_channel() -> int:
         config = load_config()
     except ConfigError as exc:
         log("ERROR", str(exc))
+        leave_quietly_on_signals()
         refuse_initialize(f"Dispatch is not configured: {exc}")
         return 1
     channel = Channel(config)

@@ -9,6 +9,7 @@ loses or holds one ack on the wire, or breaks every connection at once.
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -331,6 +332,22 @@ def test_initialize_is_answered_with_the_reason_when_dispatch_url_is_bad_and_the
     assert wait_exit(p, 10) == 1
     [line] = stderr_lines(p)
     assert "DISPATCH_URL" in line and "Traceback" not in line
+
+
+@pytest.mark.parametrize("configured", [True, False], ids=["configured", "not configured"])
+def test_the_channel_exits_0_without_a_traceback_on_sigint_as_claude_code_ends_it(plugins, configured):
+    """Claude Code ends its servers with SIGINT (then SIGTERM) and never closes their stdin."""
+    env = offline_env()
+    if not configured:
+        del env["DISPATCH_URL"]
+    p = plugins(env)
+    answer = p.request("initialize", {"protocolVersion": "2025-11-25", "capabilities": {},
+                                      "clientInfo": {"name": "claude-code", "version": "2.1.330"}})
+    assert ("result" in answer) is configured
+    p.request("ping")  # answered after `initialize` has set the channel up
+    p.proc.send_signal(signal.SIGINT)
+    assert wait_exit(p, 10) == 0
+    assert not [line for line in stderr_lines(p) if "Traceback" in line or "KeyboardInterrupt" in line]
 
 
 def test_plain_http_to_another_host_is_refused_unless_dispatch_allow_http_is_set(plugins):
