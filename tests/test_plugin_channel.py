@@ -17,8 +17,8 @@ import uuid
 
 import pytest
 
-from harness import (PLUGIN, Proxy, closed_url, connected, db_query, fresh, plugin_env, record_channel_event, run_cli,
-                    unknown_token, wait_connected, wait_for)
+from harness import (INITIALIZE_PARAMS, PLUGIN, Proxy, closed_url, connected, db_query, fresh, plugin_env,
+                    record_channel_event, run_cli, unknown_token, wait_connected, wait_for)
 
 META_KEY = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 CLOCK = re.compile(r"\b\d\d:\d\d:\d\d\b")
@@ -325,8 +325,7 @@ def test_initialize_is_answered_with_the_reason_when_dispatch_url_is_bad_and_the
     else:
         env["DISPATCH_URL"] = url
     p = plugins(env)
-    error = p.request("initialize", {"protocolVersion": "2025-11-25", "capabilities": {},
-                                     "clientInfo": {"name": "claude-code", "version": "2.1.330"}})["error"]
+    error = p.request("initialize", INITIALIZE_PARAMS)["error"]
     assert error["message"].startswith("Dispatch is not configured: ") and "DISPATCH_URL" in error["message"]
     p.proc.stdin.close()
     assert wait_exit(p, 10) == 1
@@ -341,8 +340,7 @@ def test_the_channel_exits_0_without_a_traceback_on_sigint_as_claude_code_ends_i
     if not configured:
         del env["DISPATCH_URL"]
     p = plugins(env)
-    answer = p.request("initialize", {"protocolVersion": "2025-11-25", "capabilities": {},
-                                      "clientInfo": {"name": "claude-code", "version": "2.1.330"}})
+    answer = p.request("initialize", INITIALIZE_PARAMS)
     assert ("result" in answer) is configured
     p.request("ping")  # answered after `initialize` has set the channel up
     p.proc.send_signal(signal.SIGINT)
@@ -360,8 +358,7 @@ def test_plain_http_to_another_host_is_refused_unless_dispatch_allow_http_is_set
 
 
 def initialize_error(plugin) -> str:
-    return plugin.request("initialize", {"protocolVersion": "2025-11-25", "capabilities": {},
-                                         "clientInfo": {"name": "claude-code", "version": "2.1.330"}})["error"]["message"]
+    return plugin.request("initialize", INITIALIZE_PARAMS)["error"]["message"]
 
 
 @pytest.mark.parametrize("case", ["token", "name"])
