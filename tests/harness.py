@@ -449,9 +449,16 @@ def run_cli(env: dict[str, str], *args: str, input: str | None = None,
                           text=True, timeout=timeout)
 
 
+#: A loopback port bound for the whole run and never listened on: a connection to it is refused,
+#: and nothing else can take it. A port merely found free could be taken before it is used (a
+#: parametrized test's URL is made at collection, minutes before the test runs).
+CLOSED_PORT = socket.socket()
+CLOSED_PORT.bind(("127.0.0.1", 0))
+
+
 def closed_url() -> str:
     """An http URL on a loopback port nobody listens on."""
-    return f"http://127.0.0.1:{free_port()}/mcp"
+    return f"http://127.0.0.1:{CLOSED_PORT.getsockname()[1]}/mcp"
 
 
 def unknown_token(base: str) -> str:
