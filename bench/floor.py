@@ -8,6 +8,10 @@
                                             section also posts to /insert between its sends)
     the RSS of an idle `python3 -I`                (the floor of a plugin's memory)
 
+The latency section also times, between its sends, the SDK's own floor (SdkFloor): the plugin's
+BrokerClient ──send──▶ bench/sdk_floor_server.py (MCPServer, one FULL commit) ──notification──▶
+the same process's pending listen. It is what the broker's mandated stack costs for a message.
+
 Its figures are read by the goals (bench/goals.py) beside the figures they are the floor of.
 """
 
@@ -20,10 +24,11 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from typing import Any
 
-from context import BENCH, Bench, eventually, free_port
+from context import BENCH, Bench, dispatch_plugin, eventually, free_port
 from measure import now, proc_sample, say, stats
 
 #: Pause between spaced sends: lets the receiver's ack of the previous message land first. The
@@ -73,38 +78,58 @@ async def stdio(bench: Bench, n: int, floor: dict[str, Any]) -> None:
     floor["stdio_rtt_ms"] = stats(samples)
 
 
-class FloorServer:
-    """bench/floor_server.py running, and one kept-alive stdlib connection to it."""
+class ServerProcess:
+    """One of the floors' servers, bench/SCRIPT PORT DB [ARGS], started and connected to on entry,
+    ended on exit."""
 
-    BODY = json.dumps({"to": "rcv-0001", "body": "x" * 40}).encode()
+    SCRIPT = ""
 
-    def __init__(self, bench: Bench):
-        self.bench, self.port, self.log = bench, free_port(), bench.work / "floor-server.log"
+    def __init__(self, bench: Bench, *args: str):
+        name = self.SCRIPT.removesuffix(".py")
+        self.bench, self.port, self.log = bench, free_port(), bench.work / f"{name}.log"
+        self.args = [str(self.port), str(bench.work / f"{name}.db"), *args]
         self.server: subprocess.Popen | None = None
-        self.conn: http.client.HTTPConnection | None = None
 
-    async def __aenter__(self) -> "FloorServer":
+    async def __aenter__(self):
         self.server = self.bench.children.add(subprocess.Popen(
-            [sys.executable, str(BENCH / "floor_server.py"), str(self.port), str(self.bench.work / "floor-server.db")],
-            stdout=subprocess.DEVNULL, stderr=open(self.log, "ab")))
-        await eventually(self.listening, 60, what="the floor server")
-        self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+            [sys.executable, str(BENCH / self.SCRIPT), *self.args], stdout=subprocess.DEVNULL,
+            stderr=open(self.log, "ab")))
+        await eventually(self.listening, 60, what=self.SCRIPT)
+        await self.connect()
         return self
 
     async def listening(self) -> bool:
         if self.server.poll() is not None:
-            raise RuntimeError(f"floor server exited {self.server.returncode}: {self.log.read_text()}")
+            raise RuntimeError(f"{self.SCRIPT} exited {self.server.returncode}: {self.log.read_text()}")
         with contextlib.suppress(OSError):
             socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
             return True
         return False
 
+    async def connect(self) -> None:
+        raise NotImplementedError
+
+    def disconnect(self) -> None:
+        raise NotImplementedError
+
     async def __aexit__(self, *exc) -> None:
-        if self.conn:
-            self.conn.close()
+        self.disconnect()
         self.server.terminate()
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.server.wait(10)
+
+
+class FloorServer(ServerProcess):
+    """bench/floor_server.py running, and one kept-alive stdlib connection to it."""
+
+    SCRIPT = "floor_server.py"
+    BODY = json.dumps({"to": "rcv-0001", "body": "x" * 40}).encode()
+
+    async def connect(self) -> None:
+        self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+
+    def disconnect(self) -> None:
+        self.conn.close()
 
     def posts(self, path: str, reps: int, gap: float = 0.0, warmup: int = WARMUP) -> list[float]:
         """Seconds each of `reps` POSTs took, after `warmup` untimed ones; `gap` seconds after each."""
@@ -121,6 +146,63 @@ class FloorServer:
             if gap:
                 time.sleep(gap)
         return samples
+
+
+class SdkFloor(ServerProcess):
+    """bench/sdk_floor_server.py running, with a listen pending on it: the plugin's own
+    BrokerClient, in this process (no stdio), sends and receives. Times a send's POST to the
+    arrival of its notification on the listen stream."""
+
+    SCRIPT = "sdk_floor_server.py"
+    TOKEN = "dsp_bench_" + os.urandom(24).hex()
+
+    def __init__(self, bench: Bench):
+        super().__init__(bench, self.TOKEN)
+        self.arrivals: dict[str, float] = {}
+        self.arrived = threading.Event()
+        self.sent = 0
+
+    async def connect(self) -> None:
+        config = dispatch_plugin.Config(url=f"http://127.0.0.1:{self.port}/mcp", token=self.TOKEN, base="bench",
+                                        name="rcv", token_source="bench")
+        self.sender, self.receiver = dispatch_plugin.BrokerClient(config), dispatch_plugin.BrokerClient(config)
+        threading.Thread(target=self.listen, daemon=True).start()
+        await eventually(self.delivers, 30, interval=0.1, what="a listen on the SDK floor server")
+
+    def listen(self) -> None:
+        def heard(message: dict[str, Any]) -> None:
+            self.arrivals[message["params"]["body"]] = now()
+            self.arrived.set()
+
+        params = {"name": "listen", "arguments": {"name": "rcv"}}
+        with contextlib.suppress(dispatch_plugin.DispatchError):  # the server ends at exit
+            self.receiver.post("tools/call", params, tool="listen", on_notice=heard)
+
+    async def delivers(self) -> bool:
+        """One send, untimed: True once the listen is pending and hears it."""
+        return self.send(timeout=0.5) is not None
+
+    def send(self, timeout: float = 30) -> float | None:
+        """Seconds from the send's POST to its notification; None if none came within `timeout`."""
+        self.sent += 1
+        body = f"sdk-floor-{self.sent}"
+        self.arrived.clear()
+        t0 = now()
+        self.sender.post("tools/call", {"name": "send", "arguments": {"to": "rcv", "body": body}}, tool="send")
+        while body not in self.arrivals:
+            if not self.arrived.wait(timeout):
+                return None
+            self.arrived.clear()
+        return self.arrivals.pop(body) - t0
+
+    def sends(self, reps: int) -> list[float]:
+        samples = [self.send() for _ in range(reps)]
+        if None in samples:
+            raise RuntimeError(f"the SDK floor server lost a notification: {self.log.read_text()[-2000:]}")
+        return samples
+
+    def disconnect(self) -> None:
+        self.receiver.stop_listening()
 
 
 async def http_posts(bench: Bench, n: int, floor: dict[str, Any]) -> None:

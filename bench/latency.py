@@ -8,7 +8,8 @@ Back to back (the headline, measured like the floor): the next send is written t
 previous one is on B's stdout and answered at A, so every process stays hot. After every BLOCK
 sends, BLOCK of the floor's POSTs with a FULL commit (floor.FloorServer, /insert): the floor the
 p50 is read beside, measured side by side with it, so that a drift in the machine's speed during
-the run moves both alike. Spaced: each send
+the run moves both alike. Then BLOCK sends through the SDK alone (floor.SdkFloor): what the
+broker's mandated stack costs for the same message, without Dispatch and without stdio. Spaced: each send
 starts floor.GAP_S after the previous one landed, as in a conversation, so every hop pays for
 waking an idle process; it compares with the floor's spaced figure.
 """
@@ -17,7 +18,7 @@ import asyncio
 from typing import Any
 
 from context import Bench, BrokerProc, PluginProc, cpu_of
-from floor import GAP_S, FloorServer
+from floor import GAP_S, WARMUP, FloorServer, SdkFloor
 from measure import say, stats
 
 #: Sends between two runs of floor POSTs, and floor POSTs in each.
@@ -29,18 +30,20 @@ async def latency(bench: Bench, a: PluginProc, b: PluginProc, broker: BrokerProc
     say(f"latency: {plan.latency_n} sequential sends {a.name} -> {b.name} back to back, then "
         f"{plan.latency_n} spaced {GAP_S * 1000:.0f} ms apart")
     result: dict[str, Any] = {}
-    async with FloorServer(bench) as floor_server:
+    async with FloorServer(bench) as floor_server, SdkFloor(bench) as sdk_floor:
         floor_server.posts("/insert", 0)  # the warm-up: the first connection, the server's caches
+        sdk_floor.sends(WARMUP)
         for mode, gap in (("back_to_back", 0.0), ("spaced", GAP_S)):
-            result.update(await sends(bench, a, b, broker, mode, gap, floor_server))
+            result.update(await sends(bench, a, b, broker, mode, gap, (floor_server, sdk_floor)))
     bench.results["latency"] = result
 
 
 async def sends(bench: Bench, a: PluginProc, b: PluginProc, broker: BrokerProc, mode: str, gap: float,
-                floor_server: FloorServer) -> dict[str, Any]:
-    """One mode's sends A → B, timed; back to back, with the floor's POSTs between blocks of them."""
+                floors: tuple[FloorServer, SdkFloor]) -> dict[str, Any]:
+    """One mode's sends A → B, timed; back to back, with the floors' between blocks of them."""
     plan = bench.plan
-    samples, answers, floor = [], [], []
+    floor_server, sdk_floor = floors
+    samples, answers, floor, sdk = [], [], [], []
     profile = bench.profile_start(broker, f"latency-{mode}", [a, b])
     cpu0 = cpu_of(broker, [(a, b)])
     for i in range(plan.latency_warmup + plan.latency_n):
@@ -56,6 +59,7 @@ async def sends(bench: Bench, a: PluginProc, b: PluginProc, broker: BrokerProc, 
             answers.append(t2 - t0)
             if not gap and len(samples) % BLOCK == 0:
                 floor += floor_server.posts("/insert", BLOCK, warmup=0)
+                sdk += sdk_floor.sends(BLOCK)
         if gap:
             await asyncio.sleep(gap)
     bench.profile_stop(profile)
@@ -69,5 +73,7 @@ async def sends(bench: Bench, a: PluginProc, b: PluginProc, broker: BrokerProc, 
         run["gap_ms"] = gap * 1000
         return {"spaced": run}
     run["floor_ms"] = stats(floor or floor_server.posts("/insert", BLOCK, warmup=0))
-    say(f"  floor POST + FULL commit between the blocks: p50 {run['floor_ms']['p50']} ms")
+    run["sdk_floor_ms"] = stats(sdk or sdk_floor.sends(BLOCK))
+    say(f"  floor POST + FULL commit between the blocks: p50 {run['floor_ms']['p50']} ms; the SDK's own "
+        f"send → notification: p50 {run['sdk_floor_ms']['p50']} ms")
     return run

@@ -82,6 +82,11 @@ def figures_table(r: dict[str, Any]) -> str:
         if lat.get("floor_ms"):
             row("latency", "its floor: the POST with 1 FULL commit, between blocks of 50 sends = send→channel floor "
                 "(p50 / p99)", p50_p99(lat["floor_ms"]))
+        if lat.get("sdk_floor_ms"):
+            sdk = lat["sdk_floor_ms"]
+            row("latency", "the SDK alone, between the same blocks: send tool call → notification on a pending listen "
+                "(MCPServer, bearer auth, 1 FULL commit; no Dispatch, no stdio), p50 / p99",
+                p50_p99(sdk) + (f" = {sdk['p50'] / lat['floor_ms']['p50']:.2f}× floor" if lat.get("floor_ms") else ""))
         row("latency", "send tool call answered at A (p50 / p99)",
             each(lat["send_answer_ms"]["p50"], lat["send_answer_ms"]["p99"]))
         sp = lat.get("spaced")

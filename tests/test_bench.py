@@ -28,7 +28,7 @@ SECTIONS = {
     "startup": {"python_pass_ms", "plugin_cold_ms", "plugin_warm_ms", "plugin_link_up_ms", "broker_cold_ms",
                 "broker_warm_ms"},
     "floor": {"sqlite_commit_ms", "stdio_rtt_ms", "http_rtt_ms", "http_commit_ms", "python_idle_rss_mb"},
-    "latency": {"n", "p50", "p99", "max", "floor_ms"},
+    "latency": {"n", "p50", "p99", "max", "floor_ms", "sdk_floor_ms"},
     "send_cpu": {"n", "cpu_ms_per_send"},
     "plugin_rss_mb": {"n", "mean", "max"},
 }
