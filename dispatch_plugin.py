@@ -993,6 +993,23 @@ def tool_list() -> list[dict[str, Any]]:
     ]
 
 
+def json_type(value: Any) -> str:
+    """The JSON Schema type name of a value parsed from JSON."""
+    names = {bool: "boolean", str: "string", int: "integer", float: "number", list: "array", dict: "object"}
+    return names.get(type(value), "null")
+
+
+def bad_arguments(props: dict[str, Any], arguments: dict[str, Any]) -> str:
+    """What is wrong with a tool call's arguments against its input schema, or "" when nothing."""
+    for key, value in arguments.items():
+        if key not in props:
+            return f"unexpected argument {key!r} (it takes {', '.join(props) or 'none'})"
+        if json_type(value) != props[key]["type"]:
+            return f"{key!r} must be a {props[key]['type']}, not {json_type(value)}"
+    missing = [key for key, spec in props.items() if "default" not in spec and key not in arguments]
+    return f"missing required argument {', '.join(map(repr, missing))}" if missing else ""
+
+
 def channel_meta(mail: dict[str, Any]) -> dict[str, str]:
     """Meta keys must match ^[a-zA-Z_][a-zA-Z0-9_]*$ and values must be strings, or Claude Code drops them."""
     return {"from": str(mail["from"]), "chat_id": str(mail["chat_id"]), "message_id": str(mail["id"]),
@@ -1339,13 +1356,18 @@ class Channel:
         try:
             if self.broken:
                 raise ConfigError(self.broken)
-            text, is_error = handler(**arguments), False
-        except TypeError as exc:
-            text, is_error = f"Bad arguments for {name}: {exc}", True
+            if wrong := bad_arguments(TOOLS[name][1], arguments):
+                text, is_error = f"Bad arguments for {name}: {wrong}", True
+            else:
+                text, is_error = handler(**arguments), False
         except (Refused, ConfigError) as exc:
             text, is_error = str(exc), True
         except BrokerDown as exc:
             text, is_error = f"{name} failed: {exc}. {self.outage()}", True
+        except Exception as exc:  # a bug here or a broker answering out of contract: still answer the call
+            log("ERROR", f"tool {name} failed: {type(exc).__name__}: {exc}")
+            text, is_error = (f"{name} failed inside the Dispatch plugin ({type(exc).__name__}: {exc}); the broker "
+                              "may have done it already: check before trying again."), True
         if self.mode == "off":
             text += f"\n\n({self.off_note()})"
         self.respond(request_id, {"content": [{"type": "text", "text": text}], "isError": is_error})
@@ -1379,7 +1401,7 @@ class Channel:
 
     def tool_inbox(self, peek: bool = False) -> str:
         client = self.linked()
-        found = client.call("inbox", peek=bool(peek), limit=INBOX_LIMIT)[0]
+        found = client.call("inbox", peek=peek, limit=INBOX_LIMIT)[0]
         with self.lock:  # what the channel already showed is not shown again
             proven = {m["id"] for m in found["messages"] if m["id"] in self.proven}
         if peek or not found["messages"]:

@@ -6,12 +6,15 @@ Every broker and plugin is a real process; the only addition is a TCP proxy of t
 loses or holds one ack on the wire, or breaks every connection at once.
 """
 
+import contextlib
+import http.server
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 
@@ -118,6 +121,59 @@ def test_unknown_tool_is_a_protocol_error_and_bad_arguments_are_a_tool_error(plu
     assert is_error and text.startswith("Bad arguments for send") and "body" in text
     text, is_error = p.tool("inbox", peek=True, limit=5)
     assert is_error and text.startswith("Bad arguments for inbox") and "limit" in text
+    # Told at once, before the link is asked for (there is no broker here to refuse them).
+    text, is_error = p.tool("send", timeout=2, to=["alpha-x"], body="hi")
+    assert is_error and text == "Bad arguments for send: 'to' must be a string, not array", text
+    text, is_error = p.tool("inbox", timeout=2, peek="yes")
+    assert is_error and text == "Bad arguments for inbox: 'peek' must be a boolean, not string", text
+
+
+@contextlib.contextmanager
+def broker_of_another_contract():
+    """A loopback MCP peer that answers every tool with an empty structured result (as a broker of
+    another version might), and holds each listen open until it closes. Yields its URL."""
+    closing = threading.Event()
+
+    class Peer(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            if self.headers.get("Mcp-Name") == "listen":
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.end_headers()
+                closing.wait(30)
+                return
+            answer = json.dumps({"jsonrpc": "2.0", "id": request["id"], "result": {
+                "content": [{"type": "text", "text": "ok"}], "structuredContent": {}}}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Peer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/mcp"
+    finally:
+        closing.set()
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_tool_that_fails_inside_the_plugin_is_still_answered_and_the_channel_keeps_answering(plugins):
+    with broker_of_another_contract() as url:
+        p = plugins(offline_env(DISPATCH_URL=url))
+        p.handshake()
+        text, is_error = p.tool("send", timeout=10, to="alpha-x", body="hi")
+        assert is_error and text.startswith("send failed inside the Dispatch plugin (KeyError: 'delivered_to')"), text
+        assert "check before trying again" in text
+        text, is_error = p.tool("who", timeout=10)
+        assert is_error and "who failed inside the Dispatch plugin" in text, text
+        assert p.request("ping")["result"] == {}
 
 
 @pytest.mark.parametrize("params", [["send"], {"name": ["send"]}, {"name": "send", "arguments": ["to", "body"]}],
