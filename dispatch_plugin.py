@@ -1196,6 +1196,9 @@ class Channel:
                 return
             except DispatchError as exc:
                 self.link_down(str(exc))
+            except Exception as exc:  # a bug, or a broker answering out of contract: keep the link trying
+                log("ERROR", f"broker link failed: {type(exc).__name__}: {exc}")
+                self.link_down(f"{type(exc).__name__}: {exc}")
             self.verdict.set()
             time.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX)

@@ -129,22 +129,27 @@ def test_unknown_tool_is_a_protocol_error_and_bad_arguments_are_a_tool_error(plu
 
 
 @contextlib.contextmanager
-def broker_of_another_contract():
+def broker_of_another_contract(calls: list[str] | None = None, listen_ends: str | None = None):
     """A loopback MCP peer that answers every tool with an empty structured result (as a broker of
-    another version might), and holds each listen open until it closes. Yields its URL."""
+    another version might). A listen ends at once as `listen_ends` says, or else is held open until
+    the peer closes. Each tool called is appended to `calls`. Yields its URL."""
     closing = threading.Event()
 
     class Peer(http.server.BaseHTTPRequestHandler):
         def do_POST(self):
             request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            if self.headers.get("Mcp-Name") == "listen":
+            tool = self.headers.get("Mcp-Name")
+            if calls is not None:
+                calls.append(tool)
+            if tool == "listen" and not listen_ends:
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
                 self.end_headers()
                 closing.wait(30)
                 return
+            structured = {"ended": listen_ends} if tool == "listen" else {}
             answer = json.dumps({"jsonrpc": "2.0", "id": request["id"], "result": {
-                "content": [{"type": "text", "text": "ok"}], "structuredContent": {}}}).encode()
+                "content": [{"type": "text", "text": "ok"}], "structuredContent": structured}}).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(answer)))
@@ -174,6 +179,17 @@ def test_a_tool_that_fails_inside_the_plugin_is_still_answered_and_the_channel_k
         text, is_error = p.tool("who", timeout=10)
         assert is_error and "who failed inside the Dispatch plugin" in text, text
         assert p.request("ping")["result"] == {}
+
+
+def test_a_link_that_fails_inside_the_plugin_is_logged_and_tried_again(plugins):
+    calls: list[str] = []
+    # "superseded" makes the link ask `who`, whose empty answer it cannot read.
+    with broker_of_another_contract(calls, listen_ends="superseded") as url:
+        p = plugins(offline_env(DISPATCH_URL=url))
+        p.handshake()
+        wait_for(lambda: calls.count("identify") >= 2, 10, what="a second identify")
+    assert p.close() == 0
+    assert "broker link failed: KeyError: 'participants'" in p.stderr_text()
 
 
 @pytest.mark.parametrize("params", [["send"], {"name": ["send"]}, {"name": "send", "arguments": ["to", "body"]}],
