@@ -179,6 +179,9 @@ METRICS_TOKEN_RE = re.compile(r"[\x21-\x7e]{16,256}")
 LINK_HEADER = "dispatch-session"
 #: The protocol era whose clients name their link with LINK_HEADER (the plugin speaks it).
 LINK_PROTOCOL = "2026-07-28"
+#: Tools whose call is answered once, with nothing on its stream before the answer: every tool
+#: but `listen`. Their 2026-07-28 calls are answered as JSON (`by_tool`).
+ANSWERED_TOOLS = frozenset({b"identify", b"send", b"reply", b"ping", b"mail.ack", b"who", b"inbox"})
 #: The most messages one `inbox` call returns.
 INBOX_MAX_LIMIT = 1000
 MAIL_METHOD = "notifications/dispatch/mail"
@@ -1587,6 +1590,33 @@ def host_security(allowed_hosts: list[str], port: int) -> TransportSecuritySetti
     return TransportSecuritySettings(enable_dns_rebinding_protection=True, allowed_hosts=hosts, allowed_origins=origins)
 
 
+def by_tool(streaming, answering):
+    """Two of the SDK's apps over the one server. A 2026-07-28 call of a tool in ANSWERED_TOOLS
+    goes to `answering` (json_response): answered once, without the per-request event stream the
+    SDK sets up in case a handler notifies, which costs every message broker CPU and latency.
+    Everything else goes to `streaming`: `listen`, whose answer is the stream its mail rides on,
+    2025-11-25 sessions, GETs. The SDK refuses a call whose Mcp-Name is not its tool's name, so
+    a listen cannot land where its pushes would have no stream."""
+    both = streaming.router.lifespan_context
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):  # each app's session manager runs for the broker's lifetime
+        async with both(app), answering.router.lifespan_context(answering):
+            yield
+
+    streaming.router.lifespan_context = lifespan
+    era = LINK_PROTOCOL.encode()
+
+    async def routed(scope, receive, send):
+        if scope["type"] == "http":
+            headers = dict(scope["headers"])
+            if headers.get(b"mcp-protocol-version") == era and headers.get(b"mcp-name") in ANSWERED_TOOLS:
+                return await answering(scope, receive, send)
+        return await streaming(scope, receive, send)
+
+    return routed
+
+
 def exact_hosts(app, allowed_hosts: list[str], port: int):
     """Refuse a Host that is not exactly loopback (with any port, or none: a TCP forwarder or an
     SSH tunnel, `ssh -L 9000:127.0.0.1:8765`, keeps its own) or an --allowed-host (as given, or
@@ -1842,9 +1872,9 @@ def build_app(broker: Broker, verifier: TokenVerifier, allowed_hosts: list[str],
                                          headers={"WWW-Authenticate": "Bearer"})
             return PlainTextResponse(metrics_text(broker, failures), media_type=METRICS_CONTENT_TYPE)
 
-    app = server.streamable_http_app(transport_security=host_security(allowed_hosts, port),
-                                     max_request_body_size=MAX_REQUEST_BYTES,
-                                     session_idle_timeout=broker.session_idle_timeout)
+    options = dict(transport_security=host_security(allowed_hosts, port), max_request_body_size=MAX_REQUEST_BYTES,
+                   session_idle_timeout=broker.session_idle_timeout)
+    app = by_tool(server.streamable_http_app(**options), server.streamable_http_app(json_response=True, **options))
     return exact_hosts(guarded(app, failures), allowed_hosts, port)
 
 

@@ -7,9 +7,10 @@
     stdlib client ◀── notification on the stream of its pending tools/call listen ◀──┘
 
 What the broker does for a send, kept to what the SDK and a durable store need: the same SDK
-app (MCPServer.streamable_http_app), the same bearer auth through the SDK, the same 2026-07-28
-POSTs from the plugin's own BrokerClient, one FULL commit, and the push as a notification
-related to the listen call, as the broker sends it. No names, no checks, no acks, no stdio.
+apps (MCPServer.streamable_http_app: a send answered as JSON, a listen as an event stream, routed
+by the broker's own `by_tool`), the same bearer auth through the SDK, the same 2026-07-28 POSTs
+from the plugin's own BrokerClient, one FULL commit, and the push as a notification related to
+the listen call, as the broker sends it. No names, no checks, no acks, no stdio.
 The latency section times it beside Dispatch's send → channel (bench/floor.py, SdkFloor).
 """
 
@@ -18,6 +19,7 @@ import gc
 import sqlite3
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -25,6 +27,9 @@ from mcp.server.auth.provider import AccessToken
 from mcp.server.auth.settings import AuthSettings
 from mcp.server.mcpserver import Context, MCPServer
 from pydantic import BaseModel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from dispatch_broker import by_tool  # noqa: E402  (the broker's routing between the SDK's two apps)
 
 
 class Mail(BaseModel):
@@ -70,7 +75,7 @@ def app(db_path: str, token: str):
         while True:
             await session.send_notification(Mail(params=await queue.get()), related_request_id=request_id)
 
-    return server.streamable_http_app()
+    return by_tool(server.streamable_http_app(), server.streamable_http_app(json_response=True))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,39 @@ from harness import (LEGACY, LEGACY_INITIALIZE, MODERN, ToolFailed, broker_modul
 dispatch_broker = broker_module()
 
 
+# -- the two SDK apps: every tool answered once, listen as the stream its mail rides -----------
+
+
+def plugin_call(broker, client, tool: str, **arguments) -> tuple[str, str]:
+    """One 2026-07-28 tools/call as the plugin makes it: (Content-Type, body)."""
+    _, body, headers = client.envelope("tools/call", {"name": tool, "arguments": arguments}, tool)
+    status, answer_headers, text = http(broker.url, body, headers)
+    assert status == 200, (status, text)
+    return answer_headers["content-type"], text
+
+
+def test_a_listen_is_answered_as_the_stream_its_mail_rides_and_the_other_tools_once(module_broker):
+    import dispatch_plugin
+
+    clients = []
+    for name in (fresh("test"), fresh("test")):
+        config = dispatch_plugin.Config(url=module_broker.url, token=module_broker.token("test"), base="test",
+                                        name=name, token_source="test")
+        clients.append(dispatch_plugin.BrokerClient(config))
+        clients[-1].identify()
+    sender, receiver = clients
+    sender.call("send", to=receiver.config.name, body="rides the listen's stream")
+
+    kind, text = plugin_call(module_broker, receiver, "listen", wait_s=1)
+    assert kind.startswith("text/event-stream") and "rides the listen's stream" in text, (kind, text)
+    kind, text = plugin_call(module_broker, receiver, "ping")
+    assert kind.startswith("application/json") and json.loads(text)["result"]["structuredContent"]["name"] == \
+        receiver.config.name
+    # Every tool is either answered once (as JSON) or is `listen`: a new tool must say which.
+    tools = {t["name"] for t in receiver.post("tools/list", {})["tools"]}
+    assert tools == {name.decode() for name in dispatch_broker.ANSWERED_TOOLS} | {"listen"}
+
+
 # -- send: who gets it, and what the sender is told ----------------------------------------------
 
 
