@@ -983,11 +983,15 @@ TOOLS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+def required(props: dict[str, Any]) -> list[str]:
+    """A tool's required arguments: those without a default."""
+    return [key for key, spec in props.items() if "default" not in spec]
+
+
 def tool_list() -> list[dict[str, Any]]:
     return [
         {"name": name, "description": description,
-         "inputSchema": {"type": "object", "properties": props,
-                         "required": [k for k, v in props.items() if "default" not in v],
+         "inputSchema": {"type": "object", "properties": props, "required": required(props),
                          "additionalProperties": False}}
         for name, (description, props) in TOOLS.items()
     ]
@@ -1006,7 +1010,7 @@ def bad_arguments(props: dict[str, Any], arguments: dict[str, Any]) -> str:
             return f"unexpected argument {key!r} (it takes {', '.join(props) or 'none'})"
         if json_type(value) != props[key]["type"]:
             return f"{key!r} must be a {props[key]['type']}, not {json_type(value)}"
-    missing = [key for key, spec in props.items() if "default" not in spec and key not in arguments]
+    missing = [key for key in required(props) if key not in arguments]
     return f"missing required argument {', '.join(map(repr, missing))}" if missing else ""
 
 
