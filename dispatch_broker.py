@@ -1597,11 +1597,11 @@ def by_tool(streaming, answering):
     Everything else goes to `streaming`: `listen`, whose answer is the stream its mail rides on,
     2025-11-25 sessions, GETs. The SDK refuses a call whose Mcp-Name is not its tool's name, so
     a listen cannot land where its pushes would have no stream."""
-    both = streaming.router.lifespan_context
+    its_own = streaming.router.lifespan_context
 
     @contextlib.asynccontextmanager
     async def lifespan(app):  # each app's session manager runs for the broker's lifetime
-        async with both(app), answering.router.lifespan_context(answering):
+        async with its_own(app), answering.router.lifespan_context(answering):
             yield
 
     streaming.router.lifespan_context = lifespan
