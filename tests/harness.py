@@ -396,6 +396,16 @@ def channel_tag(params: dict, source: str = "dispatch") -> str:
     return f'<channel source="{source}"{attributes}>\n{params["content"]}\n</channel>'
 
 
+def seal(token: str, message_id: str) -> str:
+    """The seal the plugin puts on a message it shows (a token's HMAC of the id): what a test
+    writes into a transcript in Claude Code's place carries it, as the plugin's own output does."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    import dispatch_plugin
+
+    return dispatch_plugin.Proofs(token, ()).seal(message_id)
+
+
 def record_channel_event(transcript: Path, session_id: str, params: dict, source: str = "dispatch") -> None:
     """Append an accepted channel event to a transcript as Claude Code does: the enqueue
     queue-operation, then the user line of channel origin."""

@@ -81,8 +81,9 @@ def test_doctor_passes_every_check_against_a_live_broker(shared_broker):
     checks = [line.split(":")[0] for line in lines]
     assert checks == ["✔ configuration", "✔ token and name", "✔ DNS 127.0.0.1", "✔ TCP 127.0.0.1",
                       "✔ broker /healthz", "✔ auth and identify as test-doc", "✔ round trip self → broker → self",
-                      "✔ channel"]
-    assert "--dangerously-load-development-channels server:dispatch" in lines[-1], "outside Claude Code: the flag"
+                      "✔ how mail reaches this session"]
+    assert "--dangerously-load-development-channels server:dispatch" in lines[-1] and "inbox" in lines[-1], \
+        "outside Claude Code: the ways"
     assert ok(run_cli(plugin_env(shared_broker, "test", "test-doc"), "inbox", "--peek")).startswith("0 "), \
         "doctor's round trip must leave no mail behind"
 

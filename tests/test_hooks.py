@@ -11,7 +11,7 @@ import uuid
 import pytest
 
 from harness import (NOT_A_BROKER, PLUGIN, closed_url, connected, db_query, impostor, plugin_env, record_channel_event,
-                    run_cli, unknown_token)
+                    run_cli, seal, unknown_token)
 
 
 def hook(env: dict[str, str], event: str, session_id: str, **fields) -> tuple[dict | None, str]:
@@ -138,8 +138,8 @@ def test_prompt_submit_acks_without_showing_mail_the_transcript_already_has(shar
     session_id = str(uuid.uuid4())
     shown, fresh_id = queue_for(shared_broker, session_id, "already in the transcript", "new to the model")
     transcript = tmp_path / f"{session_id}.jsonl"
-    record_channel_event(transcript, session_id, {"content": "already in the transcript",
-                                                  "meta": {"from": "test-queuer", "message_id": shown}})
+    record_channel_event(transcript, session_id, {"content": "already in the transcript", "meta": {
+        "from": "test-queuer", "message_id": shown, "seal": seal(shared_broker.token("test"), shown)}})
     output, _ = hook(session_env(shared_broker), "prompt-submit", session_id, transcript_path=str(transcript))
     context = context_of(output, "UserPromptSubmit")
     assert "new to the model" in context and "already in the transcript" not in context
@@ -182,7 +182,7 @@ def test_the_channel_acks_mail_the_prompt_hook_showed_once_the_transcript_record
     channel.transcript.write_text("")
     sender = plugin_env(shared_broker, "test", "test-hookpath")
     assert run_cli(sender, "send", "--to", name, "missed by the channel").returncode == 0
-    wait_for(lambda: "channel off" in channel.tool("ping")[0], timeout=15, what="the channel off")
+    wait_for(lambda: "did not record" in channel.tool("ping")[0], timeout=15, what="the channel off")
     context = context_of(hook(session_env(shared_broker), "prompt-submit", session_id,
                               transcript_path=str(channel.transcript))[0], "UserPromptSubmit")
     assert "missed by the channel" in context and len(pending_ids(shared_broker, name)) == 1
@@ -194,20 +194,23 @@ def test_prompt_submit_counts_the_channel_event_that_started_the_turn_as_shown(s
     """Claude Code runs the prompt hook for a turn a channel event started, with the event as the prompt."""
     session_id = str(uuid.uuid4())
     [message_id] = queue_for(shared_broker, session_id, "started this turn")
-    prompt = f'<channel source="dispatch" from="test-queuer" message_id="{message_id}">\nstarted this turn\n</channel>'
+    prompt = (f'<channel source="dispatch" from="test-queuer" message_id="{message_id}" '
+              f'seal="{seal(shared_broker.token("test"), message_id)}">\nstarted this turn\n</channel>')
     assert hook(session_env(shared_broker), "prompt-submit", session_id, prompt=prompt) == (None, "")
     assert pending_ids(shared_broker, f"test-{session_id[:8]}") == []
 
 
-def test_prompt_submit_keeps_its_context_under_10000_characters_and_the_rest_waits(shared_broker):
-    """Claude Code shows the model only a 2 KB preview of a longer additionalContext."""
+def test_prompt_submit_keeps_its_context_within_the_2000_characters_claude_code_records_and_the_rest_waits(
+        shared_broker):
+    """Claude Code records at most a 2,000-character preview of a hook's additionalContext: mail
+    past it could never be proven, so it would be shown again at every prompt."""
     session_id = str(uuid.uuid4())
-    bodies = [f"{n}:" + "x" * 3000 for n in range(5)]
+    bodies = [f"{n}:" + "x" * 400 for n in range(5)]
     queue_for(shared_broker, session_id, *bodies)
     seen = []
     for _ in range(3):
         context = context_of(hook(session_env(shared_broker), "prompt-submit", session_id)[0], "UserPromptSubmit")
-        assert len(context) < 10_000
+        assert len(context) <= 2000
         seen += [json.loads(line)["body"] for line in context.splitlines()[1:] if line.startswith("{")]
     assert seen == bodies
     assert hook(session_env(shared_broker), "prompt-submit", session_id) == (None, "")

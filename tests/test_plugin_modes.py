@@ -106,20 +106,35 @@ def session_start_under(command, env, session_id) -> str:
     return json.loads(done.stdout)["hookSpecificOutput"]["additionalContext"]
 
 
+INBOX = {"CLAUDE_CODE_MESSAGING_SOCKET": "/tmp/cc-socks/1.sock", "CLAUDE_CODE_MESSAGING_TOKEN": "t"}
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads the process tree from /proc")
-@pytest.mark.parametrize("flags, expected", [
-    (["--dangerously-load-development-channels", "plugin:dispatch@team"],
-     'arrive as <channel source="plugin:dispatch:dispatch"'),
-    (["--dangerously-load-development-channels", "server:dispatch"],
-     "channel is off, so messages from peers arrive before your next prompt"),
-    ([], "channel is off, so messages from peers arrive before your next prompt"),
+@pytest.mark.parametrize("flags, extra, settings, expected", [
+    (["--dangerously-load-development-channels", "plugin:dispatch@team"], INBOX, None,
+     "live as channel events: Claude Code's channel flag names this server"),
+    (["--dangerously-load-development-channels", "server:dispatch"], {}, None,
+     "before your next prompt (the prompt hook), or when you call the `inbox` tool: Claude Code gave this session "
+     "no inbox"),
+    ([], {}, None, "before your next prompt (the prompt hook)"),
+    ([], INBOX, None, "live through the session's inbox: no channel flag needed"),
+    (["--dangerously-load-development-channels", "server:dispatch"], INBOX, None, "live through the session's inbox"),
+    ([], INBOX, {"crossSessionInbound": "hold"},
+     "before your next prompt (the prompt hook), or when you call the `inbox` tool: this session holds cross-session "
+     "messages (`crossSessionInbound: hold`)"),
+    ([], {**INBOX, "CLAUDE_CODE_HARBOR_KITE": "0"}, None,
+     "Claude Code's session inbox is switched off (CLAUDE_CODE_HARBOR_KITE=0)"),
 ])
-def test_session_start_says_how_mail_arrives_in_the_mode_claude_code_was_started_in(shared_broker, tmp_path, flags,
-                                                                                     expected):
-    env = {**plugin_env(shared_broker, "test"), **PLUGIN_ENV}
+def test_session_start_says_which_way_mail_arrives_and_why(shared_broker, tmp_path, flags, extra, settings, expected):
+    config = tmp_path / "claude-config"
+    config.mkdir()
+    if settings:
+        (config / "settings.json").write_text(json.dumps(settings))
+    env = {**plugin_env(shared_broker, "test"), **PLUGIN_ENV, **extra, "CLAUDE_CONFIG_DIR": str(config),
+           "CLAUDE_PROJECT_DIR": str(tmp_path)}
     context = session_start_under(fake_claude(tmp_path, *flags), env, str(uuid.uuid4()))
     assert expected in context, context
-    if "off" in expected:
+    if "next prompt" in expected:
         assert "--dangerously-load-development-channels plugin:dispatch@team" in context
 
 
@@ -127,7 +142,7 @@ def test_session_start_outside_claude_code_describes_both_modes_with_the_real_so
     env = {**plugin_env(shared_broker, "test"), **PLUGIN_ENV}
     done = run_cli(env, "hook", "session-start", input=json.dumps({"session_id": str(uuid.uuid4())}))
     context = json.loads(done.stdout)["hookSpecificOutput"]["additionalContext"]
-    assert '<channel source="plugin:dispatch:dispatch"' in context and "otherwise before your next prompt" in context
+    assert "live as channel events if Claude Code's channel flag names this server" in context, context
 
 
 def test_hook_hints_name_a_command_that_exists_for_the_install(shared_broker):
@@ -155,7 +170,7 @@ def test_the_channel_does_not_listen_in_a_session_claude_code_keeps_no_transcrip
     channel = plugins(plugin_env(shared_broker, "test", name), command)
     channel.handshake()
     text = wait_connected(channel)
-    assert "--no-session-persistence" in text and "channel off" in text, text
+    assert "--no-session-persistence" in text and "inbox` tool" in text, text
     sent = run_cli(plugin_env(shared_broker, "test", "test-towards"), "send", "--to", name, "kept for inbox")
     assert "queued" in sent.stdout.lower(), sent.stdout
     text, is_error = channel.tool("inbox")
@@ -164,8 +179,8 @@ def test_the_channel_does_not_listen_in_a_session_claude_code_keeps_no_transcrip
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads the process tree from /proc")
 @pytest.mark.parametrize("flags, words", [
-    (["--dangerously-load-development-channels", "server:dispatch"], 'arrive as <channel source="dispatch"'),
-    ([], "channel is off, so messages from peers arrive when you call the `inbox` tool"),
+    (["--dangerously-load-development-channels", "server:dispatch"], 'arrives as <channel source="dispatch"'),
+    ([], "reaches this session when you call the `inbox` tool"),
 ])
 def test_the_instructions_say_how_mail_arrives_in_the_mode_claude_code_was_started_in(plugins, tmp_path, flags,
                                                                                      words):
