@@ -1032,13 +1032,14 @@ def delivery_way(claude: list[str] | None, env=os.environ, channel: bool = True)
     expected = channel_expected(claude, env) if channel else False
     if expected:
         return "channel", "live as channel events: Claude Code's channel flag names this server"
+    gate_off = env.get(ENV_INBOX_GATE, "").lower() in ("0", "false", "no", "off")
+    if expected is None and (gate_off or not env.get(ENV_INBOX_SOCKET)):
+        return "channel", "live as channel events if Claude Code's channel flag names this server (the first event proves it)"
+    if gate_off:  # Claude Code then exports no socket either
+        return "hook", f"Claude Code's session inbox is switched off ({ENV_INBOX_GATE}={env[ENV_INBOX_GATE]})"
     if not env.get(ENV_INBOX_SOCKET):
-        if expected is None:
-            return "channel", "live as channel events if Claude Code's channel flag names this server (the first event proves it)"
         return "hook", (f"Claude Code gave this session no inbox ({ENV_INBOX_SOCKET} is unset: Claude Code before 2.1.224, "
                         "or --bare) and was started without the channel flag")
-    if env.get(ENV_INBOX_GATE, "").lower() in ("0", "false", "no", "off"):
-        return "hook", f"Claude Code's session inbox is switched off ({ENV_INBOX_GATE}={env[ENV_INBOX_GATE]})"
     inbound = claude_setting(INBOUND_SETTING, claude, env)
     if inbound in ("hold", "refuse"):
         return "hook", f"this session holds cross-session messages (`{INBOUND_SETTING}: {inbound}`)" if inbound == "hold" \

@@ -13,11 +13,13 @@ It waits up to MCP_TIMEOUT ms (default 30000) for initialize + tools/list.
 """
 
 import contextlib
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -280,3 +282,153 @@ def test_mail_to_either_name_reaches_the_model_once_after_clear(broker, claude_h
         nonce = os.urandom(3).hex()
         send_and_check(session, broker, sender, {f"dispatch-e2e-clear-{nonce}-to-old-name": before,
                                                  f"dispatch-e2e-clear-{nonce}-to-new-name": after}, "clear")
+
+
+# ---------------------------------------------------------------------------------------------
+# No flag: the session's own inbox (CLAUDE_CODE_MESSAGING_SOCKET). Its feature gate is read
+# only with nonessential traffic allowed, so these sessions leave that switch unset (telemetry and
+# error reports stay off by their own switches; there is no network beyond loopback anyway).
+# ---------------------------------------------------------------------------------------------
+
+#: Gates open: the inbox's (tengu_harbor_kite, on by default) is read only with this unset.
+INBOX_ENV = {"DISABLE_TELEMETRY": "1", "DISABLE_ERROR_REPORTING": "1"}
+#: Messages in the burst, and the model turns they may take at most (each turn is a paid request).
+BURST, BURST_TURNS = 41, 5
+
+
+@contextlib.contextmanager
+def inbox_session(broker, home: Path, project: Path, bindir: Path, flags: list[str] = (),
+                  extra: dict[str, str] | None = None):
+    """Claude Code with no channel flag and its inbox gate open, configured for `broker` as base e2e."""
+    env = {"DISPATCH_URL": broker.url, "DISPATCH_TOKEN": broker.token("e2e"),
+           "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}", **INBOX_ENV, **(extra or {})}
+    api = cs.MessagesStandIn()
+    session = cs.ClaudeSession(home, project, list(flags), api, env)
+    session.env.pop("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", None)
+    try:
+        yield session.start()
+    finally:
+        session.close()
+        api.close()
+
+
+@pytest.fixture
+def mcp_add_home(tmp_path):
+    """A throwaway HOME where the plugin is a `claude mcp add` server named dispatch (no package)."""
+    home, project = tmp_path / "home", tmp_path / "project"
+    cs.prepare_home(home, project)
+    bindir = cs.python3_shim(tmp_path / "bin", sys.executable)
+    cs.run_claude(home, "mcp", "add", "--scope", "user", "dispatch", "--", "python3", str(ROOT / "dispatch_plugin.py"),
+                  cwd=project, env={"PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}"})
+    return home, project, bindir
+
+
+def model_turns_with(api: cs.MessagesStandIn, bodies) -> list[dict]:
+    """The requests to the model whose newest message shows any of `bodies`: the turns they took."""
+    turns = []
+    for request in api.messages_requests():
+        newest = {"messages": request.get("messages", [])[-1:]}
+        if any(cs.occurrences(b, newest) for b in bodies):
+            turns.append(request)
+    return turns
+
+
+def send_burst(broker, bodies: list[str], to: str) -> None:
+    """Send `bodies` one after another from one sender, as fast as the real client goes."""
+    sys.path.insert(0, str(ROOT))
+    import dispatch_plugin
+
+    config = dispatch_plugin.Config(url=broker.url, token=broker.token("peer"), base="peer", name="peer-burst",
+                                    token_source="test")
+    client = dispatch_plugin.BrokerClient(config)
+    client.identify()
+    for body in bodies:
+        client.send("send", to=to, body=body)
+
+
+def check_live(session: cs.ClaudeSession, broker, bodies: list[str], label: str, timeout: float = 30) -> None:
+    """Every body reaches the model before anything is typed, each once, acked only after its
+    transcript line; then a typed prompt (the hook's turn) shows none of them again."""
+    with contextlib.suppress(AssertionError):
+        wait_for(lambda: all(seen_by_model(session.api, b) for b in bodies), timeout, interval=0.25,
+                 what="every message in a request to the model")
+    assert all(seen_by_model(session.api, b) for b in bodies), \
+        f"[{label}] not all reached the model before anything was typed:\n{delivery_report(session, broker, bodies)}"
+    wait_for(lambda: all(acks(broker)[b] is not None for b in bodies), 15, interval=0.25, what="acks")
+    lines, acked = session.transcript_lines(), acks(broker)
+    for body in bodies:
+        seen = cs.first_seen(body, lines)
+        assert seen and acked[body] >= seen[0] - 0.01, f"[{label}] {body} acked before the transcript had it"
+    session.submit(f"after the mail {os.urandom(3).hex()}")
+    last = session.api.messages_requests()[-1]
+    assert all(cs.occurrences(b, last) == 1 for b in bodies), \
+        f"[{label}] each message should reach the model once:\n{delivery_report(session, broker, bodies)}"
+
+
+@needs_claude_in_tmux
+@pytest.mark.parametrize("install", ["plugin", "mcp add"])
+def test_an_idle_session_without_a_channel_flag_gets_mail_live_through_its_inbox(broker, claude_home, mcp_add_home,
+                                                                                install):
+    home, project, bindir = claude_home if install == "plugin" else mcp_add_home
+    with inbox_session(broker, home, project, bindir) as session:
+        session.submit("first prompt")
+        name, sender = session_name(session), plugin_env(broker, "peer")
+        await_participant(broker, sender, name)
+        body = f"dispatch-e2e-inbox-{install.replace(' ', '-')}-{os.urandom(3).hex()}"
+        assert run_cli(sender, "send", "--to", name, body).returncode == 0
+        check_live(session, broker, [body], install)
+        turn = model_turns_with(session.api, [body])[0]
+        newest = cs.texts({"messages": turn["messages"][-1:]})[0]
+        assert "Another Claude session sent a message" in newest and "`reply` tool" in newest, newest
+
+
+@needs_claude_in_tmux
+def test_a_burst_of_41_from_one_sender_reaches_an_idle_session_once_each_in_at_most_5_turns(broker, claude_home):
+    """Claude Code's inbox drops a writer's messages past a burst of 30 without a word; the
+    plugin gathers and paces its writes so that none is lost or doubled."""
+    with inbox_session(broker, *claude_home) as session:
+        session.submit("first prompt")
+        name = session_name(session)
+        await_participant(broker, plugin_env(broker, "peer"), name)
+        nonce = os.urandom(3).hex()
+        bodies = [f"dispatch-e2e-burst-{nonce}-{i:02d}" for i in range(BURST)]
+        send_burst(broker, bodies, name)
+        check_live(session, broker, bodies, "burst", timeout=60)
+        turns = model_turns_with(session.api, bodies)
+        assert len(turns) <= BURST_TURNS, f"{len(turns)} model turns for {BURST} messages"
+
+
+def add_settings(home: Path, settings: dict) -> None:
+    """Claude Code's user settings, with `settings` added (the plugin install wrote its own there)."""
+    path = home / ".claude" / "settings.json"
+    path.write_text(json.dumps({**(json.loads(path.read_text()) if path.exists() else {}), **settings}))
+
+
+@needs_claude_in_tmux
+@pytest.mark.parametrize("case", ["crossSessionInbound hold", "CLAUDE_CODE_HARBOR_KITE=0"])
+def test_a_session_that_holds_or_switches_off_its_inbox_gets_mail_once_with_the_next_prompt(broker, claude_home,
+                                                                                           case):
+    home, project, bindir = claude_home
+    extra = {}
+    if case.startswith("cross"):
+        add_settings(home, {"crossSessionInbound": "hold"})
+    else:
+        extra = {"CLAUDE_CODE_HARBOR_KITE": "0"}
+    with inbox_session(broker, home, project, bindir, extra=extra) as session:
+        session.submit("first prompt")
+        name, sender = session_name(session), plugin_env(broker, "peer")
+        await_participant(broker, sender, name)
+        start = session.transcript_lines()
+        context = next((json.dumps(l) for l in start if "Your Dispatch name is" in json.dumps(l)), "")
+        why = "crossSessionInbound: hold" if case.startswith("cross") else "CLAUDE_CODE_HARBOR_KITE=0"
+        assert why in context, f"the SessionStart text should say why mail waits:\n{context[:2000]}"
+        nonce = os.urandom(3).hex()
+        bodies = [f"dispatch-e2e-held-{nonce}-{i}" for i in range(2)]
+        for body in bodies:
+            assert run_cli(sender, "send", "--to", name, body).returncode == 0
+        time.sleep(3)  # a live way would have started a turn by now
+        assert not any(seen_by_model(session.api, b) for b in bodies), "nothing is shown before the next prompt"
+        send_and_check(session, broker, sender, {}, case)  # nothing more to send: the next prompts show the mail
+        last = session.api.messages_requests()[-1]
+        assert all(cs.occurrences(b, last) == 1 for b in bodies), delivery_report(session, broker, bodies)
+        wait_for(lambda: all(acks(broker)[b] is not None for b in bodies), 15, interval=0.25, what="acks")
