@@ -182,19 +182,35 @@ SETTINGS = (("url", ENV_URL), ("token", ENV_TOKEN), ("token_command", ENV_TOKEN_
             ("allow_http", ENV_ALLOW_HTTP))
 
 
+def shell_quoted(path: str) -> str:
+    """`path` as a shell word, for a command the user can paste."""
+    import shlex
+
+    return shlex.quote(path)
+
+
 def read_config_file(path: str) -> dict[str, Any]:
-    """config.toml's settings. One that holds a token must be private, as ssh wants of a key."""
+    """config.toml's settings. Refused, whatever it holds, when other users can write it or its
+    directory: its token_command runs as you and its url is sent your token, so whoever can write
+    it can have both (ssh refuses such a config for the same reason). One that holds a token must
+    also be private, as ssh wants of a key."""
     import tomllib
 
     try:
         with open(path, encoding="utf-8") as f:
+            mode = os.fstat(f.fileno()).st_mode  # the file read, not whatever the path names a moment later
+            directory = os.path.dirname(os.path.abspath(path))
+            if os.name == "posix":
+                for where, its_mode in ((path, mode), (directory, os.stat(directory).st_mode)):
+                    if its_mode & 0o022:
+                        raise ConfigError(f"{where} can be written by other users (mode {its_mode & 0o777:o}), so "
+                                          f"{path} is not used: run `chmod go-w {shell_quoted(where)}`")
             data = tomllib.loads(f.read())
-        mode = os.stat(path).st_mode
     except (tomllib.TOMLDecodeError, OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: {exc}") from None
     if "token" in data and os.name == "posix" and mode & 0o077:
         raise ConfigError(f"{path} holds a token and can be read by other users (mode {mode & 0o777:o}): "
-                          f"run `chmod 600 {path}`")
+                          f"run `chmod 600 {shell_quoted(path)}`")
     return data
 
 

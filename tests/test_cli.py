@@ -220,6 +220,57 @@ def test_a_config_toml_without_a_token_may_be_readable_by_others(shared_broker, 
     assert "as test-public " in ok(run_cli(env, "ping"))
 
 
+@contextlib.contextmanager
+def catcher():
+    """A loopback HTTP server that records each request it gets and answers 401. Yields (url, requests)."""
+    server = socket.create_server(("127.0.0.1", 0))
+    requests: list[bytes] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn, contextlib.suppress(OSError):
+                conn.settimeout(5)
+                requests.append(conn.recv(65536))
+                conn.sendall(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.getsockname()[1]}/mcp", requests
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("file_mode, dir_mode, writable", [
+    (0o666, 0o755, "file"), (0o620, 0o755, "file"), (0o600, 0o777, "directory"), (0o600, 0o775, "directory"),
+], ids=["file 666", "file 620", "directory 777", "directory 775"])
+def test_a_config_toml_others_can_write_is_refused_before_its_token_command_runs_or_its_url_is_called(
+        tmp_path, file_mode, dir_mode, writable):
+    config = tmp_path / "dispatch" / "config.toml"
+    config.parent.mkdir()
+    ran = tmp_path / "token-command-ran"
+    with catcher() as (url, requests):
+        # No token in it: the token comes from the environment, and token_command is a planted one.
+        config.write_text(f'url = "{url}"\ntoken_command = "touch {ran}; echo {unknown_token("test")}"\n')
+        config.chmod(file_mode)
+        config.parent.chmod(dir_mode)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("DISPATCH_", "CLAUDE_"))}
+        secret = unknown_token("test")
+        result = run_cli({**env, "XDG_CONFIG_HOME": str(tmp_path), "DISPATCH_TOKEN": secret}, "ping")
+        doctor = run_cli({**env, "XDG_CONFIG_HOME": str(tmp_path)}, "doctor")
+    assert result.returncode == 1 and result.stdout == ""
+    [line] = result.stderr.splitlines()
+    where = config if writable == "file" else config.parent
+    assert "can be written by other users" in line and f"chmod go-w {where}`" in line, line
+    assert not ran.exists(), "token_command ran"
+    assert requests == [], "the config's url was called"
+    assert doctor.returncode == 1 and doctor.stdout.startswith("✘ configuration: ") \
+        and f"chmod go-w {where}`" in doctor.stdout, doctor.stdout
+
+
 def test_inbox_in_a_terminal_shows_control_characters_escaped(shared_broker):
     reader = register(shared_broker, "test-terminal")
     body = "\x1b[2J\x1b]0;owned\x07\x1b]52;c;aGk=\x07 tab\tand\u202edone"
