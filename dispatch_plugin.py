@@ -838,6 +838,13 @@ def printable(text: str) -> str:
     return "".join(c if c in "\n\t" or unicodedata.category(c)[0] != "C" else repr(c)[1:-1] for c in text)
 
 
+def say(text: str, file=None) -> None:
+    """Print a line for a person (the CLI). Escaped whole (`printable`): a broker's words, names
+    and errors come from the network, and only the hook's JSON and the channel's stdio may carry
+    their text as it came."""
+    print(printable(text), file=file or sys.stdout)
+
+
 def describe_sent(result: dict[str, Any], text: str) -> str:
     """The broker's own sentence already says delivered/queued/dropped and why; lead with the gist."""
     if result["delivered_to"] and not result["queued"] and not result["dropped"]:
@@ -867,11 +874,11 @@ def describe_who(result: dict[str, Any], me: str) -> str:
 
 
 def describe_mail(messages: list[dict[str, Any]], pending: int) -> str:
-    """For a person at a terminal."""
+    """For a person at a terminal (`inbox` writes it through `printable`)."""
     lines = [f"{len(messages)} of {pending} waiting Dispatch message(s):"]
     for m in messages:
-        lines.append(printable(f"[from={m['from']} chat_id={m['chat_id']} message_id={m['id']} "
-                               f"sent_at={m['sent_at']}]\n{m['body']}"))
+        lines.append(f"[from={m['from']} chat_id={m['chat_id']} message_id={m['id']} sent_at={m['sent_at']}]\n"
+                     f"{m['body']}")
     return "\n\n".join(lines) + "\n"
 
 
@@ -1486,7 +1493,7 @@ def cmd_send(args: argparse.Namespace) -> int:
     """
     body = sys.stdin.read().removesuffix("\n") if args.body == "-" else args.body
     client = retrying(connect_once)  # a broker restarting right now is waited for, briefly
-    print(describe_sent(*client.send("send", to=args.to, body=body)))
+    say(describe_sent(*client.send("send", to=args.to, body=body)))
     return 0
 
 
@@ -1496,7 +1503,7 @@ def cmd_who(args: argparse.Namespace) -> int:
     Example: python3 dispatch_plugin.py who
     """
     client = connect_once()
-    print(describe_who(client.call("who")[0], client.config.name))
+    say(describe_who(client.call("who")[0], client.config.name))
     return 0
 
 
@@ -1511,11 +1518,11 @@ def cmd_inbox(args: argparse.Namespace) -> int:
     client = connect_once()
     found = client.call("inbox", peek=args.peek, limit=INBOX_LIMIT)[0]
     if args.peek or not found["messages"]:
-        print(f"{found['pending']} message(s) waiting for {client.config.name}.")
+        say(f"{found['pending']} message(s) waiting for {client.config.name}.")
         return 0
 
     def show(batch: list[dict[str, Any]]) -> None:
-        sys.stdout.write(describe_mail(batch, found["pending"]))
+        sys.stdout.write(printable(describe_mail(batch, found["pending"])))
         sys.stdout.flush()
 
     messages = found["messages"]
@@ -1532,7 +1539,7 @@ def cmd_ping(args: argparse.Namespace) -> int:
     Example: python3 dispatch_plugin.py ping
     """
     client = connect_once()
-    print(describe_ping(client.config, client.call("ping")[0]))
+    say(describe_ping(client.config, client.call("ping")[0]))
     return 0
 
 
@@ -1615,10 +1622,10 @@ class Doctor:
         try:
             detail = check()
         except Exception as exc:
-            print(f"✘ {label}: {exc}\n    fix: {fix}")
+            say(f"✘ {label}: {exc}\n    fix: {fix}")
             self.failed = True
             return None
-        print(f"✔ {label}{': ' + str(detail) if detail else ''}")
+        say(f"✔ {label}{': ' + str(detail) if detail else ''}")
         return detail if detail is not None else True
 
     def run(self) -> int:
@@ -1782,7 +1789,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except DispatchError as exc:
-        print(f"Error: {exc}", file=sys.stderr)
+        say(f"Error: {exc}", file=sys.stderr)
         return 1
     except BrokenPipeError:  # the reader went away; whatever it did not get is still unacked
         return 1
