@@ -821,13 +821,65 @@ def channel_expected(claude: list[str] | None, env=os.environ) -> bool | None:
 # Words: what each result says to a person or to Claude
 # --------------------------------------------------------------------------------------------
 
-#: `<channel` or `</channel`, in any case and spacing: the model must never see a channel tag
-#: inside a body (Claude Code escapes a closing tag in content, not an opening one).
-CHANNEL_TAG_IN_TEXT = re.compile(r"<(\s*/?\s*channel)", re.IGNORECASE)
+#: What may open a tag: `<`, what NFKC makes `<` (fullwidth ＜, small ﹤), and Unicode's
+#: confusables of `<` (˂ ᐸ ‹ ❮). An opener followed by a channel tag is written `&lt;`. One
+#: followed by printable ASCII but `/`, `C` or `c` cannot open one: not looked at further.
+TAG_OPENERS = re.compile(r"[<\ufe64\uff1c\u02c2\u1438\u2039\u276e](?=[^\x21-\x2e\x30-\x42\x44-\x62\x64-\x7e])")
+#: Letters of other scripts that look like those of "channel" (and like `/`) but that NFKC leaves
+#: alone: Cyrillic с, һ, а, п, е, ӏ; Greek ϲ, α, η and capitals Ϲ Α Η Ν Ε; Armenian հ, ո. Not Unicode's whole
+#: confusables table (thousands of rows): only what can spell this one tag. Applied before case
+#: folding, since Greek Η looks like H but its small η like n.
+TAG_LOOKALIKES = str.maketrans({
+    **dict.fromkeys("сСϲϹᴄ", "c"), **dict.fromkeys("һҺհНΗ", "h"), **dict.fromkeys("аАɑαΑ", "a"),
+    **dict.fromkeys("пոηΝ", "n"), **dict.fromkeys("еЕҽΕ", "e"), **dict.fromkeys("ӏӀǀ", "l"),
+    **dict.fromkeys("\u2044\u2215\u29f8", "/")})
+#: Letters that show as nothing (Hangul fillers, the blank Braille pattern); with format and
+#: control characters and combining marks they are skipped between `<` and the tag's letters.
+UNSEEN_LETTERS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
+UNSEEN_CATEGORIES = frozenset(("Cc", "Cf", "Cs", "Co", "Cn", "Mn", "Me"))
+
+
+def tag_skeleton(c: str) -> str:
+    """How one character reads when looking for a tag: compatibility-decomposed (NFKD: NFKC's
+    mapping, with accents split off), look-alikes made Latin, case-folded, and what shows as
+    nothing (format characters such as U+200B, U+00AD, U+FEFF; controls; combining marks) left out."""
+    import unicodedata
+
+    return "".join(d for d in unicodedata.normalize("NFKD", c).translate(TAG_LOOKALIKES).casefold()
+                   if d not in UNSEEN_LETTERS and unicodedata.category(d) not in UNSEEN_CATEGORIES)
+
+
+def reads_as_channel_tag(text: str, start: int, skeletons: dict[str, str]) -> bool:
+    """Whether text[start:] (what follows a `<`) reads as `channel` or `/channel`, in any case, after
+    any spacing (`tag_skeleton`: how each character reads). Decided at the first letter that
+    cannot be the tag's. `skeletons` keeps each character's reading for the rest of the text."""
+    read = ""
+    for k in range(start, len(text)):
+        c = text[k]
+        if c not in skeletons:
+            skeletons[c] = tag_skeleton(c)
+        for letter in skeletons[c]:
+            if letter.isspace() and read in ("", "/"):
+                continue
+            read += letter
+            if read in ("channel", "/channel"):
+                return True
+            if not ("/channel".startswith(read) or "channel".startswith(read)):
+                return False
+    return False
 
 
 def neutralize(text: str) -> str:
-    return CHANNEL_TAG_IN_TEXT.sub(r"&lt;\1", text)
+    """`text` with the opener of anything that reads as a `<channel` or `</channel` tag written
+    `&lt;`: the model must never see a channel tag inside a body (Claude Code escapes a closing
+    tag in content, not an opening one). Nothing else changes. Only what follows a possible opener
+    is normalised, so most text costs one regular-expression scan."""
+    pieces, done, skeletons = [], 0, {}
+    for opener in TAG_OPENERS.finditer(text):
+        if reads_as_channel_tag(text, opener.end(), skeletons):
+            pieces += [text[done:opener.start()], "&lt;"]
+            done = opener.end()
+    return "".join(pieces) + text[done:] if pieces else text
 
 
 def printable(text: str) -> str:
