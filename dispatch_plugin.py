@@ -826,9 +826,9 @@ def channel_expected(claude: list[str] | None, env=os.environ) -> bool | None:
 #: followed by printable ASCII but `/`, `C` or `c` cannot open one: not looked at further.
 TAG_OPENERS = re.compile(r"[<\ufe64\uff1c\u02c2\u1438\u2039\u276e](?=[^\x21-\x2e\x30-\x42\x44-\x62\x64-\x7e])")
 #: Letters of other scripts that look like those of "channel" (and like `/`) but that NFKC leaves
-#: alone: Cyrillic с, һ, а, п, е, ӏ; Greek ϲ, α, η and capitals Ϲ Α Η Ν Ε; Armenian հ, ո. Not Unicode's whole
-#: confusables table (thousands of rows): only what can spell this one tag. Applied before case
-#: folding, since Greek Η looks like H but its small η like n.
+#: alone: Cyrillic с, һ, а, п, е, ӏ; Greek ϲ, α, η and capitals Ϲ Α Η Ν Ε; Armenian հ, ո. Not
+#: Unicode's whole confusables table (thousands of rows): only what can spell this one tag.
+#: Applied before case folding, since Greek Η looks like H but its small η like n.
 TAG_LOOKALIKES = str.maketrans({
     **dict.fromkeys("сСϲϹᴄ", "c"), **dict.fromkeys("һҺհНΗ", "h"), **dict.fromkeys("аАɑαΑ", "a"),
     **dict.fromkeys("пոηΝ", "n"), **dict.fromkeys("еЕҽΕ", "e"), **dict.fromkeys("ӏӀǀ", "l"),
