@@ -184,19 +184,35 @@ SETTINGS = (("url", ENV_URL), ("token", ENV_TOKEN), ("token_command", ENV_TOKEN_
             ("allow_http", ENV_ALLOW_HTTP))
 
 
+def shell_quoted(path: str) -> str:
+    """`path` as a shell word, for a command the user can paste."""
+    import shlex
+
+    return shlex.quote(path)
+
+
 def read_config_file(path: str) -> dict[str, Any]:
-    """config.toml's settings. One that holds a token must be private, as ssh wants of a key."""
+    """config.toml's settings. Refused, whatever it holds, when other users can write it or its
+    directory: its token_command runs as you and its url is sent your token, so whoever can write
+    it can have both (ssh refuses such a config for the same reason). One that holds a token must
+    also be private, as ssh wants of a key."""
     import tomllib
 
     try:
         with open(path, encoding="utf-8") as f:
+            mode = os.fstat(f.fileno()).st_mode  # the file read, not whatever the path names a moment later
+            directory = os.path.dirname(os.path.abspath(path))
+            if os.name == "posix":
+                for where, its_mode in ((path, mode), (directory, os.stat(directory).st_mode)):
+                    if its_mode & 0o022:
+                        raise ConfigError(f"{where} can be written by other users (mode {its_mode & 0o777:o}), so "
+                                          f"{path} is not used: run `chmod go-w {shell_quoted(where)}`")
             data = tomllib.loads(f.read())
-        mode = os.stat(path).st_mode
     except (tomllib.TOMLDecodeError, OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: {exc}") from None
     if "token" in data and os.name == "posix" and mode & 0o077:
         raise ConfigError(f"{path} holds a token and can be read by other users (mode {mode & 0o777:o}): "
-                          f"run `chmod 600 {path}`")
+                          f"run `chmod 600 {shell_quoted(path)}`")
     return data
 
 
@@ -1078,13 +1094,65 @@ def doctor_command(env=os.environ) -> str:
 # Words: what each result says to a person or to Claude
 # --------------------------------------------------------------------------------------------
 
-#: `<channel` or `</channel`, in any case and spacing: the model must never see a channel tag
-#: inside a body (Claude Code escapes a closing tag in content, not an opening one).
-CHANNEL_TAG_IN_TEXT = re.compile(r"<(\s*/?\s*channel)", re.IGNORECASE)
+#: What may open a tag: `<`, what NFKC makes `<` (fullwidth ＜, small ﹤), and Unicode's
+#: confusables of `<` (˂ ᐸ ‹ ❮). An opener followed by a channel tag is written `&lt;`. One
+#: followed by printable ASCII but `/`, `C` or `c` cannot open one: not looked at further.
+TAG_OPENERS = re.compile(r"[<\ufe64\uff1c\u02c2\u1438\u2039\u276e](?=[^\x21-\x2e\x30-\x42\x44-\x62\x64-\x7e])")
+#: Letters of other scripts that look like those of "channel" (and like `/`) but that NFKC leaves
+#: alone: Cyrillic с, һ, а, п, е, ӏ; Greek ϲ, α, η and capitals Ϲ Α Η Ν Ε; Armenian հ, ո. Not
+#: Unicode's whole confusables table (thousands of rows): only what can spell this one tag.
+#: Applied before case folding, since Greek Η looks like H but its small η like n.
+TAG_LOOKALIKES = str.maketrans({
+    **dict.fromkeys("сСϲϹᴄ", "c"), **dict.fromkeys("һҺհНΗ", "h"), **dict.fromkeys("аАɑαΑ", "a"),
+    **dict.fromkeys("пոηΝ", "n"), **dict.fromkeys("еЕҽΕ", "e"), **dict.fromkeys("ӏӀǀ", "l"),
+    **dict.fromkeys("\u2044\u2215\u29f8", "/")})
+#: Letters that show as nothing (Hangul fillers, the blank Braille pattern); with format and
+#: control characters and combining marks they are skipped between `<` and the tag's letters.
+UNSEEN_LETTERS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
+UNSEEN_CATEGORIES = frozenset(("Cc", "Cf", "Cs", "Co", "Cn", "Mn", "Me"))
+
+
+def tag_skeleton(c: str) -> str:
+    """How one character reads when looking for a tag: compatibility-decomposed (NFKD: NFKC's
+    mapping, with accents split off), look-alikes made Latin, case-folded, and what shows as
+    nothing (format characters such as U+200B, U+00AD, U+FEFF; controls; combining marks) left out."""
+    import unicodedata
+
+    return "".join(d for d in unicodedata.normalize("NFKD", c).translate(TAG_LOOKALIKES).casefold()
+                   if d not in UNSEEN_LETTERS and unicodedata.category(d) not in UNSEEN_CATEGORIES)
+
+
+def reads_as_channel_tag(text: str, start: int, skeletons: dict[str, str]) -> bool:
+    """Whether text[start:] (what follows a `<`) reads as `channel` or `/channel`, in any case, after
+    any spacing (`tag_skeleton`: how each character reads). Decided at the first letter that
+    cannot be the tag's. `skeletons` keeps each character's reading for the rest of the text."""
+    read = ""
+    for k in range(start, len(text)):
+        c = text[k]
+        if c not in skeletons:
+            skeletons[c] = tag_skeleton(c)
+        for letter in skeletons[c]:
+            if letter.isspace() and read in ("", "/"):
+                continue
+            read += letter
+            if read in ("channel", "/channel"):
+                return True
+            if not ("/channel".startswith(read) or "channel".startswith(read)):
+                return False
+    return False
 
 
 def neutralize(text: str) -> str:
-    return CHANNEL_TAG_IN_TEXT.sub(r"&lt;\1", text)
+    """`text` with the opener of anything that reads as a `<channel` or `</channel` tag written
+    `&lt;`: the model must never see a channel tag inside a body (Claude Code escapes a closing
+    tag in content, not an opening one). Nothing else changes. Only what follows a possible opener
+    is normalised, so most text costs one regular-expression scan."""
+    pieces, done, skeletons = [], 0, {}
+    for opener in TAG_OPENERS.finditer(text):
+        if reads_as_channel_tag(text, opener.end(), skeletons):
+            pieces += [text[done:opener.start()], "&lt;"]
+            done = opener.end()
+    return "".join(pieces) + text[done:] if pieces else text
 
 
 def printable(text: str) -> str:
@@ -1093,6 +1161,13 @@ def printable(text: str) -> str:
     import unicodedata
 
     return "".join(c if c in "\n\t" or unicodedata.category(c)[0] != "C" else repr(c)[1:-1] for c in text)
+
+
+def say(text: str, file=None) -> None:
+    """Print a line for a person (the CLI). Escaped whole (`printable`): a broker's words, names
+    and errors come from the network, and only the hook's JSON and the channel's stdio may carry
+    their text as it came."""
+    print(printable(text), file=file or sys.stdout)
 
 
 def describe_sent(result: dict[str, Any], text: str) -> str:
@@ -1124,11 +1199,11 @@ def describe_who(result: dict[str, Any], me: str) -> str:
 
 
 def describe_mail(messages: list[dict[str, Any]], pending: int) -> str:
-    """For a person at a terminal."""
+    """For a person at a terminal (`inbox` writes it through `printable`)."""
     lines = [f"{len(messages)} of {pending} waiting Dispatch message(s):"]
     for m in messages:
-        lines.append(printable(f"[from={m['from']} chat_id={m['chat_id']} message_id={m['id']} "
-                               f"sent_at={m['sent_at']}]\n{m['body']}"))
+        lines.append(f"[from={m['from']} chat_id={m['chat_id']} message_id={m['id']} sent_at={m['sent_at']}]\n"
+                     f"{m['body']}")
     return "\n\n".join(lines) + "\n"
 
 
@@ -1816,7 +1891,7 @@ def cmd_send(args: argparse.Namespace) -> int:
     """
     body = sys.stdin.read().removesuffix("\n") if args.body == "-" else args.body
     client = retrying(connect_once)  # a broker restarting right now is waited for, briefly
-    print(describe_sent(*client.send("send", to=args.to, body=body)))
+    say(describe_sent(*client.send("send", to=args.to, body=body)))
     return 0
 
 
@@ -1826,7 +1901,7 @@ def cmd_who(args: argparse.Namespace) -> int:
     Example: python3 dispatch_plugin.py who
     """
     client = connect_once()
-    print(describe_who(client.call("who")[0], client.config.name))
+    say(describe_who(client.call("who")[0], client.config.name))
     return 0
 
 
@@ -1841,11 +1916,11 @@ def cmd_inbox(args: argparse.Namespace) -> int:
     client = connect_once()
     found = client.call("inbox", peek=args.peek, limit=INBOX_LIMIT)[0]
     if args.peek or not found["messages"]:
-        print(f"{found['pending']} message(s) waiting for {client.config.name}.")
+        say(f"{found['pending']} message(s) waiting for {client.config.name}.")
         return 0
 
     def show(batch: list[dict[str, Any]]) -> None:
-        sys.stdout.write(describe_mail(batch, found["pending"]))
+        sys.stdout.write(printable(describe_mail(batch, found["pending"])))
         sys.stdout.flush()
 
     messages, prover = found["messages"], Prover(client, Proofs(client.config.token, ()), None)
@@ -1862,7 +1937,7 @@ def cmd_ping(args: argparse.Namespace) -> int:
     Example: python3 dispatch_plugin.py ping
     """
     client = connect_once()
-    print(describe_ping(client.config, client.call("ping")[0]))
+    say(describe_ping(client.config, client.call("ping")[0]))
     return 0
 
 
@@ -1945,10 +2020,10 @@ class Doctor:
         try:
             detail = check()
         except Exception as exc:
-            print(f"✘ {label}: {exc}\n    fix: {fix}")
+            say(f"✘ {label}: {exc}\n    fix: {fix}")
             self.failed = True
             return None
-        print(f"✔ {label}{': ' + str(detail) if detail else ''}")
+        say(f"✔ {label}{': ' + str(detail) if detail else ''}")
         return detail if detail is not None else True
 
     def run(self) -> int:
@@ -2112,7 +2187,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except DispatchError as exc:
-        print(f"Error: {exc}", file=sys.stderr)
+        say(f"Error: {exc}", file=sys.stderr)
         return 1
     except BrokenPipeError:  # the reader went away; whatever it did not get is still unacked
         return 1

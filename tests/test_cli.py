@@ -2,9 +2,11 @@
 
 import contextlib
 import ipaddress
+import json
 import os
 import re
 import socket
+import subprocess
 import sys
 import threading
 
@@ -221,6 +223,57 @@ def test_a_config_toml_without_a_token_may_be_readable_by_others(shared_broker, 
     assert "as test-public " in ok(run_cli(env, "ping"))
 
 
+@contextlib.contextmanager
+def catcher():
+    """A loopback HTTP server that records each request it gets and answers 401. Yields (url, requests)."""
+    server = socket.create_server(("127.0.0.1", 0))
+    requests: list[bytes] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn, contextlib.suppress(OSError):
+                conn.settimeout(5)
+                requests.append(conn.recv(65536))
+                conn.sendall(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.getsockname()[1]}/mcp", requests
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("file_mode, dir_mode, writable", [
+    (0o666, 0o755, "file"), (0o620, 0o755, "file"), (0o600, 0o777, "directory"), (0o600, 0o775, "directory"),
+], ids=["file 666", "file 620", "directory 777", "directory 775"])
+def test_a_config_toml_others_can_write_is_refused_before_its_token_command_runs_or_its_url_is_called(
+        tmp_path, file_mode, dir_mode, writable):
+    config = tmp_path / "dispatch" / "config.toml"
+    config.parent.mkdir()
+    ran = tmp_path / "token-command-ran"
+    with catcher() as (url, requests):
+        # No token in it: the token comes from the environment, and token_command is a planted one.
+        config.write_text(f'url = "{url}"\ntoken_command = "touch {ran}; echo {unknown_token("test")}"\n')
+        config.chmod(file_mode)
+        config.parent.chmod(dir_mode)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("DISPATCH_", "CLAUDE_"))}
+        secret = unknown_token("test")
+        result = run_cli({**env, "XDG_CONFIG_HOME": str(tmp_path), "DISPATCH_TOKEN": secret}, "ping")
+        doctor = run_cli({**env, "XDG_CONFIG_HOME": str(tmp_path)}, "doctor")
+    assert result.returncode == 1 and result.stdout == ""
+    [line] = result.stderr.splitlines()
+    where = config if writable == "file" else config.parent
+    assert "can be written by other users" in line and f"chmod go-w {where}`" in line, line
+    assert not ran.exists(), "token_command ran"
+    assert requests == [], "the config's url was called"
+    assert doctor.returncode == 1 and doctor.stdout.startswith("✘ configuration: ") \
+        and f"chmod go-w {where}`" in doctor.stdout, doctor.stdout
+
+
 def test_inbox_in_a_terminal_shows_control_characters_escaped(shared_broker):
     reader = register(shared_broker, "test-terminal")
     body = "\x1b[2J\x1b]0;owned\x07\x1b]52;c;aGk=\x07 tab\tand\u202edone"
@@ -245,6 +298,104 @@ def test_a_redirect_is_not_followed_so_the_token_goes_nowhere_else(shared_broker
         elsewhere.close()
     assert result.returncode == 1
     assert "follows no redirects" in result.stderr and target in result.stderr, result.stderr
+
+
+#: What a hostile broker puts in everything it says: clear screen, set the title, write the
+#: clipboard (OSC 52), a C1 CSI, a carriage return and a right-to-left override.
+HOSTILE = "\x1b[2J\x1b]0;owned\x07\x1b]52;c;aGk=\x07\x9b31m\rover\u202e"
+#: A Location header can carry only Latin-1 bytes: ESC and BEL are among them.
+HOSTILE_HEADER = "http://127.0.0.1:1/\x1b[2J\x1b]0;owned\x07"
+#: Bytes no terminal should get from the CLI: C0 and C1 controls but newline and tab.
+RAW_CONTROL = re.compile(rb"[\x00-\x08\x0b-\x1f\x7f]|\xc2[\x80-\x9f]")
+
+
+class HostileBroker:
+    """A loopback server speaking just enough of the broker's protocol to be believed, which puts
+    escape sequences in whatever it says, in one way (`mode`): 'answers' (names, times, the send
+    text and /healthz's version), 'tool error', 'rpc error' (a JSON-RPC error), 'http 500' (in
+    the body), 'redirect' (in the Location). identify succeeds except in 'rpc error' and 'redirect'."""
+
+    def __init__(self, mode: str):
+        import http.server
+
+        self.mode = mode
+        hostile = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                self.reply(200, {"status": "ok", "version": HOSTILE, "uptime": HOSTILE})
+
+            def do_POST(self):
+                request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                tool = request["params"].get("name")
+                if hostile.mode == "http 500":
+                    return self.reply(500, None, HOSTILE.encode())
+                if hostile.mode == "redirect":
+                    self.send_response(307)
+                    self.send_header("Location", HOSTILE_HEADER)
+                    self.send_header("Content-Length", "0")
+                    return self.end_headers()
+                if hostile.mode == "rpc error":
+                    return self.reply(200, {"jsonrpc": "2.0", "id": request["id"],
+                                            "error": {"code": -32000, "message": HOSTILE}})
+                if hostile.mode == "tool error" and tool != "identify":
+                    result = {"content": [{"type": "text", "text": HOSTILE}], "isError": True}
+                else:
+                    result = {"content": [{"type": "text", "text": HOSTILE}], "isError": False,
+                              "structuredContent": ANSWERS.get(tool, {})}
+                self.reply(200, {"jsonrpc": "2.0", "id": request["id"], "result": result})
+
+            def reply(self, status, message, raw=None):
+                body = raw if raw is not None else json.dumps(message).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/mcp"
+
+    def __enter__(self) -> "HostileBroker":
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+#: The structured answers of the 'answers' mode: every string the CLI prints is hostile.
+ANSWERS = {
+    "identify": {"name": "test-target"},
+    "who": {"participants": [{"name": HOSTILE, "live": False, "last_seen": HOSTILE, "pending_for_you": HOSTILE}]},
+    "ping": {"name": HOSTILE, "base": HOSTILE, "server_time": HOSTILE, "pending": HOSTILE},
+    "send": {"delivered_to": [HOSTILE], "queued": [], "dropped": [], "chat_id": HOSTILE},
+    "inbox": {"messages": [{"id": "m_0123456789abcdef", "chat_id": HOSTILE, "from": HOSTILE, "sent_at": HOSTILE,
+                            "body": HOSTILE, "attempt": 0}], "pending": HOSTILE},
+    "mail.ack": {"acked": 1},
+}
+
+#: Each command's run against each mode. `send` under 'http 500' is left out: it retries for
+#: SEND_RETRY_SECONDS before it reports the same error through the same print as the others.
+HOSTILE_RUNS = [(mode, command) for mode in ("answers", "tool error", "rpc error", "http 500", "redirect")
+                for command in (["who"], ["ping"], ["send", "--to", "test-x", "hi"], ["inbox"], ["doctor"])
+                if not (mode == "http 500" and command[0] == "send")]
+
+
+@pytest.mark.parametrize("mode, command", HOSTILE_RUNS, ids=[f"{m}: {c[0]}" for m, c in HOSTILE_RUNS])
+def test_the_cli_prints_a_hostile_brokers_escape_sequences_escaped(mode, command):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DISPATCH_", "CLAUDE_"))}
+    with HostileBroker(mode) as broker:
+        env.update(DISPATCH_URL=broker.url, DISPATCH_TOKEN=unknown_token("test"), DISPATCH_NAME="test-target")
+        result = subprocess.run([sys.executable, str(PLUGIN), *command], env=env, capture_output=True, timeout=60)
+    out = result.stdout + result.stderr
+    assert "Traceback" not in out.decode(errors="replace"), out
+    assert not RAW_CONTROL.search(out), out
+    assert b"\\x1b[2J\\x1b]0;owned\\x07" in out, out  # shown, escaped
 
 
 # --------------------------------------------------------------------------------------------
