@@ -1264,6 +1264,12 @@ SOCKET_TRIES = 2
 SOCKET_FAILURES = 2
 
 
+def channel_meta(mail: dict[str, Any], proofs: Proofs) -> dict[str, str]:
+    """A message's attributes, sealed. Claude Code keeps only keys matching ^[a-zA-Z_][a-zA-Z0-9_]*$ with string values."""
+    return {"from": str(mail["from"]), "chat_id": str(mail["chat_id"]), "message_id": str(mail["id"]),
+            "sent_at": str(mail["sent_at"]), "to": str(mail["to"]), "seal": proofs.seal(str(mail["id"]))}
+
+
 def tag_attribute(value: str) -> str:
     return value.replace("&", "&amp;").replace('"', "&quot;").replace("<", "&lt;").replace(">", "&gt;")
 
@@ -1729,9 +1735,7 @@ class Channel:
     # -- inbound mail -------------------------------------------------------------------------
 
     def meta(self, mail: dict[str, Any]) -> dict[str, str]:
-        """A message's attributes. Claude Code keeps only keys matching ^[a-zA-Z_][a-zA-Z0-9_]*$ with string values."""
-        return {"from": str(mail["from"]), "chat_id": str(mail["chat_id"]), "message_id": str(mail["id"]),
-                "sent_at": str(mail["sent_at"]), "to": str(mail["to"]), "seal": self.proofs.seal(str(mail["id"]))}
+        return channel_meta(mail, self.proofs)
 
     def arrived(self, mail: dict[str, Any]) -> None:
         """Mail pushed by the broker, shown the way in effect; the prover acks it once the

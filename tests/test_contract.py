@@ -52,9 +52,10 @@ def test_the_plugin_never_answers_claude_code_in_the_era_that_loses_channels():
 def test_pushed_mail_carries_every_field_the_plugin_reads():
     mail = broker.Mail("m_" + "0" * 2 * broker.MESSAGE_ID_BYTES, "a-1~a-2~n~m", "a-1", "a-2", "hi", 0.0, 1).params()
     assert broker.MESSAGE_ID_RE.fullmatch(mail["id"])
-    meta = plugin.channel_meta(mail)
+    proofs = plugin.Proofs("dsp_a_" + "0" * 2 * plugin.TOKEN_BYTES, ())
+    meta = plugin.channel_meta(mail, proofs)
     assert meta["message_id"] == mail["id"] and all(isinstance(v, str) for v in meta.values())
-    line = json.loads(plugin.mail_line(mail))
+    line = json.loads(plugin.mail_line(mail, proofs))
     assert set(line) == plugin.MAIL_FIELDS and line["message_id"] == mail["id"]
     assert mail["attempt"] == 1  # the prompt hook waits for the channel's proof of pushed mail
 
