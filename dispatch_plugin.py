@@ -1535,6 +1535,34 @@ class Workers:
             target(*args)
 
 
+def initialize_result(params: dict[str, Any], name: str, delivery: str) -> dict[str, Any]:
+    offered = params.get("protocolVersion")
+    return {
+        "protocolVersion": offered if offered in CHANNEL_PROTOCOLS else CHANNEL_PROTOCOLS[0],
+        "capabilities": {"tools": {}, "experimental": {"claude/channel": {}}},
+        "serverInfo": {"name": "dispatch", "version": __version__},
+        "instructions": INSTRUCTIONS.format(name=name, delivery=delivery),
+    }
+
+
+def answer_tool(name: str, call: Callable[[], str], arguments: dict[str, Any], link: Link) -> tuple[str, bool]:
+    """(text, is_error) of one tool call: every failure is an answer, never a silence."""
+    try:
+        if link.broken:
+            raise ConfigError(link.broken)
+        if wrong := bad_arguments(TOOLS[name][1], arguments):
+            return f"Bad arguments for {name}: {wrong}", True
+        return call(), False
+    except (Refused, ConfigError) as exc:
+        return str(exc), True
+    except BrokerDown as exc:
+        return f"{name} failed: {exc}. {link.outage()}", True
+    except Exception as exc:  # a bug here or a broker answering out of contract: still answer the call
+        log("ERROR", f"tool {name} failed: {type(exc).__name__}: {exc}")
+        return (f"{name} failed inside the Dispatch plugin ({type(exc).__name__}: {exc}); the broker may have done it "
+                "already: check before trying again."), True
+
+
 class Link:
     """The broker link, on a thread of its own: identify, then one listen after another while
     `listening()` says mail is to be pushed here, reconnecting with capped backoff. A listen
@@ -1694,7 +1722,8 @@ class Channel:
         if request_id is None:
             return  # notifications: initialized, cancelled, ...
         if method == "initialize":
-            self.respond(request_id, self.initialize_result(params))
+            delivery = instructions_delivery(self.way, self.why, self.env)
+            self.respond(request_id, initialize_result(params, self.config.name, delivery))
             if not self.started:
                 self.start()
         elif method == "ping":
@@ -1709,16 +1738,6 @@ class Channel:
             self.workers.run(self.call_tool, request_id, params)
         else:  # includes server/discover: -32601 makes Claude Code fall back to initialize
             self.respond(request_id, error=(-32601, f"Method not found: {method}"))
-
-    def initialize_result(self, params: dict[str, Any]) -> dict[str, Any]:
-        offered = params.get("protocolVersion")
-        return {
-            "protocolVersion": offered if offered in CHANNEL_PROTOCOLS else CHANNEL_PROTOCOLS[0],
-            "capabilities": {"tools": {}, "experimental": {"claude/channel": {}}},
-            "serverInfo": {"name": "dispatch", "version": __version__},
-            "instructions": INSTRUCTIONS.format(name=self.config.name,
-                                                delivery=instructions_delivery(self.way, self.why, self.env)),
-        }
 
     def start(self) -> None:
         """The signal handlers and the threads. Set up only once `initialize` is answered, as
@@ -1797,21 +1816,7 @@ class Channel:
         if handler is None:
             self.respond(request_id, error=(-32602, f"Unknown tool: {name}"))
             return
-        try:
-            if self.link.broken:
-                raise ConfigError(self.link.broken)
-            if wrong := bad_arguments(TOOLS[name][1], arguments):
-                text, is_error = f"Bad arguments for {name}: {wrong}", True
-            else:
-                text, is_error = handler(**arguments), False
-        except (Refused, ConfigError) as exc:
-            text, is_error = str(exc), True
-        except BrokerDown as exc:
-            text, is_error = f"{name} failed: {exc}. {self.link.outage()}", True
-        except Exception as exc:  # a bug here or a broker answering out of contract: still answer the call
-            log("ERROR", f"tool {name} failed: {type(exc).__name__}: {exc}")
-            text, is_error = (f"{name} failed inside the Dispatch plugin ({type(exc).__name__}: {exc}); the broker "
-                              "may have done it already: check before trying again."), True
+        text, is_error = answer_tool(name, lambda: handler(**arguments), arguments, self.link)
         text += f"\n\n({way_words(self.way, self.why, self.env)})"
         self.respond(request_id, {"content": [{"type": "text", "text": text}], "isError": is_error})
 
