@@ -175,6 +175,9 @@ CLIENT_MSG_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 HOST_RE = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
 #: The metrics bearer: printable ASCII, long enough not to be guessed.
 METRICS_TOKEN_RE = re.compile(r"[\x21-\x7e]{16,256}")
+#: A chat id ends in this many hex characters of its MAC (`ChatIds`): 64 bits.
+CHAT_MAC_CHARS = 16
+CHAT_MAC_RE = re.compile(rf"[0-9a-f]{{{CHAT_MAC_CHARS}}}")
 #: The header a 2026-07-28 client sends to name its link: that era has no Mcp-Session-Id.
 LINK_HEADER = "dispatch-session"
 #: The protocol era whose clients name their link with LINK_HEADER (the plugin speaks it).
@@ -961,7 +964,7 @@ class ChatIds:
 
     def _mac(self, text: str) -> str:
         # surrogatepass: a forged id may hold a lone surrogate; it must fail the MAC, not crash
-        return hmac.new(self.key, text.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()[:16]
+        return hmac.new(self.key, text.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()[:CHAT_MAC_CHARS]
 
     def new(self, sender: str, to: str) -> str:
         text = f"{sender}~{to}~{secrets.token_hex(4)}"
@@ -969,7 +972,9 @@ class ChatIds:
 
     def parties(self, chat_id: str) -> tuple[str, str]:
         parts = chat_id.split("~")
-        if len(parts) != 4 or not hmac.compare_digest(self._mac("~".join(parts[:3])), parts[3]):
+        # The shape first: compare_digest raises TypeError on a str that is not ASCII (`a~b~c~é`).
+        if len(parts) != 4 or not CHAT_MAC_RE.fullmatch(parts[3]) or \
+                not hmac.compare_digest(self._mac("~".join(parts[:3])), parts[3]):
             raise Refused(f"unknown chat_id {chat_id!r}: use a chat_id from a message you received or sent", "unknown_chat")
         return parts[0], parts[1]
 
