@@ -580,6 +580,24 @@ def upsert_participant(db: sqlite3.Connection, name: str, now: float) -> None:
     db.execute(SQL_UPSERT_PARTICIPANT, {"name": name, "base": base_of(name), "now": now})
 
 
+#: What SQLite keeps beside the mailbox in WAL mode; both hold bodies too.
+SIDE_FILES = ("-wal", "-shm")
+
+
+def keep_private(path: str) -> None:
+    """Make the mailbox readable by its owner only, whatever the umask: it holds every body, the
+    pending ids and the chat-id key. Created 0600 before SQLite opens it (SQLite gives its -wal and
+    -shm the file's mode); one an older broker left open to others is narrowed, with a log line."""
+    with contextlib.suppress(FileExistsError):  # O_EXCL: an existing file is left to SQLite to open
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+    for name in (path, *(path + side for side in SIDE_FILES)):
+        with contextlib.suppress(FileNotFoundError):
+            mode = os.stat(name).st_mode & 0o777
+            if mode & 0o077:
+                os.chmod(name, 0o600)
+                log.warning("mailbox file %s was mode %o, readable by others: now 0600", name, mode)
+
+
 class Store:
     """The SQLite mailbox. One connection, used only from the event loop thread.
 
@@ -597,10 +615,11 @@ class Store:
         self.synchronous = synchronous  #: the level of durable commits, a keyword checked by argparse
         self.level = ""  #: the level the connection is at now
         try:
+            keep_private(path)
             self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA busy_timeout=5000")
-        except sqlite3.Error as exc:  # SQLite's own text ("unable to open database file") names no file
+        except (sqlite3.Error, OSError) as exc:  # SQLite's own text ("unable to open database file") names no file
             raise ConfigError(f"cannot open the mailbox {path}: {exc} (the file and its directory must be "
                               "writable: WAL mode keeps -wal and -shm files beside it)") from None
         self.migrate()
