@@ -29,6 +29,7 @@ import contextvars
 import gc
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
 import os
@@ -173,6 +174,10 @@ CLIENT_MSG_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 #: A Host header entry of --allowed-host: a DNS name or IPv4 address, or a bracketed IPv6
 #: address, optionally with a port.
 HOST_RE = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
+#: Characters escaped in every log line (`SafeFormatter`): C0 and C1 controls (ESC starts a terminal
+#: sequence, and U+009B is CSI on its own), DEL, line and paragraph separators, and the bidi
+#: controls that reorder what a terminal shows.
+LOG_UNSAFE_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 #: The metrics bearer: printable ASCII, long enough not to be guessed.
 METRICS_TOKEN_RE = re.compile(r"[\x21-\x7e]{16,256}")
 #: A chat id ends in this many hex characters of its MAC (`ChatIds`): 64 bits.
@@ -334,6 +339,15 @@ def host_name(text: str) -> str:
     if not HOST_RE.fullmatch(text):
         raise ValueError(f"not a host name: {text!r} (e.g. dispatch.example.net, or with a port: dispatch.example.net:8443)")
     return text
+
+
+@argument
+def proxy_address(text: str) -> str:
+    """An address or network (CIDR) of a reverse proxy: 127.0.0.1, ::1, 10.0.0.0/8."""
+    try:
+        return str(ipaddress.ip_network(text.strip(), strict=False))
+    except ValueError:
+        raise ValueError(f"not an IP address or network: {text!r} (e.g. 127.0.0.1, ::1, 10.0.0.0/8)") from None
 
 
 @argument
@@ -1912,10 +1926,34 @@ def default_db_path() -> str:
     return str(Path(state.split(":")[0]) / "dispatch.db") if state else "dispatch.db"
 
 
+def escape_controls(text: str) -> str:
+    """`text` with each LOG_UNSAFE_RE character written as its Python escape (`\\x1b`, `\\u202e`)."""
+    return LOG_UNSAFE_RE.sub(lambda m: m[0].encode("unicode_escape").decode("ascii"), text)
+
+
+class SafeFormatter(logging.Formatter):
+    """One log record, one line a reader can trust: a value a client chose (an address, a header,
+    a name) cannot clear the screen, retitle the terminal or forge a line. A traceback keeps its
+    line breaks and nothing else."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = escape_controls(record.message)
+        return super().formatMessage(record)
+
+    def formatException(self, ei) -> str:
+        return "\n".join(escape_controls(line) for line in super().formatException(ei).split("\n"))
+
+    def formatStack(self, stack_info: str) -> str:
+        return "\n".join(escape_controls(line) for line in stack_info.split("\n"))
+
+
 def configure_logging(verbose: bool) -> None:
+    """Every logger, uvicorn's and the SDK's included, writes through one SafeFormatter on stderr."""
     # journald stamps every line itself; elsewhere a timestamp helps.
     fmt = "%(levelname)s %(message)s" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s %(levelname)s %(message)s"
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=fmt, stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(SafeFormatter(fmt))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
     for noisy in ("mcp", "uvicorn.access", "httpx", "sse_starlette"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -1974,8 +2012,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     broker.purge()  # mail whose TTL passed while the broker was down is never delivered late
     failures = AuthFailures()
     app = build_app(broker, verifier, args.allowed_host, args.port, failures, args.metrics_token)
+    # log_config=None: uvicorn's records reach our handler (SafeFormatter) instead of its own.
+    # X-Forwarded-For is read only from --trusted-proxy: uvicorn's default trusts loopback, so any
+    # local client could choose the address the broker logs and throttles failed logins by.
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=False,
-                            ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key,
+                            log_config=None, ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key,
+                            proxy_headers=bool(args.trusted_proxy), forwarded_allow_ips=args.trusted_proxy,
                             timeout_graceful_shutdown=3, lifespan="on")
     server = ShutdownServer(config, broker)
     # What the imports and the app made lives as long as the process: frozen (once its garbage
@@ -2078,6 +2120,9 @@ def parser() -> argparse.ArgumentParser:
                    help="SQLite fsync level (default %(default)s: survives power loss)")
     s.add_argument("--allowed-host", action="append", type=host_name, default=[],
                    help="Host header the broker answers to besides loopback, e.g. dispatch.example.net (repeatable)")
+    s.add_argument("--trusted-proxy", action="append", type=proxy_address, default=[],
+                   help="address or network of a reverse proxy whose X-Forwarded-For names the client (repeatable); "
+                        "by default the header is ignored")
     s.add_argument("--tls-cert", help="PEM certificate: serve HTTPS directly")
     s.add_argument("--tls-key", help="PEM private key for --tls-cert")
     s.add_argument("--metrics-token", type=metrics_token,

@@ -5,6 +5,7 @@ Each refusal is checked for what the caller sees and, where the broker logs it, 
 
 import asyncio
 import json
+import os
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -289,3 +290,46 @@ def test_allowed_host_is_matched_exactly_with_or_without_this_port(broker_factor
     assert [status(h) for h in ("dispatch.example.net", f"dispatch.example.net:{port}", "proxy.example.net:8443")] == [200] * 3
     assert [status(h) for h in ("dispatch.example.net.evil", f"dispatch.example.net:{port}.evil", "dispatch.example.net:1",
                                 "proxy.example.net", f"proxy.example.net:{port}", "xdispatch.example.net")] == [421] * 6
+
+
+# -- forwarded addresses and what reaches the log (issue 21) ----------------------------------------
+
+
+def test_x_forwarded_for_from_loopback_is_ignored_when_no_proxy_is_trusted(broker_factory):
+    """A local client rotating X-Forwarded-For must not get an address (no delay, a log line) per try."""
+    broker = start_broker(broker_factory)
+    bad = bearer(foreign_token(broker.token("backend")))
+    initialize = json.dumps(LEGACY_INITIALIZE).encode()
+    mark = len(broker.logs())
+
+    with ThreadPoolExecutor(30) as pool:
+        statuses = list(pool.map(lambda n: http(broker.url, initialize, {**bad, "X-Forwarded-For": f"203.0.113.{n}"})[0],
+                                 range(30)))
+
+    assert statuses == [401] * 30
+    log = logged(broker, "more in the last", since=mark, timeout=dispatch_broker.AUTH_LOG_SECONDS + 3)
+    lines = [line for line in log.splitlines() if "auth failure" in line]
+    print(f"\n30 failures with 30 forwarded addresses: {len(lines)} log lines")
+    assert len(lines) == 2 and all("from 127.0.0.1" in line for line in lines), lines
+    assert "203.0.113." not in log
+
+
+def test_x_forwarded_for_from_a_trusted_proxy_names_the_client_and_is_logged_with_controls_escaped(broker_factory):
+    # Set by the environment, as a unit would: DISPATCH_TRUSTED_PROXY = --trusted-proxy.
+    broker = broker_factory()
+    broker.env = {**os.environ, "DISPATCH_TRUSTED_PROXY": "127.0.0.1,::1"}
+    broker.mint("backend").start()
+    bad = bearer(foreign_token(broker.token("backend")))
+    initialize = json.dumps(LEGACY_INITIALIZE).encode()
+    mark = len(broker.logs())
+    # U+009B is CSI and U+009D OSC on their own (a terminal reads `CSI 2J` as ESC[2J: clear the
+    # screen); h11 lets bytes 0x80-0xff through in a header value, unlike ESC itself.
+    hostile = "\x9b2J\x9d0;owned\x9c"
+
+    assert http(broker.url, initialize, {**bad, "X-Forwarded-For": "198.51.100.7"})[0] == 401
+    assert http(broker.url, initialize, {**bad, "X-Forwarded-For": hostile})[0] == 401
+
+    logged(broker, "from 198.51.100.7", since=mark)
+    log = logged(broker, "owned", since=mark)
+    assert "\\x9b2J\\x9d0;owned\\x9c" in log, log[-500:]
+    assert not re.search("[\x00-\x08\x0b-\x1f\x7f-\x9f]", log), ascii(log[-500:])
