@@ -50,6 +50,7 @@ from mcp.server.auth.provider import AccessToken
 from mcp.server.auth.settings import AuthSettings
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError, UnexpectedToolError
+from mcp.server.streamable_http_manager import DEFAULT_MAX_SESSIONS
 from mcp.server.transport_security import TransportSecuritySettings
 from mcp_types import CallToolResult, TextContent
 from pydantic import BaseModel, Field
@@ -124,6 +125,14 @@ DEFAULT_SESSION_IDLE_TIMEOUT = 1800.0
 #: JSON-RPC request bodies larger than this are refused by the SDK before parsing (a 64 KiB body
 #: of control characters is ~6x larger once JSON-escaped).
 MAX_REQUEST_BYTES = 1024 * 1024
+#: Links one token may hold at once (MCP sessions and Dispatch-Session links together); the next
+#: identify on a new link is refused until one is forgotten (idle for --session-idle-timeout).
+#: A plugin is one link and a CLI run one more for 30 minutes: a thousand is a busy base's day,
+#: and bounds what one token can make the broker hold.
+DEFAULT_MAX_LINKS = 1000
+#: MCP sessions (2025-11-25 era) of all tokens together: the SDK's own limit. Each token may open
+#: at most its share (`Broker.session_share`), so one cannot lock the era for the others.
+MAX_SESSIONS = DEFAULT_MAX_SESSIONS
 #: Names one base may create. A session is one name (`base-<8 hex of its session id>`) and a name
 #: is forgotten a TTL after its last sign of life once no mail waits for it, so 1000 is a thousand
 #: sessions of one project within 72 h; it also bounds a fan-out to the base at 1000 copies.
@@ -185,6 +194,10 @@ CHAT_MAC_CHARS = 16
 CHAT_MAC_RE = re.compile(rf"[0-9a-f]{{{CHAT_MAC_CHARS}}}")
 #: The header a 2026-07-28 client sends to name its link: that era has no Mcp-Session-Id.
 LINK_HEADER = "dispatch-session"
+#: A link's id, as a client sends it in LINK_HEADER (the plugin: 32 hex) or the SDK makes it (32
+#: hex): visible ASCII, short. A longer one is refused before anything is kept for it.
+LINK_ID_MAX = 128
+LINK_ID_RE = re.compile(rf"[\x21-\x7e]{{1,{LINK_ID_MAX}}}")
 #: The protocol era whose clients name their link with LINK_HEADER (the plugin speaks it).
 LINK_PROTOCOL = "2026-07-28"
 #: Tools whose call is answered once, with nothing on its stream before the answer: every tool
@@ -1149,7 +1162,8 @@ class Broker:
     def __init__(self, store: Store, *, ttl: float, max_body: int, max_pending: int, ack_timeout: float,
                  rate: float = DEFAULT_RATE, burst: int = DEFAULT_BURST,
                  session_idle_timeout: float = DEFAULT_SESSION_IDLE_TIMEOUT,
-                 max_names: int = DEFAULT_MAX_NAMES, max_db: int = DEFAULT_MAX_DB):
+                 max_names: int = DEFAULT_MAX_NAMES, max_db: int = DEFAULT_MAX_DB,
+                 max_links: int = DEFAULT_MAX_LINKS):
         self.store = store
         self.limit = RateLimit(rate, burst)
         self.ttl = ttl
@@ -1161,6 +1175,10 @@ class Broker:
         self.max_db = max_db
         self.chats = ChatIds(store.secret("chat_key"))
         self.links: dict[str, Link] = {}
+        self.max_links = max_links
+        self.links_of: collections.Counter = collections.Counter()  #: token id -> links in self.links
+        #: token id -> monotonic time a refused MCP session of it was last logged (once a window)
+        self.session_refusals_logged: dict[str, float] = {}
         self.listeners: dict[str, Listener] = {}
         self.listen_ended: dict[str, float] = {}  # name -> monotonic time its last listen ended
         #: ids of the tokens in force (set on start and every reload); None: not tracked
@@ -1170,16 +1188,48 @@ class Broker:
 
     # -- identity -----------------------------------------------------------------------------
 
-    def link(self, key: str, token_id: str, base: str) -> Link:
-        """The link `key` names, made on its first request; refused when another token made it."""
+    def link(self, key: str, token_id: str, base: str, create: bool = False) -> Link:
+        """The link `key` names; made only by `identify` (`create`), so a request that never
+        identifies leaves nothing behind. Refused when another token made it, and when this
+        token already holds --max-links."""
+        if not LINK_ID_RE.fullmatch(key):
+            raise Refused(f"bad {LINK_HEADER} header: use 1-{LINK_ID_MAX} visible ASCII characters", "bad_link")
         link = self.links.get(key)
         if link is None:
+            if not create:
+                raise Refused("not identified: call identify(name) first", "not_identified")
+            if self.links_of[token_id] >= self.max_links:
+                log.warning("refused link: token %s (base %s) holds %d links, the limit", token_id, base,
+                            self.links_of[token_id])
+                raise Refused(f"this token holds {self.links_of[token_id]} connections, the limit (--max-links "
+                              f"{self.max_links}): close some, or wait until idle ones are forgotten", "too_many_links")
             link = self.links[key] = Link(key, token_id, base)
+            self.links_of[token_id] += 1
         elif link.token_id != token_id:
             log.warning("refused: session %s replayed with another token (base %s)", key[:12], base)
             raise Refused("this session belongs to another token", "foreign_session")
         link.last_used = time.monotonic()
         return link
+
+    def forget_links(self, keys: list[str]) -> None:
+        for key in keys:
+            link = self.links.pop(key)
+            self.links_of[link.token_id] -= 1
+            if not self.links_of[link.token_id]:
+                del self.links_of[link.token_id]
+
+    def session_share(self) -> int:
+        """MCP sessions one token may hold: --max-links, or less where that many for every token
+        in force would pass MAX_SESSIONS."""
+        return max(1, min(self.max_links, MAX_SESSIONS // max(1, len(self.token_ids or ()))))
+
+    def session_refused(self, token_id: str, held: int) -> None:
+        """Log a token's refused MCP session, at most once every AUTH_LOG_SECONDS a token."""
+        now = time.monotonic()
+        if now - self.session_refusals_logged.get(token_id, float("-inf")) >= AUTH_LOG_SECONDS:
+            self.session_refusals_logged[token_id] = now
+            log.warning("refused MCP session: token %s holds %d, its share (of %d, --max-links %d)", token_id, held,
+                        MAX_SESSIONS, self.max_links)
 
     def identify(self, link: Link, name: str) -> None:
         check_name(name)
@@ -1204,8 +1254,7 @@ class Broker:
         ended = [listener for listener in self.listeners.values() if listener.token_id not in self.token_ids]
         for listener in ended:
             listener.stop("revoked")
-        for key in gone:
-            del self.links[key]
+        self.forget_links(gone)
         if gone or ended:
             log.info("tokens: %d links and %d listens of revoked tokens ended", len(gone), len(ended))
 
@@ -1507,8 +1556,7 @@ class Broker:
         idle = time.monotonic() - self.session_idle_timeout
         listening = {listener.link_key for listener in self.listeners.values()}  # a long listen is no idleness
         gone = [k for k, link in self.links.items() if link.last_used < idle and k not in listening]
-        for key in gone:
-            del self.links[key]
+        self.forget_links(gone)
         if gone:
             log.info("links: forgot %d idle for %.0fs; %d remain", len(gone), self.session_idle_timeout, len(self.links))
 
@@ -1655,6 +1703,28 @@ def by_tool(streaming, answering):
     return routed
 
 
+def fair_sessions(manager, broker: Broker) -> None:
+    """Each token may hold its share of the SDK's MCP sessions (`Broker.session_share`); past it
+    its next initialize is answered 503 "Too many open sessions", while other tokens still open
+    theirs. The SDK records each session's owner (for its own credential check) but limits only
+    the total, so its admission step (mcp 2.3: `_admit_session`, run under its creation lock, and
+    `_session_owners`) is wrapped; checked here, so an SDK without them stops the broker at start."""
+    admit, owners = manager._admit_session, manager._session_owners
+    # The SDK's own line names only the total; ours names the token, once a window.
+    logging.getLogger("mcp.server.streamable_http_manager").addFilter(
+        lambda record: not record.getMessage().startswith("Refusing to open a new session"))
+
+    def admit_fairly(requestor):
+        if requestor is not None:
+            held = sum(1 for owner in owners.values() if owner["client_id"] == requestor["client_id"])
+            if held >= broker.session_share():
+                broker.session_refused(requestor["client_id"], held)
+                return None
+        return admit(requestor)
+
+    manager._admit_session = admit_fairly
+
+
 def exact_hosts(app, allowed_hosts: list[str], port: int):
     """Refuse a Host that is not exactly loopback (with any port, or none: a TCP forwarder or an
     SSH tunnel, `ssh -L 9000:127.0.0.1:8765`, keeps its own) or an --allowed-host (as given, or
@@ -1773,13 +1843,13 @@ def build_app(broker: Broker, verifier: TokenVerifier, allowed_hosts: list[str],
         metrics=broker.metrics,
     )
 
-    def link_of(ctx: Context) -> Link:
+    def link_of(ctx: Context, create: bool = False) -> Link:
         token = get_access_token()
         headers = ctx.headers or {}
         key = headers.get("mcp-session-id") or headers.get(LINK_HEADER)
         if token is None or not key:
             raise Refused(f"no session: use a stateful MCP session or send a {LINK_HEADER} header", "no_session")
-        return broker.link(key, token.client_id, (token.claims or {})["base"])
+        return broker.link(key, token.client_id, (token.claims or {})["base"], create)
 
     async def sent(ctx: Context, send, *args, client_msg_id: str | None) -> CallToolResult:
         """send and reply: `send` (broker.send or broker.reply) from this link's caller, answered
@@ -1807,7 +1877,7 @@ def build_app(broker: Broker, verifier: TokenVerifier, allowed_hosts: list[str],
         """Bind this connection to participant `name` (first call on a connection). The name's base
         must be your token's base. When a newer session of the same name listens, it takes over
         receiving and the older listen ends as superseded."""
-        broker.identify(link_of(ctx), name)
+        broker.identify(link_of(ctx, create=True), name)
         return broker.status(name)
 
     @server.tool()
@@ -1912,7 +1982,9 @@ def build_app(broker: Broker, verifier: TokenVerifier, allowed_hosts: list[str],
 
     options = dict(transport_security=host_security(allowed_hosts, port), max_request_body_size=MAX_REQUEST_BYTES,
                    session_idle_timeout=broker.session_idle_timeout)
-    app = by_tool(server.streamable_http_app(**options), server.streamable_http_app(json_response=True, **options))
+    streaming = server.streamable_http_app(max_sessions=MAX_SESSIONS, **options)
+    fair_sessions(server.session_manager, broker)  # the streaming app's: only it opens MCP sessions
+    app = by_tool(streaming, server.streamable_http_app(json_response=True, **options))
     return exact_hosts(guarded(app, failures), allowed_hosts, port)
 
 
@@ -2006,7 +2078,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     store = Store(args.db or default_db_path(), synchronous=args.synchronous)
     broker = Broker(store, ttl=args.ttl, max_body=args.max_body, max_pending=args.max_pending,
                     ack_timeout=args.ack_timeout, rate=args.rate, burst=args.burst,
-                    session_idle_timeout=args.session_idle_timeout, max_names=args.max_names, max_db=args.max_db)
+                    session_idle_timeout=args.session_idle_timeout, max_names=args.max_names, max_db=args.max_db,
+                    max_links=args.max_links)
     verifier = TokenVerifier(tokens_path)
     broker.tokens_changed(verifier.ids())
     broker.purge()  # mail whose TTL passed while the broker was down is never delivered late
@@ -2107,6 +2180,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--max-body", type=positive_int, default=DEFAULT_MAX_BODY, help="largest body in bytes (default %(default)s)")
     s.add_argument("--max-pending", type=positive_int, default=DEFAULT_MAX_PENDING, help="unacked messages per recipient (default %(default)s)")
     s.add_argument("--max-names", type=positive_int, default=DEFAULT_MAX_NAMES, help="names one base may create (default %(default)s)")
+    s.add_argument("--max-links", type=positive_int, default=DEFAULT_MAX_LINKS,
+                   help="connections (MCP sessions and Dispatch-Session links) one token may hold (default %(default)s)")
     s.add_argument("--max-db", type=byte_size, default=DEFAULT_MAX_DB,
                    help=f"database size past which new mail is refused, e.g. 500M, 1G (default {format_size(DEFAULT_MAX_DB)})")
     s.add_argument("--rate", type=non_negative_number, default=DEFAULT_RATE, help="messages a second per base, one per recipient; 0 for no limit (default %(default)g)")
