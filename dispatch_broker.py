@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
+import h11
 import uvicorn
 from mcp.server.auth.middleware.auth_context import get_access_token
 from mcp.server.auth.provider import AccessToken
@@ -56,6 +57,7 @@ from mcp_types import CallToolResult, TextContent
 from pydantic import BaseModel, Field
 from starlette.responses import JSONResponse, PlainTextResponse
 from typing_extensions import TypedDict  # pydantic needs this one on Python < 3.12 for nested dicts
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 __version__ = "0.1.0"
 
@@ -122,6 +124,26 @@ PURGE_INTERVAL = 30.0
 #: a listening plugin re-issues its listen every 2 minutes, so only a client that vanished without
 #: closing gets there.
 DEFAULT_SESSION_IDLE_TIMEOUT = 1800.0
+#: Client connections open at once (each a file descriptor). At the cap a new connection pushes out
+#: the one that has waited longest without a whole request (`Connections`). A plugin holds two or
+#: three (its listen's and kept-alive ones), so 4096 is over a thousand sessions. Held to half the
+#: descriptors the process may open (see FD_RESERVE).
+DEFAULT_MAX_CONNECTIONS = 4096
+#: A request's header must arrive within this of the connection opening (or of its first byte after
+#: a kept-alive pause), and its body within this again: a client that sends nothing, half a header
+#: or half a body holds a descriptor no longer. Never extended by a dribble of bytes. 10 s is
+#: 1 MiB (MAX_REQUEST_BYTES) at 100 KB/s; raise it for slower links.
+DEFAULT_READ_TIMEOUT = 10.0
+#: A kept-alive connection with no request in it is closed after this: uvicorn's own default,
+#: and as long as the plugin's HTTP client keeps an idle one.
+KEEP_ALIVE_SECONDS = 5
+#: Descriptors kept from client connections for the broker's own (stdio, the mailbox and its -wal
+#: and -shm, the listening socket, the event loop, the tokens file on SIGHUP: ~15 in all). The
+#: connections get half of what remains: asyncio accepts a burst (up to uvicorn's backlog, 2048)
+#: before the broker sees any of it, and the other half absorbs that.
+FD_RESERVE = 32
+#: uvicorn's default listen backlog (`accept_backlog` lowers it under a small descriptor limit).
+UVICORN_BACKLOG = 2048
 #: JSON-RPC request bodies larger than this are refused by the SDK before parsing (a 64 KiB body
 #: of control characters is ~6x larger once JSON-escaped).
 MAX_REQUEST_BYTES = 1024 * 1024
@@ -1989,6 +2011,155 @@ def build_app(broker: Broker, verifier: TokenVerifier, allowed_hosts: list[str],
 
 
 # --------------------------------------------------------------------------------------------
+# Connections: the cap and read deadlines uvicorn's h11 protocol lacks
+# --------------------------------------------------------------------------------------------
+
+
+def descriptor_limit(wanted: int) -> int:
+    """The process's soft limit on open files, first raised toward `wanted` as far as the hard
+    limit allows (systemd's default soft limit is 1024, launchd's 256)."""
+    import resource  # Unix only, like the broker's signals
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if target > soft:
+        with contextlib.suppress(ValueError, OSError):  # macOS refuses past kern.maxfilesperproc
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    return soft
+
+
+def connection_cap(max_connections: int) -> tuple[int, int]:
+    """(--max-connections held to half the descriptors left after FD_RESERVE, the descriptor limit)."""
+    limit = descriptor_limit(2 * max_connections + FD_RESERVE)
+    cap = max(1, min(max_connections, (limit - FD_RESERVE) // 2))
+    if cap < max_connections:
+        log.warning("connections: at most %d, not %d (--max-connections): the process may open only %d files "
+                    "(raise LimitNOFILE, or launchd's NumberOfFiles)", cap, max_connections, limit)
+    return cap, limit
+
+
+class Connections:
+    """Open client connections, by uvicorn's h11 protocol (`GuardedH11Protocol`). uvicorn counts
+    connections (`limit_concurrency`) only to answer a request 503 once one arrives: a connection
+    that never sends one is kept forever, and keeps real clients out. Here at most `cap` are open:
+    a new one past it closes the connection that has waited longest for a whole request (a
+    stranger's silent socket before a client's call in flight), so the broker never runs out of
+    descriptors and a real client is let in at once. One waiting for its header or body past
+    `read_timeout` is closed. Used on the event loop only."""
+
+    def __init__(self, cap: int, read_timeout: float):
+        self.cap = cap
+        self.read_timeout = read_timeout
+        #: connections without a whole request in them, those waiting longest first
+        self.waiting: dict[Any, None] = {}
+        self.evicted = 0  #: connections closed to make room (the newcomer, when none was waiting)
+
+    def protocol(self) -> type:
+        """The protocol class uvicorn's `http` setting takes, bound to this."""
+        return type("GuardedH11Protocol", (GuardedH11Protocol,), {"guard": self})
+
+    def admit(self, new, open_now: int) -> None:
+        """`new` has just connected, `open_now` connections with it: make room past the cap."""
+        if open_now <= self.cap:
+            return
+        # Every other connection has a request in hand: then the newcomer is the one closed.
+        victim = next((c for c in self.waiting if c is not new), new)
+        victim.close("evicted to make room" if victim is not new else "over the connection cap")
+        self.evicted += 1
+        if self.evicted in (1, 10, 100) or self.evicted % 1000 == 0:
+            log.warning("connections: %d open, the cap (--max-connections): %d closed so far to make room, "
+                        "each without a whole request in it", open_now, self.evicted)
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with a deadline for each request's header and body and a place in
+    `guard.waiting` while it has no whole request. Between requests uvicorn's keep-alive timer
+    (timeout_keep_alive) closes it; everything else is uvicorn's."""
+
+    guard: Connections  #: set by Connections.protocol()
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self.deadline: asyncio.TimerHandle | None = None
+        self.waiting_for = ""  #: "header" or "body": what the deadline is for
+        self.track(fresh=True)
+        self.guard.admit(self, len(self.connections))
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self.track()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self.track()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.expect("")
+        self.guard.waiting.pop(self, None)
+        super().connection_lost(exc)
+
+    def track(self, fresh: bool = False) -> None:
+        """After each event: what this connection waits for now, by h11's state of the client."""
+        state = self.conn.their_state
+        if state is h11.SEND_BODY:
+            self.expect("body")
+        elif state is h11.IDLE and (fresh or self.conn.trailing_data[0]):
+            self.expect("header")  # a new connection, or a request begun after a kept-alive pause
+        elif state is h11.IDLE:
+            self.expect("")  # between requests: uvicorn's keep-alive timer
+        else:  # the request is whole (being answered), or the connection is ending
+            self.expect("")
+            self.guard.waiting.pop(self, None)
+            return
+        self.guard.waiting.setdefault(self, None)
+
+    def expect(self, what: str) -> None:
+        """Arm the deadline for `what` ("header", "body"; "": none), unless it is armed already."""
+        if what == self.waiting_for:
+            return
+        if self.deadline is not None:
+            self.deadline.cancel()
+            self.deadline = None
+        self.waiting_for = what
+        if what:
+            self.deadline = self.loop.call_later(self.guard.read_timeout, self.close, f"no whole {what} in time")
+
+    def close(self, why: str) -> None:
+        self.guard.waiting.pop(self, None)
+        if not self.transport.is_closing():
+            log.debug("connection from %s closed: %s", self.client, why)
+            with contextlib.suppress(h11.LocalProtocolError):  # as uvicorn's keep-alive timeout ends one
+                self.conn.send(h11.ConnectionClosed())
+            self.transport.close()
+
+
+def exhausted_descriptors_logger():
+    """An event loop exception handler. Each time accept() finds no descriptor left, asyncio logs
+    a traceback (Python 3.11: once for every try left in its accept batch) and retries a second
+    later; this says it in one line a second. Anything else goes to asyncio's own handler."""
+    logged_at = float("-inf")
+
+    def handle(loop, context: dict) -> None:
+        nonlocal logged_at
+        if context.get("message") != "socket.accept() out of system resource":
+            return loop.default_exception_handler(context)
+        if time.monotonic() - logged_at >= 1.0:
+            logged_at = time.monotonic()
+            log.warning("out of file descriptors (%s): new connections wait a second", context.get("exception"))
+
+    return handle
+
+
+def accept_backlog(cap: int, limit: int) -> int:
+    """uvicorn's `backlog`: the kernel's queue of connections not yet accepted, and also how many
+    asyncio accepts at once, before the broker sees any of them. An evicted connection's descriptor
+    is freed three turns of the loop after the newcomer was accepted, so three such batches must fit
+    in the descriptors the cap leaves free. uvicorn's own 2048 wherever they do."""
+    return max(16, min(UVICORN_BACKLOG, (limit - FD_RESERVE - cap) // 4))
+
+
+# --------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------
 
@@ -2088,7 +2259,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # log_config=None: uvicorn's records reach our handler (SafeFormatter) instead of its own.
     # X-Forwarded-For is read only from --trusted-proxy: uvicorn's default trusts loopback, so any
     # local client could choose the address the broker logs and throttles failed logins by.
+    cap, descriptors = connection_cap(args.max_connections)
+    connections = Connections(cap, args.read_timeout)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=False,
+                            http=connections.protocol(), timeout_keep_alive=KEEP_ALIVE_SECONDS,
+                            backlog=accept_backlog(cap, descriptors),
                             log_config=None, ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key,
                             proxy_headers=bool(args.trusted_proxy), forwarded_allow_ips=args.trusted_proxy,
                             timeout_graceful_shutdown=3, lifespan="on")
@@ -2102,11 +2277,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     async def run() -> None:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, reload_tokens, verifier, broker)
+        loop.set_exception_handler(exhausted_descriptors_logger())
         housekeeping = asyncio.create_task(broker.housekeeping(failures.flush))
         log.info("durability: synchronous=%s (%s)", store.synchronous, DURABILITY[store.synchronous])
-        log.info("dispatch broker %s serving on %s://%s:%d/mcp (db %s, ttl %.0fs, metrics %s)", __version__,
-                 "https" if args.tls_cert else "http", args.host, args.port, store.path, args.ttl,
-                 "on" if args.metrics_token else "off")
+        log.info("dispatch broker %s serving on %s://%s:%d/mcp (db %s, ttl %.0fs, metrics %s, at most %d "
+                 "connections)", __version__, "https" if args.tls_cert else "http", args.host, args.port, store.path,
+                 args.ttl, "on" if args.metrics_token else "off", connections.cap)
         try:
             await server.serve()
         finally:
@@ -2191,6 +2367,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--session-idle-timeout", type=parse_duration, default=DEFAULT_SESSION_IDLE_TIMEOUT,
                    help="forget a client connection that made no request for this long "
                         f"(default {format_duration(DEFAULT_SESSION_IDLE_TIMEOUT)})")
+    s.add_argument("--max-connections", type=positive_int, default=DEFAULT_MAX_CONNECTIONS,
+                   help="client connections open at once; past it the one waiting longest without a whole request "
+                        "is closed (default %(default)s, at most half the process's file limit)")
+    s.add_argument("--read-timeout", type=parse_duration, default=DEFAULT_READ_TIMEOUT,
+                   help="close a connection whose request header, or then its body, has not arrived within this "
+                        f"(default {format_duration(DEFAULT_READ_TIMEOUT)})")
     s.add_argument("--synchronous", choices=list(DURABILITY), default=DEFAULT_SYNCHRONOUS,
                    help="SQLite fsync level (default %(default)s: survives power loss)")
     s.add_argument("--allowed-host", action="append", type=host_name, default=[],

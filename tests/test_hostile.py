@@ -486,3 +486,87 @@ def test_an_id_that_is_not_ascii_is_answered_not_crashed_on(target, tool, argume
     else:
         assert answer["isError"] and "unknown chat_id" in text
     assert_unharmed(target, mark)
+
+
+# --------------------------------------------------------------------------------------------
+# Strangers holding sockets (issue 21)
+# --------------------------------------------------------------------------------------------
+
+#: The descriptors a systemd service got by default is 1,024, launchd's 256: the broker is given 256.
+FD_LIMIT = 256
+
+
+def limit_descriptors() -> None:
+    import resource
+    resource.setrlimit(resource.RLIMIT_NOFILE, (FD_LIMIT, FD_LIMIT))
+
+
+def identify_took(broker: BrokerProcess, timeout: float = 10.0) -> float:
+    """Seconds a fresh client's identify took to be answered; fails past `timeout`."""
+    started = time.monotonic()
+    try:
+        answer = Link(broker, "backend").call("identify", {"name": fresh("backend")})
+    except (urllib.error.URLError, OSError) as exc:
+        raise AssertionError(f"identify not answered: {exc} after {time.monotonic() - started:.1f} s") from None
+    took = time.monotonic() - started
+    assert not answer["result"]["isError"], answer
+    assert took < timeout, took
+    return took
+
+
+def test_identify_is_answered_within_10_s_while_300_silent_connections_hold_a_broker_of_256_descriptors(tmp_path):
+    broker = BrokerProcess(tmp_path, preexec=limit_descriptors).mint(*BASES)
+    silent: list[socket.socket] = []
+    try:
+        broker.start()
+        mark = len(broker.logs())
+        for _ in range(300):  # no bytes, no token: only a TCP connection each
+            silent.append(socket.create_connection(("127.0.0.1", broker.port), timeout=5))
+        took = identify_took(broker)
+        again = identify_took(broker)
+        fds = len(os.listdir(f"/proc/{broker.proc.pid}/fd"))
+        log = broker.logs()[mark:]
+    finally:
+        for s in silent:
+            s.close()
+        broker.kill()
+    print(f"\n300 silent connections, {FD_LIMIT} descriptors: identify answered in {took:.2f} s, then {again:.2f} s; "
+          f"the broker held {fds} descriptors")
+    assert fds < FD_LIMIT
+    assert "Traceback" not in log and "Too many open files" not in log.replace("out of file descriptors", ""), log[-2000:]
+
+
+#: What a stranger sends before going quiet: nothing, half a header, a header dribbled a byte at a
+#: time, a whole header and half its body.
+STALLS = {
+    "nothing": [],
+    "half-header": [b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\n"],
+    "dribbled-header": [b"POST /mcp HTTP/1.1\r\n"] + [b"X"] * 60,
+    "half-body": [b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n"
+                  b"Content-Type: application/json\r\nAccept: application/json, text/event-stream\r\n"
+                  b"Content-Length: 1000\r\n\r\n{\"jsonrpc\": \"2.0\", "],
+}
+
+
+@pytest.mark.parametrize("stall", STALLS)
+def test_a_connection_that_stalls_before_its_request_is_whole_is_closed_after_the_read_timeout(tmp_path, stall):
+    # DISPATCH_READ_TIMEOUT = --read-timeout, set by the environment (an older broker ignores it).
+    broker = BrokerProcess(tmp_path, env={**os.environ, "DISPATCH_READ_TIMEOUT": "2s"}).mint("backend")
+    try:
+        broker.start()
+        with socket.create_connection(("127.0.0.1", broker.port), timeout=10) as s:
+            opened = time.monotonic()
+            try:
+                for piece in STALLS[stall]:
+                    s.sendall(piece.replace(b"{token}", broker.token("backend").encode()))
+                    if stall == "dribbled-header":  # a byte every 0.2 s for 12 s: well past the deadline
+                        time.sleep(0.2)
+                while s.recv(65536):
+                    pass
+            except (TimeoutError, ConnectionResetError, BrokenPipeError):
+                pass
+            closed = time.monotonic() - opened
+    finally:
+        broker.kill()
+    print(f"\n{stall}: closed after {closed:.1f} s")
+    assert 1.5 < closed < 6, closed
