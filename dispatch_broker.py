@@ -29,6 +29,7 @@ import contextvars
 import gc
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
 import os
@@ -43,17 +44,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
+import h11
 import uvicorn
 from mcp.server.auth.middleware.auth_context import get_access_token
 from mcp.server.auth.provider import AccessToken
 from mcp.server.auth.settings import AuthSettings
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError, UnexpectedToolError
+from mcp.server.streamable_http_manager import DEFAULT_MAX_SESSIONS
 from mcp.server.transport_security import TransportSecuritySettings
 from mcp_types import CallToolResult, TextContent
 from pydantic import BaseModel, Field
 from starlette.responses import JSONResponse, PlainTextResponse
 from typing_extensions import TypedDict  # pydantic needs this one on Python < 3.12 for nested dicts
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 __version__ = "0.1.0"
 
@@ -120,9 +124,37 @@ PURGE_INTERVAL = 30.0
 #: a listening plugin re-issues its listen every 2 minutes, so only a client that vanished without
 #: closing gets there.
 DEFAULT_SESSION_IDLE_TIMEOUT = 1800.0
+#: Client connections open at once (each a file descriptor). At the cap a new connection pushes out
+#: the one that has waited longest without a whole request (`Connections`). A plugin holds two or
+#: three (its listen's and kept-alive ones), so 4096 is over a thousand sessions. Held to half the
+#: descriptors the process may open (see FD_RESERVE).
+DEFAULT_MAX_CONNECTIONS = 4096
+#: A request's header must arrive within this of the connection opening (or of its first byte after
+#: a kept-alive pause), and its body within this again: a client that sends nothing, half a header
+#: or half a body holds a descriptor no longer. Never extended by a dribble of bytes. 10 s is
+#: 1 MiB (MAX_REQUEST_BYTES) at 100 KB/s; raise it for slower links.
+DEFAULT_READ_TIMEOUT = 10.0
+#: A kept-alive connection with no request in it is closed after this: uvicorn's own default,
+#: and as long as the plugin's HTTP client keeps an idle one.
+KEEP_ALIVE_SECONDS = 5
+#: Descriptors kept from client connections for the broker's own (stdio, the mailbox and its -wal
+#: and -shm, the listening socket, the event loop, the tokens file on SIGHUP: ~15 in all). The
+#: connections get half of what remains: asyncio accepts a burst (up to uvicorn's backlog, 2048)
+#: before the broker sees any of it, and the other half absorbs that.
+FD_RESERVE = 32
+#: uvicorn's default listen backlog (`accept_backlog` lowers it under a small descriptor limit).
+UVICORN_BACKLOG = 2048
 #: JSON-RPC request bodies larger than this are refused by the SDK before parsing (a 64 KiB body
 #: of control characters is ~6x larger once JSON-escaped).
 MAX_REQUEST_BYTES = 1024 * 1024
+#: Links one token may hold at once (MCP sessions and Dispatch-Session links together); the next
+#: identify on a new link is refused until one is forgotten (idle for --session-idle-timeout).
+#: A plugin is one link and a CLI run one more for 30 minutes: a thousand is a busy base's day,
+#: and bounds what one token can make the broker hold.
+DEFAULT_MAX_LINKS = 1000
+#: MCP sessions (2025-11-25 era) of all tokens together: the SDK's own limit. Each token may open
+#: at most its share (`Broker.session_share`), so one cannot lock the era for the others.
+MAX_SESSIONS = DEFAULT_MAX_SESSIONS
 #: Names one base may create. A session is one name (`base-<8 hex of its session id>`) and a name
 #: is forgotten a TTL after its last sign of life once no mail waits for it, so 1000 is a thousand
 #: sessions of one project within 72 h; it also bounds a fan-out to the base at 1000 copies.
@@ -173,10 +205,21 @@ CLIENT_MSG_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 #: A Host header entry of --allowed-host: a DNS name or IPv4 address, or a bracketed IPv6
 #: address, optionally with a port.
 HOST_RE = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
+#: Characters escaped in every log line (`SafeFormatter`): C0 and C1 controls (ESC starts a terminal
+#: sequence, and U+009B is CSI on its own), DEL, line and paragraph separators, and the bidi
+#: controls that reorder what a terminal shows.
+LOG_UNSAFE_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 #: The metrics bearer: printable ASCII, long enough not to be guessed.
 METRICS_TOKEN_RE = re.compile(r"[\x21-\x7e]{16,256}")
+#: A chat id ends in this many hex characters of its MAC (`ChatIds`): 64 bits.
+CHAT_MAC_CHARS = 16
+CHAT_MAC_RE = re.compile(rf"[0-9a-f]{{{CHAT_MAC_CHARS}}}")
 #: The header a 2026-07-28 client sends to name its link: that era has no Mcp-Session-Id.
 LINK_HEADER = "dispatch-session"
+#: A link's id, as a client sends it in LINK_HEADER (the plugin: 32 hex) or the SDK makes it (32
+#: hex): visible ASCII, short. A longer one is refused before anything is kept for it.
+LINK_ID_MAX = 128
+LINK_ID_RE = re.compile(rf"[\x21-\x7e]{{1,{LINK_ID_MAX}}}")
 #: The protocol era whose clients name their link with LINK_HEADER (the plugin speaks it).
 LINK_PROTOCOL = "2026-07-28"
 #: Tools whose call is answered once, with nothing on its stream before the answer: every tool
@@ -331,6 +374,15 @@ def host_name(text: str) -> str:
     if not HOST_RE.fullmatch(text):
         raise ValueError(f"not a host name: {text!r} (e.g. dispatch.example.net, or with a port: dispatch.example.net:8443)")
     return text
+
+
+@argument
+def proxy_address(text: str) -> str:
+    """An address or network (CIDR) of a reverse proxy: 127.0.0.1, ::1, 10.0.0.0/8."""
+    try:
+        return str(ipaddress.ip_network(text.strip(), strict=False))
+    except ValueError:
+        raise ValueError(f"not an IP address or network: {text!r} (e.g. 127.0.0.1, ::1, 10.0.0.0/8)") from None
 
 
 @argument
@@ -577,6 +629,24 @@ def upsert_participant(db: sqlite3.Connection, name: str, now: float) -> None:
     db.execute(SQL_UPSERT_PARTICIPANT, {"name": name, "base": base_of(name), "now": now})
 
 
+#: What SQLite keeps beside the mailbox in WAL mode; both hold bodies too.
+SIDE_FILES = ("-wal", "-shm")
+
+
+def keep_private(path: str) -> None:
+    """Make the mailbox readable by its owner only, whatever the umask: it holds every body, the
+    pending ids and the chat-id key. Created 0600 before SQLite opens it (SQLite gives its -wal and
+    -shm the file's mode); one an older broker left open to others is narrowed, with a log line."""
+    with contextlib.suppress(FileExistsError):  # O_EXCL: an existing file is left to SQLite to open
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+    for name in (path, *(path + side for side in SIDE_FILES)):
+        with contextlib.suppress(FileNotFoundError):
+            mode = os.stat(name).st_mode & 0o777
+            if mode & 0o077:
+                os.chmod(name, 0o600)
+                log.warning("mailbox file %s was mode %o, readable by others: now 0600", name, mode)
+
+
 class Store:
     """The SQLite mailbox. One connection, used only from the event loop thread.
 
@@ -594,10 +664,11 @@ class Store:
         self.synchronous = synchronous  #: the level of durable commits, a keyword checked by argparse
         self.level = ""  #: the level the connection is at now
         try:
+            keep_private(path)
             self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA busy_timeout=5000")
-        except sqlite3.Error as exc:  # SQLite's own text ("unable to open database file") names no file
+        except (sqlite3.Error, OSError) as exc:  # SQLite's own text ("unable to open database file") names no file
             raise ConfigError(f"cannot open the mailbox {path}: {exc} (the file and its directory must be "
                               "writable: WAL mode keeps -wal and -shm files beside it)") from None
         self.migrate()
@@ -961,7 +1032,7 @@ class ChatIds:
 
     def _mac(self, text: str) -> str:
         # surrogatepass: a forged id may hold a lone surrogate; it must fail the MAC, not crash
-        return hmac.new(self.key, text.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()[:16]
+        return hmac.new(self.key, text.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()[:CHAT_MAC_CHARS]
 
     def new(self, sender: str, to: str) -> str:
         text = f"{sender}~{to}~{secrets.token_hex(4)}"
@@ -969,7 +1040,9 @@ class ChatIds:
 
     def parties(self, chat_id: str) -> tuple[str, str]:
         parts = chat_id.split("~")
-        if len(parts) != 4 or not hmac.compare_digest(self._mac("~".join(parts[:3])), parts[3]):
+        # The shape first: compare_digest raises TypeError on a str that is not ASCII (`a~b~c~é`).
+        if len(parts) != 4 or not CHAT_MAC_RE.fullmatch(parts[3]) or \
+                not hmac.compare_digest(self._mac("~".join(parts[:3])), parts[3]):
             raise Refused(f"unknown chat_id {chat_id!r}: use a chat_id from a message you received or sent", "unknown_chat")
         return parts[0], parts[1]
 
@@ -1111,7 +1184,8 @@ class Broker:
     def __init__(self, store: Store, *, ttl: float, max_body: int, max_pending: int, ack_timeout: float,
                  rate: float = DEFAULT_RATE, burst: int = DEFAULT_BURST,
                  session_idle_timeout: float = DEFAULT_SESSION_IDLE_TIMEOUT,
-                 max_names: int = DEFAULT_MAX_NAMES, max_db: int = DEFAULT_MAX_DB):
+                 max_names: int = DEFAULT_MAX_NAMES, max_db: int = DEFAULT_MAX_DB,
+                 max_links: int = DEFAULT_MAX_LINKS):
         self.store = store
         self.limit = RateLimit(rate, burst)
         self.ttl = ttl
@@ -1123,6 +1197,10 @@ class Broker:
         self.max_db = max_db
         self.chats = ChatIds(store.secret("chat_key"))
         self.links: dict[str, Link] = {}
+        self.max_links = max_links
+        self.links_of: collections.Counter = collections.Counter()  #: token id -> links in self.links
+        #: token id -> monotonic time a refused MCP session of it was last logged (once a window)
+        self.session_refusals_logged: dict[str, float] = {}
         self.listeners: dict[str, Listener] = {}
         self.listen_ended: dict[str, float] = {}  # name -> monotonic time its last listen ended
         #: ids of the tokens in force (set on start and every reload); None: not tracked
@@ -1132,16 +1210,48 @@ class Broker:
 
     # -- identity -----------------------------------------------------------------------------
 
-    def link(self, key: str, token_id: str, base: str) -> Link:
-        """The link `key` names, made on its first request; refused when another token made it."""
+    def link(self, key: str, token_id: str, base: str, create: bool = False) -> Link:
+        """The link `key` names; made only by `identify` (`create`), so a request that never
+        identifies leaves nothing behind. Refused when another token made it, and when this
+        token already holds --max-links."""
+        if not LINK_ID_RE.fullmatch(key):
+            raise Refused(f"bad {LINK_HEADER} header: use 1-{LINK_ID_MAX} visible ASCII characters", "bad_link")
         link = self.links.get(key)
         if link is None:
+            if not create:
+                raise Refused("not identified: call identify(name) first", "not_identified")
+            if self.links_of[token_id] >= self.max_links:
+                log.warning("refused link: token %s (base %s) holds %d links, the limit", token_id, base,
+                            self.links_of[token_id])
+                raise Refused(f"this token holds {self.links_of[token_id]} connections, the limit (--max-links "
+                              f"{self.max_links}): close some, or wait until idle ones are forgotten", "too_many_links")
             link = self.links[key] = Link(key, token_id, base)
+            self.links_of[token_id] += 1
         elif link.token_id != token_id:
             log.warning("refused: session %s replayed with another token (base %s)", key[:12], base)
             raise Refused("this session belongs to another token", "foreign_session")
         link.last_used = time.monotonic()
         return link
+
+    def forget_links(self, keys: list[str]) -> None:
+        for key in keys:
+            link = self.links.pop(key)
+            self.links_of[link.token_id] -= 1
+            if not self.links_of[link.token_id]:
+                del self.links_of[link.token_id]
+
+    def session_share(self) -> int:
+        """MCP sessions one token may hold: --max-links, or less where that many for every token
+        in force would pass MAX_SESSIONS."""
+        return max(1, min(self.max_links, MAX_SESSIONS // max(1, len(self.token_ids or ()))))
+
+    def session_refused(self, token_id: str, held: int) -> None:
+        """Log a token's refused MCP session, at most once every AUTH_LOG_SECONDS a token."""
+        now = time.monotonic()
+        if now - self.session_refusals_logged.get(token_id, float("-inf")) >= AUTH_LOG_SECONDS:
+            self.session_refusals_logged[token_id] = now
+            log.warning("refused MCP session: token %s holds %d, its share (of %d, --max-links %d)", token_id, held,
+                        MAX_SESSIONS, self.max_links)
 
     def identify(self, link: Link, name: str) -> None:
         check_name(name)
@@ -1166,8 +1276,7 @@ class Broker:
         ended = [listener for listener in self.listeners.values() if listener.token_id not in self.token_ids]
         for listener in ended:
             listener.stop("revoked")
-        for key in gone:
-            del self.links[key]
+        self.forget_links(gone)
         if gone or ended:
             log.info("tokens: %d links and %d listens of revoked tokens ended", len(gone), len(ended))
 
@@ -1469,8 +1578,7 @@ class Broker:
         idle = time.monotonic() - self.session_idle_timeout
         listening = {listener.link_key for listener in self.listeners.values()}  # a long listen is no idleness
         gone = [k for k, link in self.links.items() if link.last_used < idle and k not in listening]
-        for key in gone:
-            del self.links[key]
+        self.forget_links(gone)
         if gone:
             log.info("links: forgot %d idle for %.0fs; %d remain", len(gone), self.session_idle_timeout, len(self.links))
 
@@ -1617,6 +1725,28 @@ def by_tool(streaming, answering):
     return routed
 
 
+def fair_sessions(manager, broker: Broker) -> None:
+    """Each token may hold its share of the SDK's MCP sessions (`Broker.session_share`); past it
+    its next initialize is answered 503 "Too many open sessions", while other tokens still open
+    theirs. The SDK records each session's owner (for its own credential check) but limits only
+    the total, so its admission step (mcp 2.3: `_admit_session`, run under its creation lock, and
+    `_session_owners`) is wrapped; checked here, so an SDK without them stops the broker at start."""
+    admit, owners = manager._admit_session, manager._session_owners
+    # The SDK's own line names only the total; ours names the token, once a window.
+    logging.getLogger("mcp.server.streamable_http_manager").addFilter(
+        lambda record: not record.getMessage().startswith("Refusing to open a new session"))
+
+    def admit_fairly(requestor):
+        if requestor is not None:
+            held = sum(1 for owner in owners.values() if owner["client_id"] == requestor["client_id"])
+            if held >= broker.session_share():
+                broker.session_refused(requestor["client_id"], held)
+                return None
+        return admit(requestor)
+
+    manager._admit_session = admit_fairly
+
+
 def exact_hosts(app, allowed_hosts: list[str], port: int):
     """Refuse a Host that is not exactly loopback (with any port, or none: a TCP forwarder or an
     SSH tunnel, `ssh -L 9000:127.0.0.1:8765`, keeps its own) or an --allowed-host (as given, or
@@ -1735,13 +1865,13 @@ def build_app(broker: Broker, verifier: TokenVerifier, allowed_hosts: list[str],
         metrics=broker.metrics,
     )
 
-    def link_of(ctx: Context) -> Link:
+    def link_of(ctx: Context, create: bool = False) -> Link:
         token = get_access_token()
         headers = ctx.headers or {}
         key = headers.get("mcp-session-id") or headers.get(LINK_HEADER)
         if token is None or not key:
             raise Refused(f"no session: use a stateful MCP session or send a {LINK_HEADER} header", "no_session")
-        return broker.link(key, token.client_id, (token.claims or {})["base"])
+        return broker.link(key, token.client_id, (token.claims or {})["base"], create)
 
     async def sent(ctx: Context, send, *args, client_msg_id: str | None) -> CallToolResult:
         """send and reply: `send` (broker.send or broker.reply) from this link's caller, answered
@@ -1769,7 +1899,7 @@ def build_app(broker: Broker, verifier: TokenVerifier, allowed_hosts: list[str],
         """Bind this connection to participant `name` (first call on a connection). The name's base
         must be your token's base. When a newer session of the same name listens, it takes over
         receiving and the older listen ends as superseded."""
-        broker.identify(link_of(ctx), name)
+        broker.identify(link_of(ctx, create=True), name)
         return broker.status(name)
 
     @server.tool()
@@ -1874,8 +2004,159 @@ def build_app(broker: Broker, verifier: TokenVerifier, allowed_hosts: list[str],
 
     options = dict(transport_security=host_security(allowed_hosts, port), max_request_body_size=MAX_REQUEST_BYTES,
                    session_idle_timeout=broker.session_idle_timeout)
-    app = by_tool(server.streamable_http_app(**options), server.streamable_http_app(json_response=True, **options))
+    streaming = server.streamable_http_app(max_sessions=MAX_SESSIONS, **options)
+    fair_sessions(server.session_manager, broker)  # the streaming app's: only it opens MCP sessions
+    app = by_tool(streaming, server.streamable_http_app(json_response=True, **options))
     return exact_hosts(guarded(app, failures), allowed_hosts, port)
+
+
+# --------------------------------------------------------------------------------------------
+# Connections: the cap and read deadlines uvicorn's h11 protocol lacks
+# --------------------------------------------------------------------------------------------
+
+
+def descriptor_limit(wanted: int) -> int:
+    """The process's soft limit on open files, first raised toward `wanted` as far as the hard
+    limit allows (systemd's default soft limit is 1024, launchd's 256)."""
+    import resource  # Unix only, like the broker's signals
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if target > soft:
+        with contextlib.suppress(ValueError, OSError):  # macOS refuses past kern.maxfilesperproc
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    return soft
+
+
+def connection_cap(max_connections: int) -> tuple[int, int]:
+    """(--max-connections held to half the descriptors left after FD_RESERVE, the descriptor limit)."""
+    limit = descriptor_limit(2 * max_connections + FD_RESERVE)
+    cap = max(1, min(max_connections, (limit - FD_RESERVE) // 2))
+    if cap < max_connections:
+        log.warning("connections: at most %d, not %d (--max-connections): the process may open only %d files "
+                    "(raise LimitNOFILE, or launchd's NumberOfFiles)", cap, max_connections, limit)
+    return cap, limit
+
+
+class Connections:
+    """Open client connections, by uvicorn's h11 protocol (`GuardedH11Protocol`). uvicorn counts
+    connections (`limit_concurrency`) only to answer a request 503 once one arrives: a connection
+    that never sends one is kept forever, and keeps real clients out. Here at most `cap` are open:
+    a new one past it closes the connection that has waited longest for a whole request (a
+    stranger's silent socket before a client's call in flight), so the broker never runs out of
+    descriptors and a real client is let in at once. One waiting for its header or body past
+    `read_timeout` is closed. Used on the event loop only."""
+
+    def __init__(self, cap: int, read_timeout: float):
+        self.cap = cap
+        self.read_timeout = read_timeout
+        #: connections without a whole request in them, those waiting longest first
+        self.waiting: dict[Any, None] = {}
+        self.evicted = 0  #: connections closed to make room (the newcomer, when none was waiting)
+
+    def protocol(self) -> type:
+        """The protocol class uvicorn's `http` setting takes, bound to this."""
+        return type("GuardedH11Protocol", (GuardedH11Protocol,), {"guard": self})
+
+    def admit(self, new, open_now: int) -> None:
+        """`new` has just connected, `open_now` connections with it: make room past the cap."""
+        if open_now <= self.cap:
+            return
+        # Every other connection has a request in hand: then the newcomer is the one closed.
+        victim = next((c for c in self.waiting if c is not new), new)
+        victim.close("evicted to make room" if victim is not new else "over the connection cap")
+        self.evicted += 1
+        if self.evicted in (1, 10, 100) or self.evicted % 1000 == 0:
+            log.warning("connections: %d open, the cap (--max-connections): %d closed so far to make room, "
+                        "each without a whole request in it", open_now, self.evicted)
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with a deadline for each request's header and body and a place in
+    `guard.waiting` while it has no whole request. Between requests uvicorn's keep-alive timer
+    (timeout_keep_alive) closes it; everything else is uvicorn's."""
+
+    guard: Connections  #: set by Connections.protocol()
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self.deadline: asyncio.TimerHandle | None = None
+        self.waiting_for = ""  #: "header" or "body": what the deadline is for
+        self.track(fresh=True)
+        self.guard.admit(self, len(self.connections))
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self.track()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self.track()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.expect("")
+        self.guard.waiting.pop(self, None)
+        super().connection_lost(exc)
+
+    def track(self, fresh: bool = False) -> None:
+        """After each event: what this connection waits for now, by h11's state of the client."""
+        state = self.conn.their_state
+        if state is h11.SEND_BODY:
+            self.expect("body")
+        elif state is h11.IDLE and (fresh or self.conn.trailing_data[0]):
+            self.expect("header")  # a new connection, or a request begun after a kept-alive pause
+        elif state is h11.IDLE:
+            self.expect("")  # between requests: uvicorn's keep-alive timer
+        else:  # the request is whole (being answered), or the connection is ending
+            self.expect("")
+            self.guard.waiting.pop(self, None)
+            return
+        self.guard.waiting.setdefault(self, None)
+
+    def expect(self, what: str) -> None:
+        """Arm the deadline for `what` ("header", "body"; "": none), unless it is armed already."""
+        if what == self.waiting_for:
+            return
+        if self.deadline is not None:
+            self.deadline.cancel()
+            self.deadline = None
+        self.waiting_for = what
+        if what:
+            self.deadline = self.loop.call_later(self.guard.read_timeout, self.close, f"no whole {what} in time")
+
+    def close(self, why: str) -> None:
+        self.guard.waiting.pop(self, None)
+        if not self.transport.is_closing():
+            log.debug("connection from %s closed: %s", self.client, why)
+            with contextlib.suppress(h11.LocalProtocolError):  # as uvicorn's keep-alive timeout ends one
+                self.conn.send(h11.ConnectionClosed())
+            self.transport.close()
+
+
+def exhausted_descriptors_logger():
+    """An event loop exception handler. Each time accept() finds no descriptor left, asyncio logs
+    a traceback (Python 3.11: once for every try left in its accept batch) and retries a second
+    later; this says it in one line a second. Anything else goes to asyncio's own handler."""
+    logged_at = float("-inf")
+
+    def handle(loop, context: dict) -> None:
+        nonlocal logged_at
+        if context.get("message") != "socket.accept() out of system resource":
+            return loop.default_exception_handler(context)
+        if time.monotonic() - logged_at >= 1.0:
+            logged_at = time.monotonic()
+            log.warning("out of file descriptors (%s): new connections wait a second", context.get("exception"))
+
+    return handle
+
+
+def accept_backlog(cap: int, limit: int) -> int:
+    """uvicorn's `backlog`: the kernel's queue of connections not yet accepted, and also how many
+    asyncio accepts at once, before the broker sees any of them. An evicted connection's descriptor
+    is freed three turns of the loop after the newcomer was accepted, so three such batches must fit
+    in the descriptors the cap leaves free. uvicorn's own 2048 wherever they do."""
+    return max(16, min(UVICORN_BACKLOG, (limit - FD_RESERVE - cap) // 4))
 
 
 # --------------------------------------------------------------------------------------------
@@ -1888,10 +2169,34 @@ def default_db_path() -> str:
     return str(Path(state.split(":")[0]) / "dispatch.db") if state else "dispatch.db"
 
 
+def escape_controls(text: str) -> str:
+    """`text` with each LOG_UNSAFE_RE character written as its Python escape (`\\x1b`, `\\u202e`)."""
+    return LOG_UNSAFE_RE.sub(lambda m: m[0].encode("unicode_escape").decode("ascii"), text)
+
+
+class SafeFormatter(logging.Formatter):
+    """One log record, one line a reader can trust: a value a client chose (an address, a header,
+    a name) cannot clear the screen, retitle the terminal or forge a line. A traceback keeps its
+    line breaks and nothing else."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = escape_controls(record.message)
+        return super().formatMessage(record)
+
+    def formatException(self, ei) -> str:
+        return "\n".join(escape_controls(line) for line in super().formatException(ei).split("\n"))
+
+    def formatStack(self, stack_info: str) -> str:
+        return "\n".join(escape_controls(line) for line in stack_info.split("\n"))
+
+
 def configure_logging(verbose: bool) -> None:
+    """Every logger, uvicorn's and the SDK's included, writes through one SafeFormatter on stderr."""
     # journald stamps every line itself; elsewhere a timestamp helps.
     fmt = "%(levelname)s %(message)s" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s %(levelname)s %(message)s"
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=fmt, stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(SafeFormatter(fmt))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
     for noisy in ("mcp", "uvicorn.access", "httpx", "sse_starlette"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -1944,14 +2249,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     store = Store(args.db or default_db_path(), synchronous=args.synchronous)
     broker = Broker(store, ttl=args.ttl, max_body=args.max_body, max_pending=args.max_pending,
                     ack_timeout=args.ack_timeout, rate=args.rate, burst=args.burst,
-                    session_idle_timeout=args.session_idle_timeout, max_names=args.max_names, max_db=args.max_db)
+                    session_idle_timeout=args.session_idle_timeout, max_names=args.max_names, max_db=args.max_db,
+                    max_links=args.max_links)
     verifier = TokenVerifier(tokens_path)
     broker.tokens_changed(verifier.ids())
     broker.purge()  # mail whose TTL passed while the broker was down is never delivered late
     failures = AuthFailures()
     app = build_app(broker, verifier, args.allowed_host, args.port, failures, args.metrics_token)
+    # log_config=None: uvicorn's records reach our handler (SafeFormatter) instead of its own.
+    # X-Forwarded-For is read only from --trusted-proxy: uvicorn's default trusts loopback, so any
+    # local client could choose the address the broker logs and throttles failed logins by.
+    cap, descriptors = connection_cap(args.max_connections)
+    connections = Connections(cap, args.read_timeout)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=False,
-                            ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key,
+                            http=connections.protocol(), timeout_keep_alive=KEEP_ALIVE_SECONDS,
+                            backlog=accept_backlog(cap, descriptors),
+                            log_config=None, ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key,
+                            proxy_headers=bool(args.trusted_proxy), forwarded_allow_ips=args.trusted_proxy,
                             timeout_graceful_shutdown=3, lifespan="on")
     server = ShutdownServer(config, broker)
     # What the imports and the app made lives as long as the process: frozen (once its garbage
@@ -1963,11 +2277,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     async def run() -> None:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, reload_tokens, verifier, broker)
+        loop.set_exception_handler(exhausted_descriptors_logger())
         housekeeping = asyncio.create_task(broker.housekeeping(failures.flush))
         log.info("durability: synchronous=%s (%s)", store.synchronous, DURABILITY[store.synchronous])
-        log.info("dispatch broker %s serving on %s://%s:%d/mcp (db %s, ttl %.0fs, metrics %s)", __version__,
-                 "https" if args.tls_cert else "http", args.host, args.port, store.path, args.ttl,
-                 "on" if args.metrics_token else "off")
+        log.info("dispatch broker %s serving on %s://%s:%d/mcp (db %s, ttl %.0fs, metrics %s, at most %d "
+                 "connections)", __version__, "https" if args.tls_cert else "http", args.host, args.port, store.path,
+                 args.ttl, "on" if args.metrics_token else "off", connections.cap)
         try:
             await server.serve()
         finally:
@@ -2041,6 +2356,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--max-body", type=positive_int, default=DEFAULT_MAX_BODY, help="largest body in bytes (default %(default)s)")
     s.add_argument("--max-pending", type=positive_int, default=DEFAULT_MAX_PENDING, help="unacked messages per recipient (default %(default)s)")
     s.add_argument("--max-names", type=positive_int, default=DEFAULT_MAX_NAMES, help="names one base may create (default %(default)s)")
+    s.add_argument("--max-links", type=positive_int, default=DEFAULT_MAX_LINKS,
+                   help="connections (MCP sessions and Dispatch-Session links) one token may hold (default %(default)s)")
     s.add_argument("--max-db", type=byte_size, default=DEFAULT_MAX_DB,
                    help=f"database size past which new mail is refused, e.g. 500M, 1G (default {format_size(DEFAULT_MAX_DB)})")
     s.add_argument("--rate", type=non_negative_number, default=DEFAULT_RATE, help="messages a second per base, one per recipient; 0 for no limit (default %(default)g)")
@@ -2050,10 +2367,19 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--session-idle-timeout", type=parse_duration, default=DEFAULT_SESSION_IDLE_TIMEOUT,
                    help="forget a client connection that made no request for this long "
                         f"(default {format_duration(DEFAULT_SESSION_IDLE_TIMEOUT)})")
+    s.add_argument("--max-connections", type=positive_int, default=DEFAULT_MAX_CONNECTIONS,
+                   help="client connections open at once; past it the one waiting longest without a whole request "
+                        "is closed (default %(default)s, at most half the process's file limit)")
+    s.add_argument("--read-timeout", type=parse_duration, default=DEFAULT_READ_TIMEOUT,
+                   help="close a connection whose request header, or then its body, has not arrived within this "
+                        f"(default {format_duration(DEFAULT_READ_TIMEOUT)})")
     s.add_argument("--synchronous", choices=list(DURABILITY), default=DEFAULT_SYNCHRONOUS,
                    help="SQLite fsync level (default %(default)s: survives power loss)")
     s.add_argument("--allowed-host", action="append", type=host_name, default=[],
                    help="Host header the broker answers to besides loopback, e.g. dispatch.example.net (repeatable)")
+    s.add_argument("--trusted-proxy", action="append", type=proxy_address, default=[],
+                   help="address or network of a reverse proxy whose X-Forwarded-For names the client (repeatable); "
+                        "by default the header is ignored")
     s.add_argument("--tls-cert", help="PEM certificate: serve HTTPS directly")
     s.add_argument("--tls-key", help="PEM private key for --tls-cert")
     s.add_argument("--metrics-token", type=metrics_token,

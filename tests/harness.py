@@ -123,11 +123,13 @@ class BrokerProcess:
     """A `dispatch_broker.py serve` child process with its own db and tokens file.
 
     `command` runs another broker file (a zipapp, tests/clock_broker.py); `extra` are serve flags;
-    `env` replaces ours. Tokens come from `mint` only."""
+    `env` replaces ours; `preexec` runs in the child before the broker (a umask, an fd limit).
+    Tokens come from `mint` only."""
 
     def __init__(self, workdir: Path, command: list[str] | None = None, extra: list[str] | None = None,
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, preexec: Callable[[], None] | None = None):
         self.workdir = workdir
+        self.preexec = preexec
         self.command = command or [sys.executable, str(BROKER)]
         self.extra = extra or []
         self.env = env  # None: inherit ours
@@ -174,7 +176,8 @@ class BrokerProcess:
         args = [*self.command, "serve", "--port", str(self.port), "--db", str(self.db),
                 "--tokens", str(self.tokens_file), *self.extra]
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log, cwd=self.workdir, env=self.env)
+            self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log, cwd=self.workdir, env=self.env,
+                                         preexec_fn=self.preexec)
         wait_for(self.healthy, timeout=30, what=f"broker /healthz ({self.logs()[-500:]})")
         return self
 

@@ -5,6 +5,7 @@ Each refusal is checked for what the caller sees and, where the broker logs it, 
 
 import asyncio
 import json
+import os
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -289,3 +290,150 @@ def test_allowed_host_is_matched_exactly_with_or_without_this_port(broker_factor
     assert [status(h) for h in ("dispatch.example.net", f"dispatch.example.net:{port}", "proxy.example.net:8443")] == [200] * 3
     assert [status(h) for h in ("dispatch.example.net.evil", f"dispatch.example.net:{port}.evil", "dispatch.example.net:1",
                                 "proxy.example.net", f"proxy.example.net:{port}", "xdispatch.example.net")] == [421] * 6
+
+
+# -- forwarded addresses and what reaches the log (issue 21) ----------------------------------------
+
+
+def test_x_forwarded_for_from_loopback_is_ignored_when_no_proxy_is_trusted(broker_factory):
+    """A local client rotating X-Forwarded-For must not get an address (no delay, a log line) per try."""
+    broker = start_broker(broker_factory)
+    bad = bearer(foreign_token(broker.token("backend")))
+    initialize = json.dumps(LEGACY_INITIALIZE).encode()
+    mark = len(broker.logs())
+
+    with ThreadPoolExecutor(30) as pool:
+        statuses = list(pool.map(lambda n: http(broker.url, initialize, {**bad, "X-Forwarded-For": f"203.0.113.{n}"})[0],
+                                 range(30)))
+
+    assert statuses == [401] * 30
+    log = logged(broker, "more in the last", since=mark, timeout=dispatch_broker.AUTH_LOG_SECONDS + 3)
+    lines = [line for line in log.splitlines() if "auth failure" in line]
+    print(f"\n30 failures with 30 forwarded addresses: {len(lines)} log lines")
+    assert len(lines) == 2 and all("from 127.0.0.1" in line for line in lines), lines
+    assert "203.0.113." not in log
+
+
+def test_x_forwarded_for_from_a_trusted_proxy_names_the_client_and_is_logged_with_controls_escaped(broker_factory):
+    # Set by the environment, as a unit would: DISPATCH_TRUSTED_PROXY = --trusted-proxy.
+    broker = broker_factory()
+    broker.env = {**os.environ, "DISPATCH_TRUSTED_PROXY": "127.0.0.1,::1"}
+    broker.mint("backend").start()
+    bad = bearer(foreign_token(broker.token("backend")))
+    initialize = json.dumps(LEGACY_INITIALIZE).encode()
+    mark = len(broker.logs())
+    # U+009B is CSI and U+009D OSC on their own (a terminal reads `CSI 2J` as ESC[2J: clear the
+    # screen); h11 lets bytes 0x80-0xff through in a header value, unlike ESC itself.
+    hostile = "\x9b2J\x9d0;owned\x9c"
+
+    assert http(broker.url, initialize, {**bad, "X-Forwarded-For": "198.51.100.7"})[0] == 401
+    assert http(broker.url, initialize, {**bad, "X-Forwarded-For": hostile})[0] == 401
+
+    logged(broker, "from 198.51.100.7", since=mark)
+    log = logged(broker, "owned", since=mark)
+    assert "\\x9b2J\\x9d0;owned\\x9c" in log, log[-500:]
+    assert not re.search("[\x00-\x08\x0b-\x1f\x7f-\x9f]", log), ascii(log[-500:])
+
+
+# -- links and sessions one token may hold (issue 21) ------------------------------------------------
+
+#: The _meta a 2026-07-28 call carries.
+META = {"io.modelcontextprotocol/protocolVersion": MODERN, "io.modelcontextprotocol/clientInfo": {"name": "raw", "version": "0"},
+        "io.modelcontextprotocol/clientCapabilities": {}}
+METRICS_TOKEN = "metrics-token-for-tests"
+
+
+def modern_call(broker, token: str, link: str, tool: str, **arguments) -> tuple[bool, str]:
+    """One 2026-07-28 tool call over raw HTTP on link `link`: (is error, text)."""
+    body = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": tool, "arguments": arguments, "_meta": META}}
+    status, _, text = http(broker.url, json.dumps(body).encode(),
+                           {**bearer(token), "MCP-Protocol-Version": MODERN, "Mcp-Method": "tools/call", "Mcp-Name": tool,
+                            "Dispatch-Session": link})
+    assert status == 200, text[:300]
+    result = json.loads(text)["result"]
+    return result["isError"], " ".join(c.get("text", "") for c in result["content"])
+
+
+def rss_mb(pid: int) -> float:
+    status = open(f"/proc/{pid}/status").read()
+    return int(re.search(r"VmRSS:\s+(\d+) kB", status)[1]) / 1024
+
+
+def links_gauge(broker) -> int:
+    _, _, text = http(f"http://127.0.0.1:{broker.port}/metrics", headers=bearer(METRICS_TOKEN))
+    return int(re.search(r"^dispatch_links (\d+)$", text, re.M)[1])
+
+
+def with_env(broker, **variables: str):
+    """`broker` (not yet started) with these settings in its environment: a setting an older
+    broker lacks is then ignored there, so a test of it fails on that broker's behaviour, not at its start."""
+    broker.env = {**os.environ, **variables}
+    return broker
+
+
+def test_requests_with_new_60_kb_link_ids_grow_the_broker_by_less_than_8_mb(broker_factory):
+    broker = start_broker(broker_factory)
+    token = broker.token("backend")
+
+    def ping(n: int) -> None:
+        is_error, text = modern_call(broker, token, f"{n:08x}" + "x" * 60_000, "ping")
+        assert is_error, text
+
+    for n in range(40):  # the allocator's pools and the SDK's caches warm up first
+        ping(n)
+    before = rss_mb(broker.proc.pid)
+    for n in range(40, 440):
+        ping(n)
+    grown = rss_mb(broker.proc.pid) - before
+    print(f"\n400 pings with new 60 KB link ids: RSS {before:.1f} MB -> +{grown:.1f} MB")
+    assert grown < 8
+
+
+def test_a_request_that_never_identifies_leaves_no_link_behind(broker_factory):
+    broker = with_env(broker_factory(), DISPATCH_METRICS_TOKEN=METRICS_TOKEN).mint("backend").start()
+    token = broker.token("backend")
+    before = links_gauge(broker)
+
+    answers = [modern_call(broker, token, os.urandom(16).hex(), tool) for tool in ("ping", "who", "inbox") * 10]
+
+    assert all(is_error and "not identified" in text for is_error, text in answers), answers[:3]
+    assert links_gauge(broker) == before
+
+
+def test_identify_on_a_new_link_is_refused_past_max_links_while_other_tokens_still_connect(broker_factory):
+    broker = with_env(broker_factory(), DISPATCH_MAX_LINKS="3").mint("backend", "frontend").start()
+    backend = broker.token("backend")
+    links = [os.urandom(16).hex() for _ in range(4)]
+    mark = len(broker.logs())
+
+    answers = [modern_call(broker, backend, link, "identify", name=fresh("backend")) for link in links]
+
+    assert [is_error for is_error, _ in answers] == [False, False, False, True], answers
+    assert "holds 3 connections, the limit (--max-links 3)" in answers[3][1]
+    assert modern_call(broker, backend, links[0], "ping") [0] is False  # its links still work
+    assert modern_call(broker, broker.token("frontend"), os.urandom(16).hex(), "identify", name=fresh("frontend"))[0] is False
+    logged(broker, "refused link: token", since=mark)
+
+
+def legacy_session(broker, token: str) -> tuple[int, str | None]:
+    status, headers, _ = http(broker.url, json.dumps(LEGACY_INITIALIZE).encode(), bearer(token))
+    return status, headers.get("mcp-session-id")
+
+
+def test_one_token_opens_only_its_share_of_mcp_sessions_and_other_tokens_still_open_theirs(broker_factory):
+    broker = with_env(broker_factory(), DISPATCH_MAX_LINKS="20").mint("backend", "frontend").start()
+    backend = broker.token("backend")
+    mark = len(broker.logs())
+
+    opened = [legacy_session(broker, backend) for _ in range(20)]
+    refused, _, text = http(broker.url, json.dumps(LEGACY_INITIALIZE).encode(), bearer(backend))
+
+    assert [status for status, _ in opened] == [200] * 20
+    assert (refused, "Too many open sessions" in text) == (503, True), text
+    assert legacy_session(broker, broker.token("frontend"))[0] == 200
+    logged(broker, "refused MCP session: token", since=mark)
+    # Room comes back as its own sessions end.
+    ended = http(broker.url, None, {**bearer(backend), "Mcp-Session-Id": opened[0][1], "MCP-Protocol-Version": "2025-11-25"},
+                 method="DELETE")
+    assert ended[0] == 200
+    assert legacy_session(broker, backend)[0] == 200

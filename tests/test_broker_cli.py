@@ -9,9 +9,10 @@ import stat
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
-from harness import BROKER, MODERN, BrokerProcess, broker_module, free_port, http, peer, until_live
+from harness import BROKER, MODERN, BrokerProcess, broker_module, free_port, http, peer, until_live, wait_for
 
 dispatch_broker = broker_module()
 
@@ -167,3 +168,37 @@ def test_token_revoke_replaces_a_linked_tokens_file_instead_of_writing_the_links
 
     assert real.read_text() == before
     assert not link.is_symlink() and dispatch_broker.read_tokens(link) == []
+
+
+# -- the mailbox's file modes (issue 21) ----------------------------------------------------------
+
+
+def umask_022() -> None:
+    os.umask(0o022)
+
+
+@pytest.mark.parametrize("flags", [[], ["--dev"]], ids=["serve", "serve --dev"])
+def test_serve_creates_the_mailbox_and_its_wal_files_owner_only_under_a_022_umask(tmp_path, flags):
+    broker = BrokerProcess(tmp_path, extra=flags, preexec=umask_022)
+    try:
+        broker.start()
+        files = [broker.db, Path(f"{broker.db}-wal"), Path(f"{broker.db}-shm")]
+        wait_for(lambda: all(f.exists() for f in files), what="the mailbox, its -wal and -shm")
+        modes = {f.name: oct(f.stat().st_mode & 0o777) for f in files}
+    finally:
+        broker.kill()
+    assert modes == {f.name: "0o600" for f in files}
+
+
+def test_serve_narrows_a_mailbox_an_older_broker_left_readable_to_others(tmp_path):
+    broker = BrokerProcess(tmp_path, preexec=umask_022)
+    for name in (broker.db, Path(f"{broker.db}-wal"), Path(f"{broker.db}-shm")):
+        name.touch(mode=0o644)
+    os.chmod(broker.db, 0o644)
+    try:
+        broker.start()
+        modes = {f.name: oct(f.stat().st_mode & 0o777) for f in tmp_path.glob("dispatch.db*")}
+    finally:
+        broker.kill()
+    assert modes == {"dispatch.db": "0o600", "dispatch.db-wal": "0o600", "dispatch.db-shm": "0o600"}
+    assert "readable by others: now 0600" in broker.logs()

@@ -86,3 +86,9 @@ def test_the_proof_of_a_channel_event_is_awaited_for_less_than_the_ack_timeout()
 
 def test_each_listen_is_renewed_long_before_the_broker_forgets_an_idle_link():
     assert plugin.LISTEN_SECONDS < broker.DEFAULT_SESSION_IDLE_TIMEOUT
+
+
+def test_the_plugins_link_id_is_one_the_broker_keeps():
+    config = plugin.Config("http://127.0.0.1:8765/mcp", "dsp_backend_" + "0" * 48, "backend", "backend-1", "test")
+    for _ in range(100):
+        assert broker.LINK_ID_RE.fullmatch(plugin.BrokerClient(config).link_id)

@@ -19,6 +19,7 @@ import sqlite3
 import threading
 import time
 import urllib.error
+from typing import NamedTuple
 
 import pytest
 from hypothesis import HealthCheck, given, reject, settings
@@ -165,12 +166,33 @@ def names(known: list[str]) -> st.SearchStrategy:
 
 
 KNOWN = ["frontend-sink", "backend-fuzz", "frontend", "backend", "other", "*", "other-1"]
+#: Characters past ASCII for a string argument's non-ASCII forms: Latin-1, C1 controls (CSI, OSC), a
+#: lone surrogate, RTL override, BOM, emoji, and any other.
+NON_ASCII = st.one_of(st.sampled_from(["é", "\x9b", "\x9d", "\ud800", "\u202e", "\ufeff", "😀"]),
+                      st.characters(min_codepoint=0x80, codec=None))
+
+
+class NonAscii(NamedTuple):
+    """A plausible string (`{hole}`s filled first, by `fill`) with one non-ASCII character put in."""
+
+    value: object
+    char: str
+    at: int  #: where, modulo the length + 1; -1 at the end
+
+
+def strings(plausible: st.SearchStrategy) -> st.SearchStrategy:
+    """A string argument: plausible, or plausible with a non-ASCII character at its end, start or inside."""
+    return st.one_of(plausible, st.builds(NonAscii, plausible, NON_ASCII, st.integers(-1, 200)))
+
+
+MSG_IDS = st.from_regex(dispatch_broker.CLIENT_MSG_ID_RE, fullmatch=True)
 TOOLS = {
-    "identify": {"name": names(["backend", "backend-fuzz", "frontend-sink", "backend-a8b3c1d2"])},
-    "send": {"to": names(KNOWN), "body": texts},
-    "reply": {"chat_id": st.sampled_from(["{chat}", "{chat}0", "{foreign}", "a~b~c~d"]), "body": texts},
+    "identify": {"name": strings(names(["backend", "backend-fuzz", "frontend-sink", "backend-a8b3c1d2"]))},
+    "send": {"to": strings(names(KNOWN)), "body": strings(texts), "client_msg_id": strings(MSG_IDS)},
+    "reply": {"chat_id": strings(st.sampled_from(["{chat}", "{chat}0", "{foreign}", "a~b~c~d"])), "body": strings(texts),
+              "client_msg_id": strings(MSG_IDS)},
     "ping": {},
-    "mail.ack": {"ids": st.one_of(st.lists(st.sampled_from(["{canary}", "m_0000000000000000"]) | texts, max_size=5),
+    "mail.ack": {"ids": st.one_of(st.lists(strings(st.sampled_from(["{canary}", "m_0000000000000000"])) | texts, max_size=5),
                                   st.integers(10_001, 12_000).map(lambda n: ["m_x"] * n))},
     # A valid wait_s really listens: keep those short so every example ends in well under a second.
     "listen": {"wait_s": st.one_of(st.floats(0, 0.2), st.floats(-1e9, 0, exclude_max=True),
@@ -191,7 +213,12 @@ def listens_long(arguments) -> bool:
 
 
 def fill(value, holes: dict[str, str]):
-    """Put the run's real chat ids and message ids where a strategy left `{name}` holes."""
+    """Put the run's real chat ids and message ids where a strategy left `{name}` holes, then the
+    non-ASCII characters `strings` chose."""
+    if isinstance(value, NonAscii):
+        text = fill(value.value, holes)
+        at = len(text) if value.at < 0 else value.at % (len(text) + 1)
+        return text[:at] + value.char + text[at:]
     if isinstance(value, str) and value.startswith("{") and value.split("}")[0][1:] in holes:
         key, rest = value[1:].split("}", 1)
         return holes[key] + rest
@@ -202,15 +229,35 @@ def fill(value, holes: dict[str, str]):
     return value
 
 
-@pytest.mark.parametrize("tool", TOOLS)
-def test_fuzzed_arguments_get_a_clear_answer_and_leave_the_broker_and_its_mailbox_intact(target, tool):
-    mark = len(target.logs())
+def holes_of(target: BrokerProcess) -> dict[str, str]:
+    """A real chat of backend-fuzz's, another base's chat, and the canary's message id, for `fill`."""
     link = Link(target, "backend", "backend-fuzz")
     Link(target, "frontend", "frontend-sink")
     chat = link.call("send", {"to": "frontend-sink", "body": "a real chat"})["result"]["structuredContent"]["chat_id"]
     foreign = Link(target, "other", "other-1").call("send", {"to": "frontend-sink", "body": "not yours"})
     canary = Link(target, "canary", "canary-keeper").call("inbox", {})["result"]["structuredContent"]["messages"][0]
-    holes = {"chat": chat, "foreign": foreign["result"]["structuredContent"]["chat_id"], "canary": canary["id"]}
+    return {"chat": chat, "foreign": foreign["result"]["structuredContent"]["chat_id"], "canary": canary["id"]}
+
+
+def assert_answered(tool: str, answer: dict) -> str:
+    """A JSON-RPC error with a message, or a tool result with text that is more than a bare crash
+    ("Error executing tool x"); returns what kind of answer it was."""
+    if "error" in answer:  # a JSON-RPC error: says what was wrong with the request
+        assert answer["error"]["message"], answer
+        return "protocol error"
+    result = answer["result"]
+    text = " ".join(c.get("text", "") for c in result["content"])
+    assert text.strip(), answer
+    # A refusal names the tool and says why; a bare "Error executing tool x" is a crash.
+    assert text.strip() != f"Error executing tool {tool}", f"{tool} crashed"
+    return "refused" if result["isError"] else "accepted"
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_fuzzed_arguments_get_a_clear_answer_and_leave_the_broker_and_its_mailbox_intact(target, tool):
+    mark = len(target.logs())
+    link = Link(target, "backend", "backend-fuzz")
+    holes = holes_of(target)
     answered = {"refused": 0, "accepted": 0, "protocol error": 0}
 
     @settings(max_examples=100, deadline=None, database=None,
@@ -223,24 +270,56 @@ def test_fuzzed_arguments_get_a_clear_answer_and_leave_the_broker_and_its_mailbo
             answer = link.call(tool, fill(arguments, holes))
         except RecursionError:  # too deep for json.dumps here; the broker never sees it
             reject()
-        if "error" in answer:  # a JSON-RPC error: says what was wrong with the request
-            assert answer["error"]["message"], answer
-            answered["protocol error"] += 1
-            return
-        result = answer["result"]
-        text = " ".join(c.get("text", "") for c in result["content"])
-        assert text.strip(), answer
-        if result["isError"]:
-            # A refusal names the tool and says why; a bare "Error executing tool x" is a crash.
-            assert text.strip() != f"Error executing tool {tool}", f"{tool} crashed on {arguments!r:.300}"
-            answered["refused"] += 1
-        else:
-            answered["accepted"] += 1
-        if not result["isError"] and tool == "identify":
+        try:
+            answered[assert_answered(tool, answer)] += 1
+        except AssertionError as exc:
+            raise AssertionError(f"{exc} on {arguments!r:.300}") from None
+        result = answer.get("result", {})
+        if result and not result["isError"] and tool == "identify":
             link.call("identify", {"name": "backend-fuzz"})  # back to the name the holes belong to
 
     hostile_call()
     print(f"\nfuzz {tool}: {answered}")
+    assert_unharmed(target, mark)
+
+
+#: A valid call of each tool that takes strings; each string is tried in its non-ASCII forms.
+STRING_ARGUMENTS = {
+    "identify": {"name": "backend-fuzz"},
+    "send": {"to": "frontend-sink", "body": "a body", "client_msg_id": "nonascii-1"},
+    "reply": {"chat_id": "{chat}", "body": "a reply", "client_msg_id": "nonascii-2"},
+    "mail.ack": {"ids": ["{canary}"]},
+}
+#: Where a non-ASCII character goes in a string: its start, its middle, its end.
+PLACES = (0, 0.5, 1)
+
+
+def with_char(text: str, char: str, place: float) -> str:
+    at = round(len(text) * place)
+    return text[:at] + char + text[at:]
+
+
+@pytest.mark.parametrize("tool", STRING_ARGUMENTS)
+def test_every_string_argument_in_its_non_ascii_forms_gets_a_clear_answer_and_no_traceback(target, tool):
+    """Not left to the fuzz's luck (issue 21: `a~b~c~é` as a chat_id crashed reply): every string
+    argument of every tool, with each of these characters at its start, middle and end."""
+    mark = len(target.logs())
+    link = Link(target, "backend", "backend-fuzz")
+    valid = fill(STRING_ARGUMENTS[tool], holes_of(target))
+    chars = ["\u00e9", "\x9b", "\x85", "\ud800", "\u202e", "\ufeff", "\U0001f600"]
+    answered = {"refused": 0, "accepted": 0, "protocol error": 0}
+    for key, value in valid.items():
+        for char in chars:
+            for place in PLACES:
+                changed = [with_char(value[0], char, place)] if isinstance(value, list) else with_char(value, char, place)
+                answer = link.call(tool, {**valid, key: changed})
+                try:
+                    answered[assert_answered(tool, answer)] += 1
+                except AssertionError as exc:
+                    raise AssertionError(f"{exc} on {key}={changed!r:.200}") from None
+                if tool == "identify" and not answer["result"]["isError"]:
+                    link.call("identify", {"name": "backend-fuzz"})
+    print(f"\nnon-ASCII {tool}: {answered}")
     assert_unharmed(target, mark)
 
 
@@ -391,9 +470,13 @@ async def test_inbox_and_who_show_only_the_callers_own_mail_whatever_the_argumen
 
 
 @pytest.mark.parametrize("tool, arguments", [("mail.ack", {"ids": ["\ud800", "m_\udfff"]}),
-                                             ("reply", {"chat_id": "a~b~\ud800~d", "body": "x"})])
-def test_a_lone_surrogate_in_an_id_is_answered_not_crashed_on(target, tool, arguments):
-    """Found by the fuzz: SQLite (and the chat-id MAC) could not encode a lone surrogate."""
+                                             ("reply", {"chat_id": "a~b~\ud800~d", "body": "x"}),
+                                             ("reply", {"chat_id": "a~b~c~\u00e9", "body": "x"}),
+                                             ("reply", {"chat_id": "a~b~c~\x9b2J", "body": "x"})],
+                         ids=["ack-surrogate", "reply-surrogate", "reply-latin1-mac", "reply-c1-mac"])
+def test_an_id_that_is_not_ascii_is_answered_not_crashed_on(target, tool, arguments):
+    """Found by the fuzz: SQLite (and the chat-id MAC) could not encode a lone surrogate. Found by a
+    red-team pass (issue 21): a MAC part that is not ASCII made compare_digest raise TypeError."""
     mark = len(target.logs())
     answer = Link(target, "backend", "backend-fuzz").call(tool, arguments)["result"]
     text = answer["content"][0]["text"]
@@ -403,3 +486,87 @@ def test_a_lone_surrogate_in_an_id_is_answered_not_crashed_on(target, tool, argu
     else:
         assert answer["isError"] and "unknown chat_id" in text
     assert_unharmed(target, mark)
+
+
+# --------------------------------------------------------------------------------------------
+# Strangers holding sockets (issue 21)
+# --------------------------------------------------------------------------------------------
+
+#: The descriptors a systemd service got by default is 1,024, launchd's 256: the broker is given 256.
+FD_LIMIT = 256
+
+
+def limit_descriptors() -> None:
+    import resource
+    resource.setrlimit(resource.RLIMIT_NOFILE, (FD_LIMIT, FD_LIMIT))
+
+
+def identify_took(broker: BrokerProcess, timeout: float = 10.0) -> float:
+    """Seconds a fresh client's identify took to be answered; fails past `timeout`."""
+    started = time.monotonic()
+    try:
+        answer = Link(broker, "backend").call("identify", {"name": fresh("backend")})
+    except (urllib.error.URLError, OSError) as exc:
+        raise AssertionError(f"identify not answered: {exc} after {time.monotonic() - started:.1f} s") from None
+    took = time.monotonic() - started
+    assert not answer["result"]["isError"], answer
+    assert took < timeout, took
+    return took
+
+
+def test_identify_is_answered_within_10_s_while_300_silent_connections_hold_a_broker_of_256_descriptors(tmp_path):
+    broker = BrokerProcess(tmp_path, preexec=limit_descriptors).mint(*BASES)
+    silent: list[socket.socket] = []
+    try:
+        broker.start()
+        mark = len(broker.logs())
+        for _ in range(300):  # no bytes, no token: only a TCP connection each
+            silent.append(socket.create_connection(("127.0.0.1", broker.port), timeout=5))
+        took = identify_took(broker)
+        again = identify_took(broker)
+        fds = len(os.listdir(f"/proc/{broker.proc.pid}/fd"))
+        log = broker.logs()[mark:]
+    finally:
+        for s in silent:
+            s.close()
+        broker.kill()
+    print(f"\n300 silent connections, {FD_LIMIT} descriptors: identify answered in {took:.2f} s, then {again:.2f} s; "
+          f"the broker held {fds} descriptors")
+    assert fds < FD_LIMIT
+    assert "Traceback" not in log and "Too many open files" not in log.replace("out of file descriptors", ""), log[-2000:]
+
+
+#: What a stranger sends before going quiet: nothing, half a header, a header dribbled a byte at a
+#: time, a whole header and half its body.
+STALLS = {
+    "nothing": [],
+    "half-header": [b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\n"],
+    "dribbled-header": [b"POST /mcp HTTP/1.1\r\n"] + [b"X"] * 60,
+    "half-body": [b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n"
+                  b"Content-Type: application/json\r\nAccept: application/json, text/event-stream\r\n"
+                  b"Content-Length: 1000\r\n\r\n{\"jsonrpc\": \"2.0\", "],
+}
+
+
+@pytest.mark.parametrize("stall", STALLS)
+def test_a_connection_that_stalls_before_its_request_is_whole_is_closed_after_the_read_timeout(tmp_path, stall):
+    # DISPATCH_READ_TIMEOUT = --read-timeout, set by the environment (an older broker ignores it).
+    broker = BrokerProcess(tmp_path, env={**os.environ, "DISPATCH_READ_TIMEOUT": "2s"}).mint("backend")
+    try:
+        broker.start()
+        with socket.create_connection(("127.0.0.1", broker.port), timeout=10) as s:
+            opened = time.monotonic()
+            try:
+                for piece in STALLS[stall]:
+                    s.sendall(piece.replace(b"{token}", broker.token("backend").encode()))
+                    if stall == "dribbled-header":  # a byte every 0.2 s for 12 s: well past the deadline
+                        time.sleep(0.2)
+                while s.recv(65536):
+                    pass
+            except (TimeoutError, ConnectionResetError, BrokenPipeError):
+                pass
+            closed = time.monotonic() - opened
+    finally:
+        broker.kill()
+    print(f"\n{stall}: closed after {closed:.1f} s")
+    assert 1.5 < closed < 6, closed

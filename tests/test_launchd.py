@@ -49,6 +49,15 @@ def test_launchd_agent_runs_broker_pyz_serve_with_python3():
     assert arguments == ["/usr/bin/env", "python3", f"{SUPPORT}/broker.pyz", "serve"]
 
 
+def test_launchd_agent_gives_the_broker_descriptors_for_its_whole_connection_cap():
+    import dispatch_broker
+
+    wanted = 2 * dispatch_broker.DEFAULT_MAX_CONNECTIONS + dispatch_broker.FD_RESERVE
+    plist = agent()
+    assert plist["SoftResourceLimits"]["NumberOfFiles"] >= wanted
+    assert plist["HardResourceLimits"]["NumberOfFiles"] >= plist["SoftResourceLimits"]["NumberOfFiles"]
+
+
 def test_launchd_agent_starts_at_login_and_again_after_a_crash():
     plist = agent()
     assert plist["RunAtLoad"] is True

@@ -156,6 +156,13 @@ def tail(log: Path, chars: int = 3000) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+def test_service_gives_the_broker_descriptors_for_its_whole_connection_cap():
+    import dispatch_broker
+
+    [limit] = read_service_section(UNIT)["LimitNOFILE"]
+    assert int(limit) >= 2 * dispatch_broker.DEFAULT_MAX_CONNECTIONS + dispatch_broker.FD_RESERVE
+
+
 def test_service_unit_verifies_clean():
     result = systemd_analyze("verify", str(UNIT))
     output = (result.stdout + result.stderr).splitlines()
