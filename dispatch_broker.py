@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import re
+import resource
 import secrets
 import signal
 import sqlite3
@@ -2018,8 +2019,6 @@ def build_app(broker: Broker, verifier: TokenVerifier, allowed_hosts: list[str],
 def descriptor_limit(wanted: int) -> int:
     """The process's soft limit on open files, first raised toward `wanted` as far as the hard
     limit allows (systemd's default soft limit is 1024, launchd's 256)."""
-    import resource  # Unix only, like the broker's signals
-
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
     if target > soft:
