@@ -7,7 +7,8 @@
     transcript: $CLAUDE_CONFIG_DIR/projects/<cwd, every non-alphanumeric as ->/<session id>.jsonl
 
 What the tests read: every request body the stand-in received (the last one holds the whole
-conversation, since Claude Code resends it each turn), the session transcript, and the broker's
+conversation, since Claude Code resends it each turn; side requests such as a title come too:
+`turn_request` picks a turn's own), the session transcript, and the broker's
 database. Everything talks to 127.0.0.1 only; the HOME is throwaway.
 
 Pieces: MessagesStandIn (threaded http.server), prepare_home (the .claude.json that skips
@@ -51,10 +52,12 @@ REPLY = "ok"
 class MessagesStandIn:
     """POST /v1/messages answered with REPLY (SSE when the request streams), count_tokens with a
     guess; every request recorded as {method, path, headers, body}. Unknown paths get 404 and are
-    recorded too, so a test can see what Claude Code asked for."""
+    recorded too, so a test can see what Claude Code asked for. `run_tool(prompt, command)`
+    scripts one Bash call: the turn that prompt starts runs `command` before it ends."""
 
     def __init__(self):
         self.requests: list[dict] = []
+        self.tool_plans: dict[str, str] = {}  #: prompt -> the Bash command its turn runs, once
         self.lock = threading.Lock()
         stand_in = self
 
@@ -102,21 +105,27 @@ class MessagesStandIn:
                 model = body.get("model", "claude-standin")
                 usage = {"input_tokens": 10, "output_tokens": 1, "cache_creation_input_tokens": 0,
                          "cache_read_input_tokens": 0}
+                command = stand_in.planned_tool(body)
+                if command:
+                    block = {"type": "tool_use", "id": "toolu_" + uuid.uuid4().hex[:24], "name": "Bash",
+                             "input": {"command": command, "description": "scripted by the test"}}
+                    start, delta, stop = dict(block, input={}), {"type": "input_json_delta",
+                                                                "partial_json": json.dumps(block["input"])}, "tool_use"
+                else:
+                    block = {"type": "text", "text": REPLY}
+                    start, delta, stop = {"type": "text", "text": ""}, {"type": "text_delta", "text": REPLY}, "end_turn"
                 if not body.get("stream"):
                     self.answer(200, {"id": message_id, "type": "message", "role": "assistant", "model": model,
-                                      "content": [{"type": "text", "text": REPLY}], "stop_reason": "end_turn",
-                                      "stop_sequence": None, "usage": usage})
+                                      "content": [block], "stop_reason": stop, "stop_sequence": None, "usage": usage})
                     return
                 events = [
                     ("message_start", {"type": "message_start", "message": {
                         "id": message_id, "type": "message", "role": "assistant", "model": model, "content": [],
                         "stop_reason": None, "stop_sequence": None, "usage": usage}}),
-                    ("content_block_start", {"type": "content_block_start", "index": 0,
-                                             "content_block": {"type": "text", "text": ""}}),
-                    ("content_block_delta", {"type": "content_block_delta", "index": 0,
-                                             "delta": {"type": "text_delta", "text": REPLY}}),
+                    ("content_block_start", {"type": "content_block_start", "index": 0, "content_block": start}),
+                    ("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta}),
                     ("content_block_stop", {"type": "content_block_stop", "index": 0}),
-                    ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn",
+                    ("message_delta", {"type": "message_delta", "delta": {"stop_reason": stop,
                                                                           "stop_sequence": None},
                                        "usage": {"output_tokens": 1}}),
                     ("message_stop", {"type": "message_stop"}),
@@ -139,6 +148,20 @@ class MessagesStandIn:
             if len(self.requests) < MAX_RECORDED:
                 self.requests.append({"method": handler.command, "path": handler.path, "time": time.time(),
                                       "headers": dict(handler.headers.items()), "body": body})
+
+    def run_tool(self, prompt: str, command: str) -> None:
+        with self.lock:
+            self.tool_plans[prompt] = command
+
+    def planned_tool(self, body: dict) -> str | None:
+        """The Bash command planned for the turn this request starts (a request offering Bash whose
+        newest message holds the prompt), once."""
+        if not any(isinstance(t, dict) and t.get("name") == "Bash" for t in body.get("tools") or []):
+            return None
+        newest = {"messages": (body.get("messages") or [])[-1:]}
+        with self.lock:
+            prompt = next((p for p in self.tool_plans if occurrences(p, newest)), None)
+            return self.tool_plans.pop(prompt) if prompt else None
 
     def messages_requests(self) -> list[dict]:
         """The bodies of POST /v1/messages requests so far, in order."""
@@ -272,6 +295,27 @@ def occurrences(needle: str, request: dict) -> int:
     return sum(text.count(needle) for text in texts(request))
 
 
+def turn_request(api: "MessagesStandIn", prompt: str) -> dict | None:
+    """The request of the turn `prompt` started: its newest message holds the prompt, and of such
+    requests it carries the whole conversation. Claude Code's side requests (a title, the next
+    prompt's suggestion) hold a prompt too, with less history or after it, so "the newest
+    request" is not the turn's."""
+    turns = [r for r in api.messages_requests() if occurrences(prompt, {"messages": r.get("messages", [])[-1:]})]
+    return max(turns, key=lambda r: len(r.get("messages", [])), default=None)
+
+
+def places(needle: str, request: dict) -> list[str]:
+    """Where `needle` sits in `request`'s messages: index, role and the text around it (for
+    failure messages)."""
+    found = []
+    for index, message in enumerate(request.get("messages", [])):
+        for text in texts({"messages": [message]}):
+            for hit in re.finditer(re.escape(needle), text):
+                found.append(f"message {index} ({message.get('role')}): "
+                             f"{text[max(0, hit.start() - 300):hit.end() + 100]!r}")
+    return found
+
+
 def transcript_lines(path: Path) -> list[dict]:
     """The transcript's JSON lines (a torn last line, still being written, is skipped)."""
     lines = []
@@ -361,10 +405,9 @@ class ClaudeSession:
                         f"{pattern!r} on the screen:\n{self.screen()}")
 
     def submit(self, prompt: str, timeout: float = 60) -> dict:
-        """Type `prompt` and wait until the model is asked about it; that request's body."""
+        """Type `prompt` and wait until the model is asked about it; that turn's request body."""
         self.type(prompt)
-        return wait_for(lambda: next((r for r in reversed(self.api.messages_requests())
-                                      if occurrences(prompt, r)), None), timeout, 0.1,
+        return wait_for(lambda: turn_request(self.api, prompt), timeout, 0.1,
                         f"a /v1/messages request with {prompt!r}; screen:\n{self.screen()}")
 
     @property

@@ -160,10 +160,9 @@ def seen_by_model(api: cs.MessagesStandIn, body: str) -> bool:
     return any(cs.occurrences(body, r) for r in api.messages_requests())
 
 
-def delivery_report(session: cs.ClaudeSession, broker, bodies) -> str:
-    """One line per message: times in the model's last request, route and time in the transcript,
-    ack state at the broker. For failure messages."""
-    last = session.api.messages_requests()[-1]
+def delivery_report(session: cs.ClaudeSession, broker, bodies, last: dict) -> str:
+    """One line per message: times in the turn's request `last`, route and time in the
+    transcript, ack state at the broker. For failure messages."""
     lines, acked = session.transcript_lines(), acks(broker)
     out, lost = [], 0
     for body in bodies:
@@ -172,6 +171,8 @@ def delivery_report(session: cs.ClaudeSession, broker, bodies) -> str:
                    f"{f'{seen[1]} at {seen[0]:.3f}' if seen else 'absent'}; "
                    f"{'acked at %.3f' % acked[body] if acked.get(body) else 'not acked'}")
         lost += bool(acked.get(body) and not seen)
+        if cs.occurrences(body, last) > 1:
+            out.extend(f"    {where}" for where in cs.places(body, last))
     head = f"  {lost} of {len(bodies)} acked at the broker yet never shown to the model: lost\n" if lost else ""
     return head + "\n".join(out)
 
@@ -191,11 +192,11 @@ def await_participant(broker, sender: dict[str, str], name: str) -> None:
 
 
 def send_and_check(session: cs.ClaudeSession, broker, sender: dict[str, str], mail: dict[str, str],
-                   label: str) -> None:
+                   label: str) -> dict:
     """Send each body in `mail` (body -> recipient name) from the CLI; type a prompt (the hook's
     turn where channels are off) and another (a later turn must not show them again). Then each
-    body must be in the model's last request exactly once, and acked only after it entered the
-    transcript, and acked within 15 s (unacked mail is pushed again)."""
+    body must be in the last turn's request exactly once, and acked only after it entered the
+    transcript, and acked within 15 s (unacked mail is pushed again). That request."""
     for body, name in mail.items():
         sent = run_cli(sender, "send", "--to", name, body)
         assert sent.returncode == 0, sent.stderr
@@ -204,8 +205,8 @@ def send_and_check(session: cs.ClaudeSession, broker, sender: dict[str, str], ma
     with contextlib.suppress(AssertionError):  # reported with the details below
         wait_for(lambda: all(seen_by_model(session.api, b) for b in mail), DELIVERY_S, interval=0.5,
                  what="every message in a request to the model")
-    session.submit(f"third prompt {nonce}")
-    last, report = session.api.messages_requests()[-1], delivery_report(session, broker, mail)
+    last = session.submit(f"third prompt {nonce}")
+    report = delivery_report(session, broker, mail, last)
     assert all(cs.occurrences(b, last) == 1 for b in mail), f"[{label}] each message should reach the model once:\n{report}"
 
     lines, acked = session.transcript_lines(), acks(broker)
@@ -219,7 +220,8 @@ def send_and_check(session: cs.ClaudeSession, broker, sender: dict[str, str], ma
         wait_for(lambda: all(acks(broker)[b] is not None for b in mail), 15, interval=0.25, what="acks")
     assert all(acks(broker)[b] is not None for b in mail), \
         f"[{label}] shown to the model but never acked (the broker will push it again):\n" \
-        f"{delivery_report(session, broker, mail)}"
+        f"{delivery_report(session, broker, mail, last)}"
+    return last
 
 
 @pytest.fixture
@@ -312,6 +314,12 @@ def inbox_session(broker, home: Path, project: Path, bindir: Path, flags: list[s
         api.close()
 
 
+def add_settings(home: Path, settings: dict) -> None:
+    """Claude Code's user settings, with `settings` added (the plugin install wrote its own there)."""
+    path = home / ".claude" / "settings.json"
+    path.write_text(json.dumps({**(json.loads(path.read_text()) if path.exists() else {}), **settings}))
+
+
 @pytest.fixture
 def mcp_add_home(tmp_path):
     """A throwaway HOME where the plugin is a `claude mcp add` server named dispatch (no package)."""
@@ -352,24 +360,25 @@ def check_live(session: cs.ClaudeSession, broker, bodies: list[str], label: str,
     with contextlib.suppress(AssertionError):
         wait_for(lambda: all(seen_by_model(session.api, b) for b in bodies), timeout, interval=0.25,
                  what="every message in a request to the model")
+    newest = session.api.messages_requests()[-1]
     assert all(seen_by_model(session.api, b) for b in bodies), \
-        f"[{label}] not all reached the model before anything was typed:\n{delivery_report(session, broker, bodies)}"
+        f"[{label}] not all reached the model before anything was typed:\n" \
+        f"{delivery_report(session, broker, bodies, newest)}"
     wait_for(lambda: all(acks(broker)[b] is not None for b in bodies), 15, interval=0.25, what="acks")
     lines, acked = session.transcript_lines(), acks(broker)
     for body in bodies:
         seen = cs.first_seen(body, lines)
         assert seen and acked[body] >= seen[0] - 0.01, f"[{label}] {body} acked before the transcript had it"
-    session.submit(f"after the mail {os.urandom(3).hex()}")
-    last = session.api.messages_requests()[-1]
+    last = session.submit(f"after the mail {os.urandom(3).hex()}")
     assert all(cs.occurrences(b, last) == 1 for b in bodies), \
-        f"[{label}] each message should reach the model once:\n{delivery_report(session, broker, bodies)}"
+        f"[{label}] each message should reach the model once:\n{delivery_report(session, broker, bodies, last)}"
 
 
 @needs_claude_in_tmux
 @pytest.mark.parametrize("install", ["plugin", "mcp add"])
-def test_an_idle_session_without_a_channel_flag_gets_mail_live_through_its_inbox(broker, claude_home, mcp_add_home,
-                                                                                install):
-    home, project, bindir = claude_home if install == "plugin" else mcp_add_home
+def test_an_idle_session_without_a_channel_flag_gets_mail_live_through_its_inbox(broker, request, install):
+    # One install per HOME: both fixtures share tmp_path, and a HOME with both runs two servers.
+    home, project, bindir = request.getfixturevalue("claude_home" if install == "plugin" else "mcp_add_home")
     with inbox_session(broker, home, project, bindir) as session:
         session.submit("first prompt")
         name, sender = session_name(session), plugin_env(broker, "peer")
@@ -380,6 +389,34 @@ def test_an_idle_session_without_a_channel_flag_gets_mail_live_through_its_inbox
         turn = model_turns_with(session.api, [body])[0]
         newest = cs.texts({"messages": turn["messages"][-1:]})[0]
         assert "Another Claude session sent a message" in newest and "`reply` tool" in newest, newest
+
+
+def tool_results(request: dict) -> list[str]:
+    """The tool_use ids whose results `request` carries."""
+    return [b.get("tool_use_id") for m in request.get("messages", []) if isinstance(m.get("content"), list)
+            for b in m["content"] if isinstance(b, dict) and b.get("type") == "tool_result"]
+
+
+@needs_claude_in_tmux
+def test_a_busy_session_gets_mail_through_its_inbox_within_the_running_turn(broker, claude_home):
+    """Mail that arrives while a turn runs a long tool call reaches the model when the tool
+    returns, in the same turn, with nothing typed; once, and acked after its transcript line."""
+    home, project, bindir = claude_home
+    add_settings(home, {"permissions": {"allow": ["Bash(sleep 6)"]}})
+    with inbox_session(broker, home, project, bindir) as session:
+        session.submit("first prompt")
+        name, sender = session_name(session), plugin_env(broker, "peer")
+        await_participant(broker, sender, name)
+        busy = f"work a while {os.urandom(3).hex()}"
+        session.api.run_tool(busy, "sleep 6")
+        session.submit(busy)
+        wait_for(lambda: "sleep 6" in session.screen(), 20, interval=0.2, what="the tool call running")
+        body = f"dispatch-e2e-busy-{os.urandom(3).hex()}"
+        assert run_cli(sender, "send", "--to", name, body).returncode == 0
+        check_live(session, broker, [body], "busy")
+        first = next(r for r in session.api.messages_requests() if cs.occurrences(body, r))
+        assert tool_results(first) and not cs.occurrences("after the mail", first), \
+            "the mail should come with the tool's result, inside the running turn"
 
 
 @needs_claude_in_tmux
@@ -396,12 +433,6 @@ def test_a_burst_of_41_from_one_sender_reaches_an_idle_session_once_each_in_at_m
         check_live(session, broker, bodies, "burst", timeout=60)
         turns = model_turns_with(session.api, bodies)
         assert len(turns) <= BURST_TURNS, f"{len(turns)} model turns for {BURST} messages"
-
-
-def add_settings(home: Path, settings: dict) -> None:
-    """Claude Code's user settings, with `settings` added (the plugin install wrote its own there)."""
-    path = home / ".claude" / "settings.json"
-    path.write_text(json.dumps({**(json.loads(path.read_text()) if path.exists() else {}), **settings}))
 
 
 @needs_claude_in_tmux
@@ -428,7 +459,7 @@ def test_a_session_that_holds_or_switches_off_its_inbox_gets_mail_once_with_the_
             assert run_cli(sender, "send", "--to", name, body).returncode == 0
         time.sleep(3)  # a live way would have started a turn by now
         assert not any(seen_by_model(session.api, b) for b in bodies), "nothing is shown before the next prompt"
-        send_and_check(session, broker, sender, {}, case)  # nothing more to send: the next prompts show the mail
-        last = session.api.messages_requests()[-1]
-        assert all(cs.occurrences(b, last) == 1 for b in bodies), delivery_report(session, broker, bodies)
+        # nothing more to send: the next prompts show the mail
+        last = send_and_check(session, broker, sender, {}, case)
+        assert all(cs.occurrences(b, last) == 1 for b in bodies), delivery_report(session, broker, bodies, last)
         wait_for(lambda: all(acks(broker)[b] is not None for b in bodies), 15, interval=0.25, what="acks")
