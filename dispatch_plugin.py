@@ -1391,7 +1391,7 @@ class InboxSocket:
                 batch.append(m)
             for m in batch:
                 del self.queue[m["id"]]
-            return [m for m in batch if self.prover.state(m["id"]) != "proven"] or []
+            return [m for m in batch if self.prover.state(m["id"]) != "proven"]
 
     def write(self, messages: list[dict[str, Any]], attempt: int) -> None:
         """One connection, one message (Claude Code's protocol); the auth line first (Windows needs it)."""

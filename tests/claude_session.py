@@ -296,12 +296,11 @@ def occurrences(needle: str, request: dict) -> int:
 
 
 def turn_request(api: "MessagesStandIn", prompt: str) -> dict | None:
-    """The request of the turn `prompt` started: its newest message holds the prompt, and of such
-    requests it carries the whole conversation. Claude Code's side requests (a title, the next
-    prompt's suggestion) hold a prompt too, with less history or after it, so "the newest
-    request" is not the turn's."""
-    turns = [r for r in api.messages_requests() if occurrences(prompt, {"messages": r.get("messages", [])[-1:]})]
-    return max(turns, key=lambda r: len(r.get("messages", [])), default=None)
+    """The request of the turn `prompt` started: the first that holds it and offers the model
+    tools. Claude Code's side requests after a turn (a title, a suggestion) may hold the prompt too,
+    so "the newest request" is not the turn's."""
+    holding = [r for r in api.messages_requests() if occurrences(prompt, r)]
+    return next((r for r in holding if r.get("tools")), holding[0] if holding else None)
 
 
 def places(needle: str, request: dict) -> list[str]:
