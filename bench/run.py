@@ -1,16 +1,17 @@
 #!/usr/bin/env python3
 """Dispatch benchmarks: the real dist/*.pyz processes, measured against the floor of their own stack.
 
-    python3 bench/run.py [--quick] [--json out.json] [--soak] [--only floor,plugins,scale] [--dist DIR]
+    python3 bench/run.py [--quick] [--json out.json] [--soak] [--only floor,plugins,scale,ways] [--dist DIR]
                          [--plugin FILE] [--python EXE] [--profile DIR]
     python3 bench/report.py out.json [--goals]     # the report again, or BENCHMARKS.md's goals table
 
     size, startup ──▶ floor ──▶ plugins (latency · send CPU · throughput · fan-out) ──▶ scale (· soak)
          └── the main broker, tokens minted by its CLI ─┘            a fresh broker ──┘
+    (--only ways: a fresh broker, real Claude Code sessions: send → the model's request per way)
     results{section: figures} ──goals.judge()──▶ goal rows ──report.py──▶ stdout, --json
 
 One module a section (bench/startup.py, floor.py, plugins.py, latency.py, throughput.py,
-fanout.py, scale.py); each says what it measures and how. Every figure goes through
+fanout.py, scale.py, ways.py); each says what it measures and how. Every figure goes through
 dist/broker.pyz and dist/plugin.pyz as built (or the --plugin file), copied to a scratch
 directory first so a concurrent rebuild cannot change them mid-run. The broker runs as
 `broker.pyz serve --synchronous FULL --rate 0` on 127.0.0.1; plugins are driven over stdio as
@@ -47,10 +48,13 @@ from plugins import plugins
 from report import report
 from scale import scale
 from startup import broker_warm, size, startup
+from ways import ways
 
 VENV_PYTHON = ROOT / ".venv" / "bin" / "python"
-#: The sections --only chooses from; size and startup always run (startup starts the main broker).
+#: The sections --only chooses from by default; size and startup always run (startup starts the
+#: main broker). `ways` drives real Claude Code sessions (minutes, tmux): only when named.
 SECTIONS = ("floor", "plugins", "scale")
+OPTIONAL = ("ways",)
 
 
 async def run(bench: Bench, only: set[str]) -> dict[str, Any]:
@@ -67,6 +71,8 @@ async def run(bench: Bench, only: set[str]) -> dict[str, Any]:
         main.stop()
     if "scale" in only:
         await scale(bench)
+    if "ways" in only:
+        await ways(bench)
     broker_warm(bench)
     results = bench.results
     results["goals"] = judge(results)
@@ -104,7 +110,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--soak", action="store_true", help="also keep the largest scale level for --soak-seconds")
     p.add_argument("--soak-seconds", type=float, default=FULL.soak_seconds, help="the soak's length (default 600)")
     p.add_argument("--only", default=",".join(SECTIONS),
-                   help=f"sections to run besides size and startup (default {','.join(SECTIONS)})")
+                   help=f"sections to run besides size and startup (default {','.join(SECTIONS)}; also "
+                        f"{','.join(OPTIONAL)}: real Claude Code sessions)")
     p.add_argument("--dist", metavar="DIR", help="directory with broker.pyz and plugin.pyz (default: dist/)")
     p.add_argument("--plugin", metavar="FILE", help="the plugin to run instead of DIST/plugin.pyz (e.g. "
                    "dispatch_plugin.py, as the Claude Code plugin package runs it)")
@@ -115,8 +122,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--plan", help="JSON overriding fields of the plan (counts), e.g. '{\"latency_n\": 300}'")
     p.add_argument("--synchronous", default="FULL", help="the broker's --synchronous (NORMAL, for comparison)")
     args = p.parse_args(argv)
-    if unknown := set(args.only.split(",")) - set(SECTIONS):
-        p.error(f"--only: no section {', '.join(sorted(unknown))} (choose from {', '.join(SECTIONS)})")
+    if unknown := set(args.only.split(",")) - set(SECTIONS + OPTIONAL):
+        p.error(f"--only: no section {', '.join(sorted(unknown))} (choose from {', '.join(SECTIONS + OPTIONAL)})")
     return args
 
 
