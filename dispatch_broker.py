@@ -872,19 +872,24 @@ def read_tokens(path: Path) -> list[Token]:
 
 
 def write_tokens(path: Path, tokens: list[Token]) -> None:
-    """Rewrite the tokens file atomically, readable by its owner only.
+    """Rewrite the tokens file atomically, readable by its owner only."""
+    lines = ["# Dispatch tokens: id base sha256(token) created. Hashes only; see `token add`.\n"]
+    lines += [f"{t.id} {t.base} {t.sha256} {t.created}\n" for t in tokens]
+    write_private(path, "".join(lines))
+
+
+def write_private(path: Path, text: str) -> None:
+    """Replace `path` with `text`, readable by its owner only, atomically.
 
     Through a new file of a random name (mkstemp: O_EXCL, so nothing planted beside it, file or
     link, is opened), made 0600 before anything is written, then renamed over `path`: a rename
     replaces a link at `path` itself and never writes where it points."""
-    lines = ["# Dispatch tokens: id base sha256(token) created. Hashes only; see `token add`.\n"]
-    lines += [f"{t.id} {t.base} {t.sha256} {t.created}\n" for t in tokens]
     directory = path.parent
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
     try:
         os.fchmod(fd, 0o600)
         with os.fdopen(fd, "w") as f:
-            f.writelines(lines)
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -908,6 +913,15 @@ def mint_token(path: Path, base: str) -> tuple[Token, str]:
     token = Token(secrets.token_hex(4), base, hash_token(plaintext), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     write_tokens(path, read_tokens(path) + [token])
     return token, plaintext
+
+
+def revoke_token(path: Path, token_id: str) -> None:
+    """Remove token `token_id` from the tokens file."""
+    tokens = read_tokens(path)
+    kept = [t for t in tokens if t.id != token_id]
+    if len(kept) == len(tokens):
+        raise ConfigError(f"no token with id {token_id!r} in {path}")
+    write_tokens(path, kept)
 
 
 #: Per request: a dict the auth middleware sets up and verify_token (which runs below it, in the
@@ -2320,12 +2334,7 @@ def cmd_token_revoke(args: argparse.Namespace) -> int:
 
     Example: python3 broker.pyz token revoke 1a2b3c4d --tokens /etc/dispatch/tokens
     """
-    path = Path(args.tokens) if args.tokens else default_tokens_path()
-    tokens = read_tokens(path)
-    kept = [t for t in tokens if t.id != args.id]
-    if len(kept) == len(tokens):
-        raise ConfigError(f"no token with id {args.id!r} in {path}")
-    write_tokens(path, kept)
+    revoke_token(Path(args.tokens) if args.tokens else default_tokens_path(), args.id)
     print(f"token {args.id} revoked", file=sys.stderr)
     return 0
 
