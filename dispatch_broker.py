@@ -15,10 +15,12 @@ Run it::
 
     python3 dispatch_broker.py token add backend          # prints a new token once
     python3 dispatch_broker.py serve --port 8765          # MCP endpoint at http://127.0.0.1:8765/mcp
+    python3 dispatch_broker.py install                    # or: as your own service, the plugin set up for it
 
 State: the SQLite file given by --db, else $STATE_DIRECTORY/dispatch.db (systemd), else
 ./dispatch.db. Tokens: --tokens, else $CREDENTIALS_DIRECTORY/tokens (systemd LoadCredential),
-else ./tokens; the file holds SHA-256 hashes only and is re-read on SIGHUP.
+else ./tokens; the file holds SHA-256 hashes only and is re-read on SIGHUP. `install` keeps both,
+and the broker file, in ~/.local/share/dispatch (~/Library/Application Support/dispatch on macOS).
 """
 
 import argparse
@@ -27,20 +29,28 @@ import collections
 import contextlib
 import contextvars
 import gc
+import getpass
 import hashlib
 import hmac
+import http.client
 import ipaddress
 import json
 import logging
 import os
+import plistlib
 import re
 import resource
 import secrets
+import shlex
+import shutil
 import signal
+import socket
 import sqlite3
+import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -242,6 +252,10 @@ class DispatchError(Exception):
 
 class ConfigError(DispatchError):
     """The command line or a file it names cannot work."""
+
+
+class ServiceError(DispatchError):
+    """The service manager refused the broker, or the broker it started did not answer."""
 
 
 class Refused(DispatchError, ToolError):
@@ -872,19 +886,24 @@ def read_tokens(path: Path) -> list[Token]:
 
 
 def write_tokens(path: Path, tokens: list[Token]) -> None:
-    """Rewrite the tokens file atomically, readable by its owner only.
+    """Rewrite the tokens file atomically, readable by its owner only."""
+    lines = ["# Dispatch tokens: id base sha256(token) created. Hashes only; see `token add`.\n"]
+    lines += [f"{t.id} {t.base} {t.sha256} {t.created}\n" for t in tokens]
+    write_private(path, "".join(lines).encode())
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Replace `path` with `data`, readable by its owner only, atomically.
 
     Through a new file of a random name (mkstemp: O_EXCL, so nothing planted beside it, file or
     link, is opened), made 0600 before anything is written, then renamed over `path`: a rename
     replaces a link at `path` itself and never writes where it points."""
-    lines = ["# Dispatch tokens: id base sha256(token) created. Hashes only; see `token add`.\n"]
-    lines += [f"{t.id} {t.base} {t.sha256} {t.created}\n" for t in tokens]
     directory = path.parent
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
     try:
         os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.writelines(lines)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -908,6 +927,15 @@ def mint_token(path: Path, base: str) -> tuple[Token, str]:
     token = Token(secrets.token_hex(4), base, hash_token(plaintext), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     write_tokens(path, read_tokens(path) + [token])
     return token, plaintext
+
+
+def revoke_token(path: Path, token_id: str) -> None:
+    """Remove token `token_id` from the tokens file."""
+    tokens = read_tokens(path)
+    kept = [t for t in tokens if t.id != token_id]
+    if len(kept) == len(tokens):
+        raise ConfigError(f"no token with id {token_id!r} in {path}")
+    write_tokens(path, kept)
 
 
 #: Per request: a dict the auth middleware sets up and verify_token (which runs below it, in the
@@ -2159,6 +2187,509 @@ def accept_backlog(cap: int, limit: int) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# Install: the broker as one user's service on this machine
+# --------------------------------------------------------------------------------------------
+
+#: launchd's name for the agent and its plist's file name, as in net.dispatch.broker.plist.
+LAUNCHD_LABEL = "net.dispatch.broker"
+#: The user unit's name; dispatch.service in the repository is the system one.
+SYSTEMD_UNIT = "dispatch.service"
+#: The broker files install may have put in the data directory: a zipapp, or this module.
+INSTALLED_NAMES = ("broker.pyz", "dispatch_broker.py")
+#: A broker.pyz's first start unpacks it into PEX_ROOT: a few seconds, more on a busy machine.
+INSTALL_START_TIMEOUT = 60.0
+#: launchd takes this long to end a booted-out agent, SIGKILL included (the plist's ExitTimeOut).
+LAUNCHD_EXIT_TIMEOUT = 15
+#: Each client connection is a file descriptor: dispatch.service's LimitNOFILE, and launchd's
+#: NumberOfFiles up to kern.maxfilesperproc of older Macs (net.dispatch.broker.plist's).
+SYSTEMD_NOFILE = 16384
+LAUNCHD_NOFILE = 10240
+#: dispatch.service's hardening that a user's own systemd can apply: seccomp and prctl. Its
+#: namespace settings (ProtectHome=, PrivateDevices=, ...) need unprivileged user namespaces in a
+#: user unit, and where those are off the unit would not start at all (and ProtectHome= would hide
+#: the broker's own files); CapabilityBoundingSet= is moot, a user's processes hold none.
+USER_UNIT_HARDENING = """\
+NoNewPrivileges=yes
+RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX
+RestrictNamespaces=yes
+RestrictRealtime=yes
+LockPersonality=yes
+MemoryDenyWriteExecute=yes
+SystemCallArchitectures=native
+SystemCallFilter=@system-service
+SystemCallFilter=~@privileged @resources
+SystemCallErrorNumber=EPERM
+UMask=0077
+"""
+#: The line that starts a session with the plugin installed from this repository's marketplace.
+CLAUDE_LINE = "claude --dangerously-load-development-channels plugin:dispatch@dispatch"
+
+
+def plugin_config_file(env=os.environ) -> Path:
+    """The plugin's config.toml, where dispatch_plugin.config_file() looks (tests/test_contract.py)."""
+    home = Path(env.get("HOME") or Path.home())
+    return Path(env.get("XDG_CONFIG_HOME") or home / ".config") / "dispatch" / "config.toml"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where `install` puts each thing for one user of this machine."""
+
+    data: Path  #: the broker file, the tokens file and the mailbox
+    cache: Path  #: PEX_ROOT: where a broker.pyz unpacks on its first run; safe to delete
+    service: Path  #: the systemd user unit, or the launchd agent
+    config: Path  #: the plugin's config.toml
+    log: Path | None  #: launchd's log file; None under systemd, whose journal keeps it
+
+    @classmethod
+    def for_user(cls, platform: str = sys.platform, env=os.environ) -> "Layout":
+        home = Path(env.get("HOME") or Path.home())
+        if platform == "darwin":
+            library = home / "Library"
+            return cls(library / "Application Support" / "dispatch", library / "Caches" / "dispatch",
+                       library / "LaunchAgents" / f"{LAUNCHD_LABEL}.plist", plugin_config_file(env),
+                       library / "Logs" / "dispatch" / "broker.log")
+        if platform.startswith(("win", "cygwin")):
+            raise ConfigError("install knows launchd (macOS) and systemd (Linux): here, run `serve` yourself")
+        return cls(Path(env.get("XDG_DATA_HOME") or home / ".local" / "share") / "dispatch",
+                   Path(env.get("XDG_CACHE_HOME") or home / ".cache") / "dispatch",
+                   Path(env.get("XDG_CONFIG_HOME") or home / ".config") / "systemd" / "user" / SYSTEMD_UNIT,
+                   plugin_config_file(env), None)
+
+    @property
+    def tokens(self) -> Path:
+        return self.data / "tokens"
+
+    @property
+    def db(self) -> Path:
+        return self.data / "dispatch.db"
+
+
+@dataclass(frozen=True)
+class BrokerFile:
+    """The broker file this process runs from, and the Python a service runs it with."""
+
+    path: Path
+    python: Path
+    name: str  #: its name in the data directory, one of INSTALLED_NAMES
+
+
+def running_broker(env=os.environ) -> BrokerFile:
+    """A broker.pyz runs in a venv pex made in its cache, and pex names the zipapp in $PEX: the
+    service runs the zipapp with the interpreter that venv was made from (the venv is pex's to
+    remake). Otherwise (a checkout, pip) this module, with this interpreter, which has its mcp."""
+    pex = env.get("PEX")
+    if pex and Path(pex).is_file() and Path(__file__).resolve().is_relative_to(Path(sys.prefix).resolve()):
+        return BrokerFile(Path(pex).resolve(), Path(sys._base_executable), INSTALLED_NAMES[0])
+    return BrokerFile(Path(__file__).resolve(), Path(sys.executable), INSTALLED_NAMES[1])
+
+
+def service_environment(layout: Layout, port: int) -> dict[str, str]:
+    """The broker's settings under either service manager (README's table): loopback only."""
+    return {"DISPATCH_HOST": DEFAULT_HOST, "DISPATCH_PORT": str(port), "DISPATCH_DB": str(layout.db),
+            "DISPATCH_TOKENS": str(layout.tokens), "PEX_ROOT": str(layout.cache), "PYTHONUNBUFFERED": "1"}
+
+
+def systemd_quoted(word: str, command: bool = False) -> str:
+    """`word` as one quoted systemd word: % starts a specifier, and $ a variable in a command."""
+    word = word.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%")
+    return '"' + (word.replace("$", "$$") if command else word) + '"'
+
+
+def user_unit(layout: Layout, broker: Path, python: Path, port: int) -> str:
+    """The systemd user unit: dispatch.service's restart, stop and file limits, and the part of
+    its hardening a user unit can have, with every path written out."""
+    environment = "".join(f"Environment={systemd_quoted(f'{k}={v}')}\n"
+                          for k, v in service_environment(layout, port).items())
+    command = " ".join(systemd_quoted(str(word), command=True) for word in (python, broker, "serve"))
+    return f"""\
+# Dispatch broker for one user, written by the broker's `install` (run again, it rewrites this file;
+# `uninstall` removes it). Settings (README's table) go in `systemctl --user edit dispatch`, e.g.
+#   [Service]
+#   Environment=DISPATCH_TTL=24h
+# then `systemctl --user restart dispatch`; for another port run `install --port` again, which also
+# rewrites the plugin's config.toml. Logs: journalctl --user -u dispatch.
+
+[Unit]
+Description=Dispatch MCP broker (this user's)
+
+[Service]
+Type=exec
+{environment}ExecStart={command}
+# The broker re-reads its tokens file on SIGHUP.
+ExecReload=/bin/kill -HUP $MAINPID
+KillSignal=SIGTERM
+# The broker gives open streams 3 s to finish and exits 0; past this, SIGKILL.
+TimeoutStopSec=15
+Restart=on-failure
+RestartSec=5
+# The broker takes half of these for client connections (--max-connections).
+LimitNOFILE={SYSTEMD_NOFILE}
+
+# Hardening: dispatch.service's, less what needs namespaces a user's systemd may not have.
+{USER_UNIT_HARDENING}
+[Install]
+WantedBy=default.target
+"""
+
+
+def launchd_agent(layout: Layout, broker: Path, python: Path, port: int) -> bytes:
+    """The launchd agent: net.dispatch.broker.plist with this machine's paths and interpreter."""
+    log = str(layout.log)
+    return plistlib.dumps({
+        "Label": LAUNCHD_LABEL,
+        "ProgramArguments": [str(python), str(broker), "serve"],
+        "EnvironmentVariables": service_environment(layout, port),
+        "WorkingDirectory": str(layout.data),
+        "RunAtLoad": True,
+        "KeepAlive": {"SuccessfulExit": False},  # again after a crash; a clean exit (SIGTERM) stays down
+        "ThrottleInterval": 5,
+        "ExitTimeOut": LAUNCHD_EXIT_TIMEOUT,
+        "SoftResourceLimits": {"NumberOfFiles": LAUNCHD_NOFILE},
+        "HardResourceLimits": {"NumberOfFiles": LAUNCHD_NOFILE},
+        "Umask": 0o077,
+        "StandardOutPath": log,
+        "StandardErrorPath": log,
+    })
+
+
+def service_definition(layout: Layout, broker: Path, python: Path, port: int) -> bytes:
+    if layout.log is not None:
+        return launchd_agent(layout, broker, python, port)
+    return user_unit(layout, broker, python, port).encode()
+
+
+def put(path: Path, data: bytes) -> bool:
+    """Make `path` hold `data`, readable by its owner only; True when that changed anything."""
+    with contextlib.suppress(FileNotFoundError):
+        if path.read_bytes() == data:
+            return make_private(path)
+    write_private(path, data)
+    return True
+
+
+def make_private(path: Path) -> bool:
+    """chmod 600 unless it is already; True when it was not (the plugin refuses a config.toml with a
+    token that others can read)."""
+    if path.stat().st_mode & 0o077 == 0:
+        return False
+    path.chmod(0o600)
+    return True
+
+
+def plugin_config(path: Path) -> dict[str, Any] | None:
+    """config.toml's settings: {} when there is none, None when it is not TOML."""
+    try:
+        return tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError):
+        return None
+
+
+def plugin_config_text(url: str, token: str) -> bytes:
+    return ("# Written by the Dispatch broker's `install`: the broker on this machine and your token for it.\n"
+            "# `install --force` mints a new token; `uninstall` removes this file.\n"
+            f"url = {json.dumps(url)}\ntoken = {json.dumps(token)}\n").encode()
+
+
+def listed_token(path: Path, token: Any) -> Token | None:
+    """The tokens file's entry for the plaintext `token`, if it has one."""
+    if not isinstance(token, str) or not path.exists():
+        return None
+    digest = hash_token(token)
+    return next((t for t in read_tokens(path) if hmac.compare_digest(t.sha256, digest)), None)
+
+
+def install_token(layout: Layout, config: dict[str, Any], base: str, force: bool) -> tuple[str, str]:
+    """(the token config.toml is to hold, what was done). The one it holds while the tokens file
+    lists it for `base`, unless `force`; else a new one, and the one it replaces is revoked: its
+    plaintext was only ever in config.toml."""
+    old = listed_token(layout.tokens, config.get("token"))
+    if old and old.base == base and not force:
+        return config["token"], f"base {base}, id {old.id} (kept)"
+    if old:
+        revoke_token(layout.tokens, old.id)
+    new, plaintext = mint_token(layout.tokens, base)
+    return plaintext, f"base {base}, id {new.id} (minted{f'; {old.id} revoked' if old else ''})"
+
+
+def default_base() -> str:
+    """The user name, as a base: lower case, letters and digits only (john.doe -> johndoe)."""
+    return re.sub(r"[^a-z0-9]", "", getpass.getuser().lower())[:32]
+
+
+def port_in_use(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection((DEFAULT_HOST, port), timeout=1):
+        return True
+    return False
+
+
+def healthz(port: int) -> dict[str, Any] | None:
+    """The broker's /healthz on this machine's `port`, or None (http.client: no proxy in between)."""
+    connection = http.client.HTTPConnection(DEFAULT_HOST, port, timeout=2)
+    try:
+        connection.request("GET", "/healthz")
+        response = connection.getresponse()
+        return json.loads(response.read()) if response.status == 200 else None
+    except (OSError, ValueError, http.client.HTTPException):
+        return None
+    finally:
+        connection.close()
+
+
+def wait_healthy(port: int, logs: str) -> dict[str, Any]:
+    deadline = time.monotonic() + INSTALL_START_TIMEOUT
+    while time.monotonic() < deadline:
+        health = healthz(port)
+        if health:
+            return health
+        time.sleep(0.25)
+    raise ServiceError(f"the broker did not answer http://{DEFAULT_HOST}:{port}/healthz within "
+                       f"{INSTALL_START_TIMEOUT:.0f} s: see {logs}")
+
+
+def run_tool(*command: str) -> subprocess.CompletedProcess:
+    return subprocess.run(command, capture_output=True, text=True, timeout=60)
+
+
+def last_line(done: subprocess.CompletedProcess) -> str:
+    return (done.stderr.strip() or done.stdout.strip() or f"exit {done.returncode}").splitlines()[-1]
+
+
+class Systemd:
+    """This user's systemd (`systemctl --user`): starts the unit at login, logs to the journal."""
+
+    command = "systemctl"
+    unit = f"{SYSTEMD_UNIT} (systemctl --user)"
+    logs = "journalctl --user -u dispatch"
+    #: A user's services stop when their last session ends, unless lingering is on.
+    note = "runs while you are logged in (`loginctl enable-linger` keeps it running without)"
+
+    def __init__(self, layout: Layout):
+        self.layout = layout
+        self.load_command = "systemctl --user daemon-reload && systemctl --user enable --now dispatch"
+
+    def unreachable(self) -> str | None:
+        done = run_tool(self.command, "--user", "show-environment")
+        return None if done.returncode == 0 else f"`systemctl --user` cannot reach your systemd: {last_line(done)}"
+
+    def running(self) -> bool:
+        return run_tool(self.command, "--user", "is-active", "--quiet", SYSTEMD_UNIT).returncode == 0
+
+    def start(self) -> None:
+        for action in (["daemon-reload"], ["enable", SYSTEMD_UNIT], ["restart", SYSTEMD_UNIT]):
+            done = run_tool(self.command, "--user", *action)
+            if done.returncode != 0:
+                raise ServiceError(f"systemctl --user {' '.join(action)}: {last_line(done)}")
+
+    def stop(self) -> None:
+        run_tool(self.command, "--user", "disable", "--now", SYSTEMD_UNIT)  # fails only when not there
+
+    def forget(self) -> None:
+        """After the unit file is gone: systemd keeps a unit it has read until it reloads."""
+        run_tool(self.command, "--user", "daemon-reload")
+
+
+class Launchd:
+    """This user's launchd (the gui/<uid> domain): loads the agent at login, logs to layout.log."""
+
+    command = "launchctl"
+    unit = f"{LAUNCHD_LABEL} (launchctl)"
+    note = "starts at login"
+
+    def __init__(self, layout: Layout):
+        self.layout = layout
+        self.domain = f"gui/{os.getuid()}"
+        self.logs = str(layout.log)
+        self.load_command = f"launchctl bootstrap {self.domain} {shlex.quote(str(layout.service))}"
+
+    def unreachable(self) -> str | None:
+        done = run_tool(self.command, "print", self.domain)
+        return None if done.returncode == 0 else f"no launchd session of yours here ({last_line(done)})"
+
+    def running(self) -> bool:
+        return run_tool(self.command, "print", f"{self.domain}/{LAUNCHD_LABEL}").returncode == 0
+
+    def start(self) -> None:
+        """Boot out the agent as it was (it may run an older file), then bootstrap it anew."""
+        self.stop()
+        deadline = time.monotonic() + LAUNCHD_EXIT_TIMEOUT
+        while self.running() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        done = run_tool(self.command, "bootstrap", self.domain, str(self.layout.service))
+        if done.returncode != 0:
+            raise ServiceError(f"launchctl bootstrap {self.domain}: {last_line(done)}")
+
+    def stop(self) -> None:
+        run_tool(self.command, "bootout", f"{self.domain}/{LAUNCHD_LABEL}")  # fails only when not loaded
+
+    def forget(self) -> None:
+        """A booted-out agent is gone from launchd already."""
+
+
+def service_kind(layout: Layout) -> type[Systemd] | type[Launchd]:
+    return Launchd if layout.log is not None else Systemd
+
+
+def service_manager(layout: Layout, files_only: bool) -> tuple[Systemd | Launchd | None, str]:
+    """The service manager to load the broker into, or None and why not."""
+    if files_only:
+        return None, "--files-only"
+    kind = service_kind(layout)
+    if not shutil.which(kind.command):
+        return None, f"no {kind.command} here, so no {kind.__name__.lower()} to run it"
+    manager = kind(layout)
+    why = manager.unreachable()
+    return (None, why) if why else (manager, "")
+
+
+@dataclass(frozen=True)
+class Installed:
+    """What install_files did: each field True when it changed something."""
+
+    source: BrokerFile
+    broker: Path  #: the copy in the data directory
+    copied: bool
+    token_note: str
+    minted: bool
+    defined: bool  #: the unit or agent written
+    configured: bool  #: config.toml written, or made private
+
+
+def check_install(layout: Layout, manager: Systemd | Launchd | None, config: dict[str, Any] | None, url: str,
+                  base: str, port: int, force: bool) -> bool:
+    """Refuse before anything is written; True when the service runs already."""
+    if (config is None or config and config.get("url") != url) and not force:
+        holds = "is not TOML" if config is None else f"points the plugin at {config.get('url')!r}"
+        raise ConfigError(f"{layout.config} {holds}; install would replace it: run it again with --force")
+    if not BASE_RE.fullmatch(base):
+        raise ConfigError(f"cannot make a base of {base!r}: give one with --base ([a-z0-9]{{1,32}})")
+    running = manager is not None and manager.running()
+    if manager is not None and not running and port_in_use(port):
+        raise ServiceError(f"something already listens on {DEFAULT_HOST}:{port} (a broker started by hand?): "
+                           "stop it, or install with another --port")
+    return running
+
+
+def install_files(layout: Layout, config: dict[str, Any], url: str, base: str, port: int, force: bool) -> Installed:
+    """The broker file, its token, the service definition, then config.toml: each only if it differs."""
+    logs = [layout.log.parent] if layout.log else []  # launchd makes no directory for its log
+    for directory in (layout.data, layout.service.parent, layout.config.parent, *logs):
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    source = running_broker()
+    broker = layout.data / source.name
+    copied = not (broker.exists() and broker.samefile(source.path)) and put(broker, source.path.read_bytes())
+    for other in set(INSTALLED_NAMES) - {source.name}:  # a zipapp replaced by the module, or back
+        with contextlib.suppress(FileNotFoundError):
+            (layout.data / other).unlink()
+    token, token_note = install_token(layout, config, base, force)
+    minted = token != config.get("token")
+    defined = put(layout.service, service_definition(layout, broker, source.python, port))
+    # A kept token keeps config.toml as it is: it may hold more settings (a name) of the user's.
+    configured = put(layout.config, plugin_config_text(url, token)) if minted else make_private(layout.config)
+    return Installed(source, broker, copied, token_note, minted, defined, configured)
+
+
+def say(rows: list[tuple[str, str]]) -> None:
+    """Print (label, text) rows as an aligned table."""
+    width = max(len(label) for label, _ in rows)
+    for label, text in rows:
+        print(f"  {label:<{width}}  {text}")
+
+
+def install(layout: Layout, manager: Systemd | Launchd | None, why_not: str, base: str, port: int,
+            force: bool) -> None:
+    """cmd_install's work, for `layout`; `manager` None leaves every service manager alone."""
+    url = f"http://{DEFAULT_HOST}:{port}/mcp"
+    config = plugin_config(layout.config)
+    running = check_install(layout, manager, config, url, base, port, force)
+    done = install_files(layout, config or {}, url, base, port, force)
+    rows = [("broker", f"{done.broker} ({f'copied from {done.source.path}' if done.copied else 'unchanged'})"),
+            ("python", str(done.source.python)),
+            ("token", done.token_note),
+            ("mailbox", f"{layout.db} ({'kept' if layout.db.exists() else 'made at first start'})"),
+            ("service", f"{layout.service} ({'written' if done.defined else 'unchanged'})"),
+            ("config", f"{layout.config} ({'written, mode 0600' if done.configured else 'unchanged'})")]
+    restart = not running or done.copied or done.minted or done.defined
+    if manager is not None:
+        if restart:
+            manager.start()
+        health = wait_healthy(port, manager.logs)
+        state = ("restarted" if running else "started") if restart else "running"
+        rows += [("broker", f"{state}, {manager.note}; answers at {url} (version {health.get('version')})"),
+                 ("logs", manager.logs)]
+    print(f"Dispatch broker for {base} on this machine:")
+    say(rows)
+    if not (done.copied or done.minted or done.defined or done.configured or manager and restart):
+        print("Nothing changed.")
+    if manager is None:
+        serve = [str(done.source.python), str(done.broker), "serve", "--port", str(port), "--db", str(layout.db),
+                 "--tokens", str(layout.tokens)]
+        print(f"\nNot started: {why_not}.")
+        if why_not == "--files-only":
+            print(f"Start the service with:\n  {service_kind(layout)(layout).load_command}\nor run the broker yourself:")
+        else:
+            print("Run the broker yourself (with a supervisor of your own to keep it up):")
+        print(f"  {shlex.join(serve)}")
+    for variable in ("DISPATCH_URL", "DISPATCH_TOKEN", "DISPATCH_TOKEN_COMMAND"):
+        if os.environ.get(variable):
+            print(f"Note: {variable} is set in this shell, and wins over config.toml for the plugin.")
+    print(f"\nStart Claude Code with Dispatch (the plugin installed from this repository's marketplace):\n  {CLAUDE_LINE}")
+
+
+def uninstall(layout: Layout, manager: Systemd | Launchd | None, purge: bool) -> None:
+    """cmd_uninstall's work, for `layout`; `manager` None leaves every service manager alone."""
+    config = plugin_config(layout.config) or {}
+    ours = listed_token(layout.tokens, config.get("token"))  # read before the tokens file may go
+    rows = []
+
+    def remove(path: Path) -> None:
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        else:
+            return
+        rows.append(("removed", str(path)))
+
+    if manager is not None:
+        running = manager.running()
+        manager.stop()  # also when not running: systemd may still have it enabled
+        if running:
+            rows.append(("stopped", manager.unit))
+    if ours:
+        remove(layout.config)
+        with contextlib.suppress(OSError):  # only when empty: the plugin's directory, made by install
+            layout.config.parent.rmdir()
+        if not purge:
+            revoke_token(layout.tokens, ours.id)  # its plaintext was only in config.toml
+            rows.append(("revoked", f"token {ours.id} (base {ours.base})"))
+    remove(layout.service)
+    if manager is not None:
+        manager.forget()
+    for path in [layout.data / name for name in INSTALLED_NAMES] + [layout.cache]:
+        remove(path)
+    if purge:
+        for path in [layout.db.with_name(layout.db.name + side) for side in ("", *SIDE_FILES)] + [layout.tokens]:
+            remove(path)
+        if layout.log is not None:
+            remove(layout.log.parent)
+        with contextlib.suppress(OSError):  # only when empty: nothing of anyone else's goes
+            layout.data.rmdir()
+            rows.append(("removed", str(layout.data)))
+    elif layout.db.exists():
+        rows.append(("kept", f"{layout.db} (the mailbox; `uninstall --purge` removes it)"))
+    if layout.config.exists():
+        rows.append(("kept", f"{layout.config} (not written by install: its token is not one this broker minted)"))
+    if not any(label in ("stopped", "removed") for label, _ in rows):
+        print("Nothing of the Dispatch broker was installed here.")
+        return
+    print("Dispatch broker uninstalled from this machine:")
+    say(rows)
+
+
+# --------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------
 
@@ -2320,13 +2851,40 @@ def cmd_token_revoke(args: argparse.Namespace) -> int:
 
     Example: python3 broker.pyz token revoke 1a2b3c4d --tokens /etc/dispatch/tokens
     """
-    path = Path(args.tokens) if args.tokens else default_tokens_path()
-    tokens = read_tokens(path)
-    kept = [t for t in tokens if t.id != args.id]
-    if len(kept) == len(tokens):
-        raise ConfigError(f"no token with id {args.id!r} in {path}")
-    write_tokens(path, kept)
+    revoke_token(Path(args.tokens) if args.tokens else default_tokens_path(), args.id)
     print(f"token {args.id} revoked", file=sys.stderr)
+    return 0
+
+
+def cmd_install(args: argparse.Namespace) -> int:
+    """Run the broker as your own service on this machine, and point all your sessions at it.
+
+    Copies this broker file into your data directory (~/.local/share/dispatch, on macOS
+    ~/Library/Application Support/dispatch; the mailbox and token hashes live there too), mints a
+    token for --base, writes a systemd user unit (Linux) or a launchd agent (macOS), writes the
+    plugin's config.toml (mode 0600) with the broker's URL and the token, then starts the service
+    and waits for /healthz. Run again, it changes nothing and keeps the token and the mailbox.
+    Where no service manager answers (a container), it says so and prints the serve command.
+
+    Example: python3 broker.pyz install
+    """
+    layout = Layout.for_user()
+    manager, why_not = service_manager(layout, args.files_only)
+    install(layout, manager, why_not, args.base or default_base(), args.port, args.force)
+    return 0
+
+
+def cmd_uninstall(args: argparse.Namespace) -> int:
+    """Stop the service install made and remove its files, keeping the mailbox (--purge: not).
+
+    Removes the unit or agent, the broker file, its unpacked cache and config.toml, if that still
+    holds the token install minted (which is revoked). The mailbox and the tokens file stay, for a
+    later install; --purge removes them and the logs too.
+
+    Example: python3 broker.pyz uninstall
+    """
+    layout = Layout.for_user()
+    uninstall(layout, service_manager(layout, args.files_only)[0], args.purge)
     return 0
 
 
@@ -2396,6 +2954,18 @@ def parser() -> argparse.ArgumentParser:
         if name == "revoke":
             c.add_argument("id", help="token id from `token list`")
         c.add_argument("--tokens", default=env("DISPATCH_TOKENS"), help="tokens file (default $CREDENTIALS_DIRECTORY/tokens or ./tokens)")
+
+    i = command("install", cmd_install)
+    i.add_argument("--base", help="the base of the token to mint (default: your user name, letters and digits)")
+    i.add_argument("--port", type=port_number, default=DEFAULT_PORT, help="loopback TCP port (default %(default)s)")
+    i.add_argument("--force", action="store_true",
+                   help="mint a new token (revoking the one config.toml holds) and replace a config.toml that "
+                        "points elsewhere")
+    u = command("uninstall", cmd_uninstall)
+    u.add_argument("--purge", action="store_true", help="remove the mailbox, the tokens file and the logs too")
+    for c in (i, u):
+        c.add_argument("--files-only", action="store_true",
+                       help="leave systemd and launchd alone: only write (remove) the files")
     return p
 
 

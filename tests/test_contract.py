@@ -9,6 +9,7 @@ import json
 import sys
 
 import mcp_types.version
+import pytest
 
 from harness import PLUGIN
 
@@ -92,3 +93,14 @@ def test_the_plugins_link_id_is_one_the_broker_keeps():
     config = plugin.Config("http://127.0.0.1:8765/mcp", "dsp_backend_" + "0" * 48, "backend", "backend-1", "test")
     for _ in range(100):
         assert broker.LINK_ID_RE.fullmatch(plugin.BrokerClient(config).link_id)
+
+
+@pytest.mark.parametrize("xdg_config_home", [None, "/somewhere/config"])
+def test_install_writes_config_toml_where_the_plugin_reads_it(monkeypatch, tmp_path, xdg_config_home):
+    env = {"HOME": str(tmp_path)} | ({"XDG_CONFIG_HOME": xdg_config_home} if xdg_config_home else {})
+    monkeypatch.setenv("HOME", str(tmp_path))
+    if xdg_config_home:
+        monkeypatch.setenv("XDG_CONFIG_HOME", xdg_config_home)
+    else:
+        monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
+    assert str(broker.plugin_config_file(env)) == plugin.config_file()
