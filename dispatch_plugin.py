@@ -22,8 +22,9 @@ Three faces:
   python3 dispatch_plugin.py hook prompt-submit   the hooks of the Claude Code plugin package
 
 Configuration: DISPATCH_URL, DISPATCH_TOKEN or DISPATCH_TOKEN_COMMAND, optional DISPATCH_NAME,
-from the environment or ~/.config/dispatch/config.toml (url, token, token_command, name); the
-environment wins. Nothing is written to disk.
+from the environment, else the plugin's options in Claude Code (url, token), else
+~/.config/dispatch/config.toml (url, token, token_command, name): `read_settings` is the rule.
+Nothing is written to disk.
 """
 
 from __future__ import annotations  # unevaluated: names only annotations use (typing, argparse) stay unimported
@@ -157,7 +158,7 @@ class Refused(DispatchError):
 
 
 # --------------------------------------------------------------------------------------------
-# Configuration: environment, then ~/.config/dispatch/config.toml, then the token command
+# Configuration: environment, then the plugin's options, then config.toml; then the token command
 # --------------------------------------------------------------------------------------------
 
 
@@ -182,6 +183,14 @@ class Config(collections.namedtuple("Config", "url token base name token_source"
 #: Each setting: its key in config.toml and its environment variable.
 SETTINGS = (("url", ENV_URL), ("token", ENV_TOKEN), ("token_command", ENV_TOKEN_COMMAND), ("name", ENV_NAME),
             ("allow_http", ENV_ALLOW_HTTP))
+#: The settings the plugin package declares as Claude Code options (plugin.json `userConfig`).
+#: Claude Code gives hooks each set one as CLAUDE_PLUGIN_OPTION_<KEY>, and .mcp.json hands the
+#: server the same names (`${user_config.<key>}`); an option left unset reaches the server as ''.
+PLUGIN_OPTIONS = ("url", "token")
+#: Where Claude Code puts an option for hooks, and .mcp.json for the server: this and the key in upper case.
+OPTION_PREFIX = "CLAUDE_PLUGIN_OPTION_"
+#: Two ways to give one setting, the token: the first place that gives either wins.
+TOKEN_KEYS = ("token", "token_command")
 
 
 def shell_quoted(path: str) -> str:
@@ -216,28 +225,41 @@ def read_config_file(path: str) -> dict[str, Any]:
     return data
 
 
+def plugin_option(key: str, env=os.environ) -> str | None:
+    """The plugin option `key` as Claude Code passed it, or None where it is unset: '' (the
+    server's value for an unset option) and an unsubstituted `${user_config.…}` both set nothing."""
+    value = env.get(OPTION_PREFIX + key.upper(), "") if key in PLUGIN_OPTIONS else ""
+    return value if value.strip() and not value.startswith("${") else None
+
+
 def read_settings(env=os.environ) -> dict[str, str]:
-    """url/token/token_command/name/allow_http from the config file, overridden by the environment."""
-    settings: dict[str, str] = {}
+    """The one rule of precedence: each setting from the first place that sets it, the
+    environment (DISPATCH_*), then the plugin's options in Claude Code, then config.toml. An
+    empty value sets nothing. The token and its command are one setting: a token command in
+    the environment beats a token in the options or the file, and within one place the token
+    beats the command. Each value comes with `<key>_from`, where it came from."""
     path = config_file()
-    if os.path.exists(path):
-        data = read_config_file(path)
+    data = read_config_file(path) if os.path.exists(path) else {}
+    settings: dict[str, str] = {}
+    for place in ("environment", "options", "file"):
         for key, var in SETTINGS:
-            if key in data:
-                settings[key], settings[f"{key}_from"] = str(data[key]), f"{key} in {path}"
-    for key, var in SETTINGS:
-        if env.get(var):
-            settings[key], settings[f"{key}_from"] = env[var], var
+            value, source = {"environment": (env.get(var), var),
+                             "options": (plugin_option(key, env), f"the plugin's {key} option"),
+                             "file": (data.get(key), f"{key} in {path}")}[place]
+            token_set = key in TOKEN_KEYS and any(k in settings for k in TOKEN_KEYS)
+            if value not in (None, "") and key not in settings and not token_set:
+                settings[key], settings[f"{key}_from"] = str(value), source
     return settings
 
 
 def resolve_token(settings: dict[str, str]) -> tuple[str, str]:
-    """(token, where it came from). DISPATCH_TOKEN wins over DISPATCH_TOKEN_COMMAND."""
+    """(token, where it came from): the token, or what its command prints."""
     if settings.get("token"):
         return settings["token"].strip(), settings["token_from"]
     command = settings.get("token_command")
     if not command:
-        raise ConfigError(f"no token: set {ENV_TOKEN} or {ENV_TOKEN_COMMAND} (e.g. 'pass show dispatch')")
+        raise ConfigError(f"no token: set {ENV_TOKEN} or {ENV_TOKEN_COMMAND} (e.g. 'pass show dispatch'), or the "
+                          "plugin's token option")
     import subprocess
 
     try:
@@ -287,7 +309,8 @@ def load_config(session_id: str | None = None, env=os.environ) -> Config:
     settings = read_settings(env)
     url = settings.get("url")
     if not url:
-        raise ConfigError(f"no broker URL: set {ENV_URL} (e.g. https://dispatch.example.net:8765/mcp)")
+        raise ConfigError(f"no broker URL: set {ENV_URL} (e.g. https://dispatch.example.net:8765/mcp) or the plugin's "
+                          "url option")
     check_url(url, settings.get("allow_http", "").lower() in ("1", "true", "yes"))
     token, source = resolve_token(settings)
     shape = TOKEN_RE.fullmatch(token)
