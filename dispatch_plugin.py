@@ -56,6 +56,13 @@ ENV_NAME = "DISPATCH_NAME"
 ENV_LOG = "DISPATCH_LOG"
 #: Opt-in to a plain-http broker that is not on this machine: the token then crosses the network in clear.
 ENV_ALLOW_HTTP = "DISPATCH_ALLOW_HTTP"
+#: Where a broker on this machine listens unless told otherwise (the broker's --host and --port
+#: defaults): the doctor looks there when nothing is configured.
+LOCAL_BROKER_URL = "http://127.0.0.1:8765/mcp"
+#: The broker file build.py writes for each machine (sys.platform, platform.machine()): dist/broker-<name>.pyz.
+BROKER_PLATFORMS = {("linux", "x86_64"): "linux-x86_64", ("linux", "amd64"): "linux-x86_64",
+                    ("linux", "aarch64"): "linux-aarch64", ("linux", "arm64"): "linux-aarch64",
+                    ("darwin", "arm64"): "macos-arm64", ("darwin", "x86_64"): "macos-x86_64"}
 
 #: The broker link speaks the 2026-07-28 era: every call is one self-contained POST.
 BROKER_PROTOCOL = "2026-07-28"
@@ -1975,9 +1982,10 @@ def cmd_ping(args: argparse.Namespace) -> int:
 
 def describe_settings(settings: dict[str, str]) -> str:
     if not settings.get("url"):
-        raise ConfigError(f"{ENV_URL} is not set")
+        raise ConfigError(f"{ENV_URL} is not set, nor the plugin's url option, nor url in config.toml")
     if not settings.get("token") and not settings.get("token_command"):
-        raise ConfigError(f"neither {ENV_TOKEN} nor {ENV_TOKEN_COMMAND} is set")
+        raise ConfigError(f"neither {ENV_TOKEN} nor {ENV_TOKEN_COMMAND} is set, nor the plugin's token option, nor "
+                          "token in config.toml")
     return f"{settings['url']} (from {settings['url_from']})"
 
 
@@ -2042,17 +2050,81 @@ def round_trip(client: BrokerClient) -> str:
     return f"{(time.perf_counter() - started) * 1000:.0f} ms"
 
 
+def plugin_root(env=os.environ) -> str:
+    """The directory this plugin runs from: the plugin package's, a checkout, or the one holding plugin.pyz."""
+    here = os.path.dirname(os.path.realpath(__file__))
+    return env.get("CLAUDE_PLUGIN_ROOT") or (os.path.dirname(here) if os.path.isfile(here) else here)
+
+
+def broker_command(env=os.environ) -> str:
+    """How to run the broker on this machine, as a command to paste: the broker file built for
+    this machine beside the plugin, else an installed `dispatch-broker`, else the checkout's
+    dispatch_broker.py, else the file to fetch."""
+    import platform
+    import shutil
+
+    root = plugin_root(env)
+    name = f"broker-{BROKER_PLATFORMS.get((sys.platform, platform.machine().lower()), '<this machine>')}.pyz"
+    for path in (os.path.join(root, "dist", name), os.path.join(root, name)):
+        if os.path.isfile(path):
+            return f"python3 {shell_quoted(path)}"
+    if shutil.which("dispatch-broker"):
+        return "dispatch-broker"
+    if os.path.isfile(os.path.join(root, "dispatch_broker.py")):  # needs the packages of requirements.lock
+        return f"python3 {shell_quoted(os.path.join(root, 'dispatch_broker.py'))}"
+    return f"python3 {name}"
+
+
+def user_base() -> str:
+    """The base `broker install` mints a token for: the user's name, as a base may spell it."""
+    import getpass
+
+    return re.sub(r"[^a-z0-9]", "", getpass.getuser().lower())[:32] or "me"
+
+
+def local_broker() -> str | None:
+    """What the broker on this machine's default port says of itself, or None where none answers."""
+    try:
+        return health(Config(url=LOCAL_BROKER_URL, token="", base="", name="", token_source=""))
+    except (OSError, DispatchError, ValueError):
+        return None
+
+
+def token_fix(base: str, env=os.environ) -> str:
+    """The fix for a broker on this machine that lacks the token: mint one, reload, hand it over."""
+    return (f"mint one with `{broker_command(env)} token add {base} --tokens FILE` (FILE: the tokens file that "
+            f"broker reads), have the broker re-read it (SIGHUP, or restart its service), then give the token to "
+            f"the plugin: {ENV_TOKEN}, `token` in {config_file()}, or the plugin's token option")
+
+
+def not_configured(settings: dict[str, str], env=os.environ) -> str:
+    """What to do when the doctor finds no url or no token: install a broker here when none
+    answers on this machine, mint a token when one does."""
+    url = settings.get("url")
+    answer = local_broker() if not url or is_loopback(urllib.parse.urlsplit(url).hostname or "") else None
+    if answer:
+        return f"a broker answers on {LOCAL_BROKER_URL} ({answer}), but there is no token: {token_fix(user_base(), env)}"
+    if not url:
+        return (f"no broker answers on {LOCAL_BROKER_URL}: install one on this machine with "
+                f"`{broker_command(env)} install` (a per-user service, a token for base {user_base()}, and "
+                f"{config_file()} for the plugin); for a broker elsewhere, set {ENV_URL} and {ENV_TOKEN}, or the "
+                f"plugin's options (`claude plugin install dispatch@{marketplace(env)} --config url=… --config "
+                f"token=…`)")
+    return f"set {ENV_TOKEN} (or {ENV_TOKEN_COMMAND}), `token` in {config_file()}, or the plugin's token option"
+
+
 class Doctor:
     """Each check prints ✔ or ✘ and, for a ✘, the fix. Stops at the first ✘ that blocks the rest."""
 
     def __init__(self):
         self.failed = False
 
-    def step(self, label: str, check, fix: str):
+    def step(self, label: str, check, fix):
+        """Run `check`; `fix` is the one-line fix, or a function that finds it, called only on a ✘."""
         try:
             detail = check()
         except Exception as exc:
-            say(f"✘ {label}: {exc}\n    fix: {fix}")
+            say(f"✘ {label}: {exc}\n    fix: {fix() if callable(fix) else fix}")
             self.failed = True
             return None
         say(f"✔ {label}{': ' + str(detail) if detail else ''}")
@@ -2061,11 +2133,17 @@ class Doctor:
     def run(self) -> int:
         import socket
 
-        settings = self.step("configuration", lambda: describe_settings(read_settings()),
-                             f"set {ENV_URL} and {ENV_TOKEN} (or {ENV_TOKEN_COMMAND}) in the environment Claude Code "
-                             f"is started from, or in {config_file()}")
+        found: list[dict[str, str]] = []  # the settings, once read: an unusable config.toml has none
+
+        def configuration() -> str:
+            found.append(read_settings())
+            return describe_settings(found[0])
+
+        settings = self.step("configuration", configuration,
+                             lambda: not_configured(found[0]) if found else f"make {config_file()} usable, as it says")
         config = settings and self.step("token and name", describe_identity,
-                                        f"check {ENV_URL}, and that the token is one printed by `broker.pyz token add BASE`")
+                                        f"check {ENV_URL}, and that the token is one printed by "
+                                        f"`{broker_command()} token add BASE`")
         if not config:
             return 1
         config = load_config()
@@ -2082,7 +2160,9 @@ class Doctor:
         ok = ok and self.step("broker /healthz", lambda: health(config), "is DISPATCH_URL the broker's /mcp URL?")
         client = BrokerClient(config)
         ok = ok and self.step(f"auth and identify as {config.name}", lambda: client.identify() and "accepted",
-                              "mint a token for your base with `broker.pyz token add BASE` and reload the broker")
+                              token_fix(config.base) if is_loopback(parts.hostname) else
+                              f"ask whoever runs the broker at {parts.hostname} for a token of base {config.base} "
+                              "(`token add BASE` there, then a reload)")
         ok = ok and self.step("round trip self → broker → self", lambda: round_trip(client),
                               "see the broker's log (journalctl -u dispatch)")
         if ok:
@@ -2094,6 +2174,10 @@ class Doctor:
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     """Check configuration, token, DNS, TCP, TLS, auth, identify, a self round trip and how mail arrives.
+
+    Each ✘ comes with its one-line fix. With nothing configured it looks for a broker on this
+    machine (127.0.0.1:8765): none answers, it gives the command that installs one here; one
+    answers, the command that mints your token.
 
     Example: DISPATCH_URL=https://dispatch.example.net:8765/mcp python3 dispatch_plugin.py doctor
     """
@@ -2187,8 +2271,8 @@ def parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(
         prog="dispatch", description="Dispatch: with no command, run the Claude Code channel (stdio MCP server).",
-        epilog=f"Configuration: {ENV_URL}, {ENV_TOKEN} or {ENV_TOKEN_COMMAND}, {ENV_NAME}, {ENV_ALLOW_HTTP} "
-               f"(env or {config_file()}).")
+        epilog=f"Configuration: {ENV_URL}, {ENV_TOKEN} or {ENV_TOKEN_COMMAND}, {ENV_NAME}, {ENV_ALLOW_HTTP}, each "
+               f"from the environment, else the Claude Code plugin's options (url, token), else {config_file()}.")
     p.add_argument("--version", action="version", version=__version__)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     groups = {"": sub}  # "hook" is added below the others, where the help lists it

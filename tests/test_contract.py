@@ -92,3 +92,11 @@ def test_the_plugins_link_id_is_one_the_broker_keeps():
     config = plugin.Config("http://127.0.0.1:8765/mcp", "dsp_backend_" + "0" * 48, "backend", "backend-1", "test")
     for _ in range(100):
         assert broker.LINK_ID_RE.fullmatch(plugin.BrokerClient(config).link_id)
+
+
+def test_the_doctor_looks_for_the_broker_where_it_listens_by_default_and_under_the_name_build_gives_it():
+    import build
+
+    assert plugin.LOCAL_BROKER_URL == f"http://{broker.DEFAULT_HOST}:{broker.DEFAULT_PORT}/mcp"
+    built = {(p.system, machine): p.name for p in build.PLATFORMS for machine in p.machines}
+    assert plugin.BROKER_PLATFORMS == built
