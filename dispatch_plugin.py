@@ -22,8 +22,9 @@ Three faces:
   python3 dispatch_plugin.py hook prompt-submit   the hooks of the Claude Code plugin package
 
 Configuration: DISPATCH_URL, DISPATCH_TOKEN or DISPATCH_TOKEN_COMMAND, optional DISPATCH_NAME,
-from the environment or ~/.config/dispatch/config.toml (url, token, token_command, name); the
-environment wins. Nothing is written to disk.
+from the environment, else the plugin's options in Claude Code (url, token), else
+~/.config/dispatch/config.toml (url, token, token_command, name): `read_settings` is the rule.
+Nothing is written to disk.
 """
 
 from __future__ import annotations  # unevaluated: names only annotations use (typing, argparse) stay unimported
@@ -55,6 +56,13 @@ ENV_NAME = "DISPATCH_NAME"
 ENV_LOG = "DISPATCH_LOG"
 #: Opt-in to a plain-http broker that is not on this machine: the token then crosses the network in clear.
 ENV_ALLOW_HTTP = "DISPATCH_ALLOW_HTTP"
+#: Where a broker on this machine listens unless told otherwise (the broker's --host and --port
+#: defaults): the doctor looks there when nothing is configured.
+LOCAL_BROKER_URL = "http://127.0.0.1:8765/mcp"
+#: The broker file build.py writes for each machine (sys.platform, platform.machine()): dist/broker-<name>.pyz.
+BROKER_PLATFORMS = {("linux", "x86_64"): "linux-x86_64", ("linux", "amd64"): "linux-x86_64",
+                    ("linux", "aarch64"): "linux-aarch64", ("linux", "arm64"): "linux-aarch64",
+                    ("darwin", "arm64"): "macos-arm64", ("darwin", "x86_64"): "macos-x86_64"}
 
 #: The broker link speaks the 2026-07-28 era: every call is one self-contained POST.
 BROKER_PROTOCOL = "2026-07-28"
@@ -157,7 +165,7 @@ class Refused(DispatchError):
 
 
 # --------------------------------------------------------------------------------------------
-# Configuration: environment, then ~/.config/dispatch/config.toml, then the token command
+# Configuration: environment, then the plugin's options, then config.toml; then the token command
 # --------------------------------------------------------------------------------------------
 
 
@@ -182,6 +190,14 @@ class Config(collections.namedtuple("Config", "url token base name token_source"
 #: Each setting: its key in config.toml and its environment variable.
 SETTINGS = (("url", ENV_URL), ("token", ENV_TOKEN), ("token_command", ENV_TOKEN_COMMAND), ("name", ENV_NAME),
             ("allow_http", ENV_ALLOW_HTTP))
+#: The settings the plugin package declares as Claude Code options (plugin.json `userConfig`).
+#: Claude Code gives hooks each set one as CLAUDE_PLUGIN_OPTION_<KEY>, and .mcp.json hands the
+#: server the same names (`${user_config.<key>}`); an option left unset reaches the server as ''.
+PLUGIN_OPTIONS = ("url", "token")
+#: Where Claude Code puts an option for hooks, and .mcp.json for the server: this and the key in upper case.
+OPTION_PREFIX = "CLAUDE_PLUGIN_OPTION_"
+#: Two ways to give one setting, the token: the first place that gives either wins.
+TOKEN_KEYS = ("token", "token_command")
 
 
 def shell_quoted(path: str) -> str:
@@ -216,28 +232,41 @@ def read_config_file(path: str) -> dict[str, Any]:
     return data
 
 
+def plugin_option(key: str, env=os.environ) -> str | None:
+    """The plugin option `key` as Claude Code passed it, or None where it is unset: '' (the
+    server's value for an unset option) and an unsubstituted `${user_config.…}` both set nothing."""
+    value = env.get(OPTION_PREFIX + key.upper(), "") if key in PLUGIN_OPTIONS else ""
+    return value if value.strip() and not value.startswith("${") else None
+
+
 def read_settings(env=os.environ) -> dict[str, str]:
-    """url/token/token_command/name/allow_http from the config file, overridden by the environment."""
-    settings: dict[str, str] = {}
+    """The one rule of precedence: each setting from the first place that sets it, the
+    environment (DISPATCH_*), then the plugin's options in Claude Code, then config.toml. An
+    empty value sets nothing. The token and its command are one setting: a token command in
+    the environment beats a token in the options or the file, and within one place the token
+    beats the command. Each value comes with `<key>_from`, where it came from."""
     path = config_file()
-    if os.path.exists(path):
-        data = read_config_file(path)
+    data = read_config_file(path) if os.path.exists(path) else {}
+    settings: dict[str, str] = {}
+    for place in ("environment", "options", "file"):
         for key, var in SETTINGS:
-            if key in data:
-                settings[key], settings[f"{key}_from"] = str(data[key]), f"{key} in {path}"
-    for key, var in SETTINGS:
-        if env.get(var):
-            settings[key], settings[f"{key}_from"] = env[var], var
+            value, source = {"environment": (env.get(var), var),
+                             "options": (plugin_option(key, env), f"the plugin's {key} option"),
+                             "file": (data.get(key), f"{key} in {path}")}[place]
+            token_set = key in TOKEN_KEYS and any(k in settings for k in TOKEN_KEYS)
+            if value not in (None, "") and key not in settings and not token_set:
+                settings[key], settings[f"{key}_from"] = str(value), source
     return settings
 
 
 def resolve_token(settings: dict[str, str]) -> tuple[str, str]:
-    """(token, where it came from). DISPATCH_TOKEN wins over DISPATCH_TOKEN_COMMAND."""
+    """(token, where it came from): the token, or what its command prints."""
     if settings.get("token"):
         return settings["token"].strip(), settings["token_from"]
     command = settings.get("token_command")
     if not command:
-        raise ConfigError(f"no token: set {ENV_TOKEN} or {ENV_TOKEN_COMMAND} (e.g. 'pass show dispatch')")
+        raise ConfigError(f"no token: set {ENV_TOKEN} or {ENV_TOKEN_COMMAND} (e.g. 'pass show dispatch'), or the "
+                          "plugin's token option")
     import subprocess
 
     try:
@@ -287,7 +316,8 @@ def load_config(session_id: str | None = None, env=os.environ) -> Config:
     settings = read_settings(env)
     url = settings.get("url")
     if not url:
-        raise ConfigError(f"no broker URL: set {ENV_URL} (e.g. https://dispatch.example.net:8765/mcp)")
+        raise ConfigError(f"no broker URL: set {ENV_URL} (e.g. https://dispatch.example.net:8765/mcp) or the plugin's "
+                          "url option")
     check_url(url, settings.get("allow_http", "").lower() in ("1", "true", "yes"))
     token, source = resolve_token(settings)
     shape = TOKEN_RE.fullmatch(token)
@@ -1952,9 +1982,10 @@ def cmd_ping(args: argparse.Namespace) -> int:
 
 def describe_settings(settings: dict[str, str]) -> str:
     if not settings.get("url"):
-        raise ConfigError(f"{ENV_URL} is not set")
+        raise ConfigError(f"{ENV_URL} is not set, nor the plugin's url option, nor url in config.toml")
     if not settings.get("token") and not settings.get("token_command"):
-        raise ConfigError(f"neither {ENV_TOKEN} nor {ENV_TOKEN_COMMAND} is set")
+        raise ConfigError(f"neither {ENV_TOKEN} nor {ENV_TOKEN_COMMAND} is set, nor the plugin's token option, nor "
+                          "token in config.toml")
     return f"{settings['url']} (from {settings['url_from']})"
 
 
@@ -2019,17 +2050,81 @@ def round_trip(client: BrokerClient) -> str:
     return f"{(time.perf_counter() - started) * 1000:.0f} ms"
 
 
+def plugin_root(env=os.environ) -> str:
+    """The directory this plugin runs from: the plugin package's, a checkout, or the one holding plugin.pyz."""
+    here = os.path.dirname(os.path.realpath(__file__))
+    return env.get("CLAUDE_PLUGIN_ROOT") or (os.path.dirname(here) if os.path.isfile(here) else here)
+
+
+def broker_command(env=os.environ) -> str:
+    """How to run the broker on this machine, as a command to paste: the broker file built for
+    this machine beside the plugin, else an installed `dispatch-broker`, else the checkout's
+    dispatch_broker.py, else the file to fetch."""
+    import platform
+    import shutil
+
+    root = plugin_root(env)
+    name = f"broker-{BROKER_PLATFORMS.get((sys.platform, platform.machine().lower()), '<this machine>')}.pyz"
+    for path in (os.path.join(root, "dist", name), os.path.join(root, name)):
+        if os.path.isfile(path):
+            return f"python3 {shell_quoted(path)}"
+    if shutil.which("dispatch-broker"):
+        return "dispatch-broker"
+    if os.path.isfile(os.path.join(root, "dispatch_broker.py")):  # needs the packages of requirements.lock
+        return f"python3 {shell_quoted(os.path.join(root, 'dispatch_broker.py'))}"
+    return f"python3 {name}"
+
+
+def user_base() -> str:
+    """The base `broker install` mints a token for: the user's name, as a base may spell it."""
+    import getpass
+
+    return re.sub(r"[^a-z0-9]", "", getpass.getuser().lower())[:32] or "me"
+
+
+def local_broker() -> str | None:
+    """What the broker on this machine's default port says of itself, or None where none answers."""
+    try:
+        return health(Config(url=LOCAL_BROKER_URL, token="", base="", name="", token_source=""))
+    except (OSError, DispatchError, ValueError):
+        return None
+
+
+def token_fix(base: str, env=os.environ) -> str:
+    """The fix for a broker on this machine that lacks the token: mint one, reload, hand it over."""
+    return (f"mint one with `{broker_command(env)} token add {base} --tokens FILE` (FILE: the tokens file that "
+            f"broker reads), have the broker re-read it (SIGHUP, or restart its service), then give the token to "
+            f"the plugin: {ENV_TOKEN}, `token` in {config_file()}, or the plugin's token option")
+
+
+def not_configured(settings: dict[str, str], env=os.environ) -> str:
+    """What to do when the doctor finds no url or no token: install a broker here when none
+    answers on this machine, mint a token when one does."""
+    url = settings.get("url")
+    answer = local_broker() if not url or is_loopback(urllib.parse.urlsplit(url).hostname or "") else None
+    if answer:
+        return f"a broker answers on {LOCAL_BROKER_URL} ({answer}), but there is no token: {token_fix(user_base(), env)}"
+    if not url:
+        return (f"no broker answers on {LOCAL_BROKER_URL}: install one on this machine with "
+                f"`{broker_command(env)} install` (a per-user service, a token for base {user_base()}, and "
+                f"{config_file()} for the plugin); for a broker elsewhere, set {ENV_URL} and {ENV_TOKEN}, or the "
+                f"plugin's options (`claude plugin install dispatch@{marketplace(env)} --config url=… --config "
+                f"token=…`)")
+    return f"set {ENV_TOKEN} (or {ENV_TOKEN_COMMAND}), `token` in {config_file()}, or the plugin's token option"
+
+
 class Doctor:
     """Each check prints ✔ or ✘ and, for a ✘, the fix. Stops at the first ✘ that blocks the rest."""
 
     def __init__(self):
         self.failed = False
 
-    def step(self, label: str, check, fix: str):
+    def step(self, label: str, check, fix):
+        """Run `check`; `fix` is the one-line fix, or a function that finds it, called only on a ✘."""
         try:
             detail = check()
         except Exception as exc:
-            say(f"✘ {label}: {exc}\n    fix: {fix}")
+            say(f"✘ {label}: {exc}\n    fix: {fix() if callable(fix) else fix}")
             self.failed = True
             return None
         say(f"✔ {label}{': ' + str(detail) if detail else ''}")
@@ -2038,11 +2133,17 @@ class Doctor:
     def run(self) -> int:
         import socket
 
-        settings = self.step("configuration", lambda: describe_settings(read_settings()),
-                             f"set {ENV_URL} and {ENV_TOKEN} (or {ENV_TOKEN_COMMAND}) in the environment Claude Code "
-                             f"is started from, or in {config_file()}")
+        found: list[dict[str, str]] = []  # the settings, once read: an unusable config.toml has none
+
+        def configuration() -> str:
+            found.append(read_settings())
+            return describe_settings(found[0])
+
+        settings = self.step("configuration", configuration,
+                             lambda: not_configured(found[0]) if found else f"make {config_file()} usable, as it says")
         config = settings and self.step("token and name", describe_identity,
-                                        f"check {ENV_URL}, and that the token is one printed by `broker.pyz token add BASE`")
+                                        f"check {ENV_URL}, and that the token is one printed by "
+                                        f"`{broker_command()} token add BASE`")
         if not config:
             return 1
         config = load_config()
@@ -2059,7 +2160,9 @@ class Doctor:
         ok = ok and self.step("broker /healthz", lambda: health(config), "is DISPATCH_URL the broker's /mcp URL?")
         client = BrokerClient(config)
         ok = ok and self.step(f"auth and identify as {config.name}", lambda: client.identify() and "accepted",
-                              "mint a token for your base with `broker.pyz token add BASE` and reload the broker")
+                              token_fix(config.base) if is_loopback(parts.hostname) else
+                              f"ask whoever runs the broker at {parts.hostname} for a token of base {config.base} "
+                              "(`token add BASE` there, then a reload)")
         ok = ok and self.step("round trip self → broker → self", lambda: round_trip(client),
                               "see the broker's log (journalctl -u dispatch)")
         if ok:
@@ -2071,6 +2174,10 @@ class Doctor:
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     """Check configuration, token, DNS, TCP, TLS, auth, identify, a self round trip and how mail arrives.
+
+    Each ✘ comes with its one-line fix. With nothing configured it looks for a broker on this
+    machine (127.0.0.1:8765): none answers, it gives the command that installs one here; one
+    answers, the command that mints your token.
 
     Example: DISPATCH_URL=https://dispatch.example.net:8765/mcp python3 dispatch_plugin.py doctor
     """
@@ -2164,8 +2271,8 @@ def parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(
         prog="dispatch", description="Dispatch: with no command, run the Claude Code channel (stdio MCP server).",
-        epilog=f"Configuration: {ENV_URL}, {ENV_TOKEN} or {ENV_TOKEN_COMMAND}, {ENV_NAME}, {ENV_ALLOW_HTTP} "
-               f"(env or {config_file()}).")
+        epilog=f"Configuration: {ENV_URL}, {ENV_TOKEN} or {ENV_TOKEN_COMMAND}, {ENV_NAME}, {ENV_ALLOW_HTTP}, each "
+               f"from the environment, else the Claude Code plugin's options (url, token), else {config_file()}.")
     p.add_argument("--version", action="version", version=__version__)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     groups = {"": sub}  # "hook" is added below the others, where the help lists it

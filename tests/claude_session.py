@@ -251,11 +251,12 @@ def copy_package(where: Path) -> Path:
     return where
 
 
-def install_plugin(home: Path, project: Path, package: Path) -> str:
+def install_plugin(home: Path, project: Path, package: Path, options: dict[str, str] | None = None) -> str:
     """`claude plugin marketplace add PACKAGE` and `claude plugin install dispatch@dispatch`, as a
-    user would (user scope). Returns what they printed."""
+    user would (user scope), with `--config KEY=VALUE` for each of `options`. Returns what they printed."""
     out = run_claude(home, "plugin", "marketplace", "add", str(package), cwd=project)
-    return out + run_claude(home, "plugin", "install", f"{PLUGIN_NAME}@{MARKETPLACE}", cwd=project)
+    config = [arg for key, value in (options or {}).items() for arg in ("--config", f"{key}={value}")]
+    return out + run_claude(home, "plugin", "install", f"{PLUGIN_NAME}@{MARKETPLACE}", *config, cwd=project)
 
 
 def python3_shim(bindir: Path, python: str) -> Path:

@@ -300,10 +300,11 @@ BURST, BURST_TURNS = 41, 5
 
 @contextlib.contextmanager
 def inbox_session(broker, home: Path, project: Path, bindir: Path, flags: list[str] = (),
-                  extra: dict[str, str] | None = None):
-    """Claude Code with no channel flag and its inbox gate open, configured for `broker` as base e2e."""
-    env = {"DISPATCH_URL": broker.url, "DISPATCH_TOKEN": broker.token("e2e"),
-           "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}", **INBOX_ENV, **(extra or {})}
+                  extra: dict[str, str] | None = None, dispatch_env: bool = True):
+    """Claude Code with no channel flag and its inbox gate open, configured for `broker` as base e2e
+    by DISPATCH_URL and DISPATCH_TOKEN (`dispatch_env=False`: no DISPATCH_* at all)."""
+    settings = {"DISPATCH_URL": broker.url, "DISPATCH_TOKEN": broker.token("e2e")} if dispatch_env else {}
+    env = {**settings, "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}", **INBOX_ENV, **(extra or {})}
     api = cs.MessagesStandIn()
     session = cs.ClaudeSession(home, project, list(flags), api, env)
     session.env.pop("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", None)
@@ -463,3 +464,42 @@ def test_a_session_that_holds_or_switches_off_its_inbox_gets_mail_once_with_the_
         last = send_and_check(session, broker, sender, {}, case)
         assert all(cs.occurrences(b, last) == 1 for b in bodies), delivery_report(session, broker, bodies, last)
         wait_for(lambda: all(acks(broker)[b] is not None for b in bodies), 15, interval=0.25, what="acks")
+
+
+@pytest.fixture
+def configured_claude_home(broker, tmp_path):
+    """A throwaway HOME with the plugin installed as README says, its settings given to Claude
+    Code: `claude plugin install dispatch@dispatch --config url=… --config token=…`."""
+    home, project = tmp_path / "home", tmp_path / "project"
+    cs.prepare_home(home, project)
+    out = cs.install_plugin(home, project, cs.copy_package(tmp_path / "package"),
+                            {"url": broker.url, "token": broker.token("e2e")})
+    assert "not yet set" not in out, out
+    return home, project, cs.python3_shim(tmp_path / "bin", sys.executable)
+
+
+@needs_claude_in_tmux
+@pytest.mark.parametrize("way", ["live", "crossSessionInbound hold"])
+def test_a_plugin_configured_only_by_its_options_gets_mail_and_its_hooks_work(broker, configured_claude_home, way):
+    """No DISPATCH_* anywhere and no config.toml: the server has the options through .mcp.json's
+    ${user_config.…}, the hooks through CLAUDE_PLUGIN_OPTION_*. Live: the server delivers through
+    the session's inbox. Held: the prompt hook delivers with the next prompt."""
+    home, project, bindir = configured_claude_home
+    if way != "live":
+        add_settings(home, {"crossSessionInbound": "hold"})
+    with inbox_session(broker, home, project, bindir, dispatch_env=False) as session:
+        assert not any(k.startswith("DISPATCH_") for k in session.env)
+        session.submit("first prompt")
+        name, sender = session_name(session), plugin_env(broker, "peer")
+        await_participant(broker, sender, name)
+        told = [t for r in session.api.messages_requests() for t in cs.texts(r) if "Dispatch" in t]
+        assert any(f"Your Dispatch name is {name}" in t for t in told), f"the SessionStart hook should have its settings:\n{told}"
+        body = f"dispatch-e2e-options-{way.split()[0]}-{os.urandom(3).hex()}"
+        assert run_cli(sender, "send", "--to", name, body).returncode == 0
+        if way == "live":
+            check_live(session, broker, [body], way)
+        else:
+            send_and_check(session, broker, sender, {}, way)  # the next prompts show it, through the hook
+            assert cs.first_seen(body, session.transcript_lines())[1] == "hook", \
+                delivery_report(session, broker, [body])
+            wait_for(lambda: acks(broker)[body] is not None, 15, interval=0.25, what="the ack")

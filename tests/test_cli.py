@@ -110,7 +110,69 @@ def test_doctor_says_which_setting_is_missing_when_nothing_is_configured(tmp_pat
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DISPATCH_", "CLAUDE_"))}
     result = run_cli({**env, "XDG_CONFIG_HOME": str(tmp_path)}, "doctor")
     assert result.returncode == 1
-    assert result.stdout.startswith("✘ configuration: DISPATCH_URL is not set\n    fix: ")
+    assert result.stdout.startswith("✘ configuration: DISPATCH_URL is not set, nor the plugin's url option, nor url "
+                                    "in config.toml\n    fix: ")
+
+
+@pytest.fixture
+def nothing_configured(tmp_path, monkeypatch):
+    """The doctor in this process with no settings anywhere, and the plugin run from an empty
+    directory (no broker file, no checkout) with no `dispatch-broker` on PATH."""
+    for name in list(os.environ):
+        if name.startswith(("DISPATCH_", "CLAUDE_")):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("CLAUDE_PLUGIN_ROOT", str(tmp_path / "plugin"))
+    monkeypatch.setenv("PATH", str(tmp_path / "no-bin"))
+    (tmp_path / "plugin").mkdir()
+    return tmp_path / "plugin"
+
+
+def doctor_fix(capsys) -> tuple[str, str]:
+    """(the ✘ line, its fix) of a doctor run in this process that fails at its first check."""
+    assert dispatch_plugin.Doctor().run() == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("✘ ") and lines[1].startswith("    fix: "), lines
+    return lines[0], lines[1].removeprefix("    fix: ")
+
+
+@pytest.mark.parametrize("layout", ["broker file in dist", "checkout"])
+def test_doctor_says_the_install_command_for_this_machine_when_nothing_is_configured_and_no_broker_answers(
+        nothing_configured, monkeypatch, capsys, layout):
+    import platform
+
+    monkeypatch.setattr(dispatch_plugin, "LOCAL_BROKER_URL", closed_url())
+    here = dispatch_plugin.BROKER_PLATFORMS[(sys.platform, platform.machine().lower())]
+    program = nothing_configured / ("dist" if layout != "checkout" else "") / \
+        (f"broker-{here}.pyz" if layout != "checkout" else "dispatch_broker.py")
+    program.parent.mkdir(exist_ok=True)
+    program.write_text("")
+    line, fix = doctor_fix(capsys)
+    assert line.startswith("✘ configuration: DISPATCH_URL is not set"), line
+    assert f"no broker answers on {closed_url()}: install one on this machine with `python3 {program} install`" in fix
+    assert f"a token for base {dispatch_plugin.user_base()}" in fix and "--config url=… --config token=…" in fix, fix
+
+
+def test_doctor_says_which_token_command_to_run_when_a_broker_here_answers_but_no_token_is_set(
+        nothing_configured, shared_broker, monkeypatch, capsys):
+    monkeypatch.setattr(dispatch_plugin, "LOCAL_BROKER_URL", shared_broker.url)
+    (nothing_configured / "dist").mkdir()
+    (nothing_configured / "dist" / "broker.pyz").write_text("")  # not this machine's name: not taken
+    (nothing_configured / "dispatch_broker.py").write_text("")
+    monkeypatch.setenv("DISPATCH_URL", shared_broker.url)
+    line, fix = doctor_fix(capsys)
+    assert line.startswith("✘ configuration: neither DISPATCH_TOKEN nor DISPATCH_TOKEN_COMMAND is set"), line
+    assert fix.startswith(f"a broker answers on {shared_broker.url} (version "), fix
+    assert f"`python3 {nothing_configured / 'dispatch_broker.py'} token add {dispatch_plugin.user_base()} " \
+           f"--tokens FILE`" in fix, fix
+
+
+def test_doctor_says_which_token_command_to_run_when_a_broker_here_refuses_the_token(shared_broker):
+    result = run_cli({**plugin_env(shared_broker, "test", "test-doc3"), "DISPATCH_TOKEN": unknown_token("test")},
+                     "doctor")
+    lines = result.stdout.splitlines()
+    [at] = [i for i, line in enumerate(lines) if line.startswith("✘ auth and identify as test-doc3")]
+    assert " token add test --tokens FILE`" in lines[at + 1] and "SIGHUP" in lines[at + 1], result.stdout
 
 
 def subcommands() -> list[list[str]]:

@@ -104,3 +104,11 @@ def test_install_writes_config_toml_where_the_plugin_reads_it(monkeypatch, tmp_p
     else:
         monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
     assert str(broker.plugin_config_file(env)) == plugin.config_file()
+
+
+def test_the_doctor_looks_for_the_broker_where_it_listens_by_default_and_under_the_name_build_gives_it():
+    import build
+
+    assert plugin.LOCAL_BROKER_URL == f"http://{broker.DEFAULT_HOST}:{broker.DEFAULT_PORT}/mcp"
+    built = {(p.system, machine): p.name for p in build.PLATFORMS for machine in p.machines}
+    assert plugin.BROKER_PLATFORMS == built
