@@ -2090,8 +2090,21 @@ def local_broker() -> str | None:
         return None
 
 
+def installed_tokens(env=os.environ) -> str:
+    """The tokens file of the broker `install` sets up for this user (in its data directory)."""
+    home = env.get("HOME") or os.path.expanduser("~")
+    if sys.platform == "darwin":
+        return os.path.join(home, "Library", "Application Support", "dispatch", "tokens")
+    return os.path.join(env.get("XDG_DATA_HOME") or os.path.join(home, ".local", "share"), "dispatch", "tokens")
+
+
 def token_fix(base: str, env=os.environ) -> str:
-    """The fix for a broker on this machine that lacks the token: mint one, reload, hand it over."""
+    """The fix for a broker on this machine that lacks the token: `install` again where it set
+    that broker up (it mints, writes config.toml and restarts); else mint, reload, hand it over."""
+    if os.path.isfile(installed_tokens(env)):
+        flag = "" if base == user_base() else f" --base {base}"
+        return (f"run `{broker_command(env)} install{flag}` again: it mints a token for base {base}, writes it to "
+                f"{config_file()} and restarts the broker, keeping the mailbox")
     return (f"mint one with `{broker_command(env)} token add {base} --tokens FILE` (FILE: the tokens file that "
             f"broker reads), have the broker re-read it (SIGHUP, or restart its service), then give the token to "
             f"the plugin: {ENV_TOKEN}, `token` in {config_file()}, or the plugin's token option")

@@ -445,10 +445,11 @@ class ClaudeCodeSession:
 
 
 def plugin_env(broker: BrokerProcess, base: str, name: str | None = None, **extra: str) -> dict[str, str]:
-    """A clean environment for a plugin: no user config, the broker's URL and a token for `base`."""
+    """A clean environment for a plugin: no user config or installed broker, the broker's URL
+    and a token for `base`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DISPATCH_", "CLAUDE_"))}
     env.update({"DISPATCH_URL": broker.url, "DISPATCH_TOKEN": broker.token(base),
-                "XDG_CONFIG_HOME": str(broker.workdir / "xdg-none")})
+                "XDG_CONFIG_HOME": str(broker.workdir / "xdg-none"), "XDG_DATA_HOME": str(broker.workdir / "xdg-none")})
     if name:
         env["DISPATCH_NAME"] = name
     env.update(extra)

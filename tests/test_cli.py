@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -122,6 +123,7 @@ def nothing_configured(tmp_path, monkeypatch):
         if name.startswith(("DISPATCH_", "CLAUDE_")):
             monkeypatch.delenv(name)
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg-data"))  # no broker `install` set up
     monkeypatch.setenv("CLAUDE_PLUGIN_ROOT", str(tmp_path / "plugin"))
     monkeypatch.setenv("PATH", str(tmp_path / "no-bin"))
     (tmp_path / "plugin").mkdir()
@@ -165,6 +167,20 @@ def test_doctor_says_which_token_command_to_run_when_a_broker_here_answers_but_n
     assert fix.startswith(f"a broker answers on {shared_broker.url} (version "), fix
     assert f"`python3 {nothing_configured / 'dispatch_broker.py'} token add {dispatch_plugin.user_base()} " \
            f"--tokens FILE`" in fix, fix
+
+
+def test_doctor_says_to_run_install_again_when_the_broker_here_is_one_install_set_up(
+        nothing_configured, shared_broker, monkeypatch, capsys):
+    monkeypatch.setattr(dispatch_plugin, "LOCAL_BROKER_URL", shared_broker.url)
+    (nothing_configured / "dispatch_broker.py").write_text("")
+    tokens = Path(dispatch_plugin.installed_tokens())
+    tokens.parent.mkdir(parents=True)
+    tokens.write_text("")
+    monkeypatch.setenv("DISPATCH_URL", shared_broker.url)
+    line, fix = doctor_fix(capsys)
+    assert line.startswith("✘ configuration: neither DISPATCH_TOKEN nor DISPATCH_TOKEN_COMMAND is set"), line
+    assert f"run `python3 {nothing_configured / 'dispatch_broker.py'} install` again: it mints a token for base " \
+           f"{dispatch_plugin.user_base()}" in fix, fix
 
 
 def test_doctor_says_which_token_command_to_run_when_a_broker_here_refuses_the_token(shared_broker):

@@ -112,3 +112,9 @@ def test_the_doctor_looks_for_the_broker_where_it_listens_by_default_and_under_t
     assert plugin.LOCAL_BROKER_URL == f"http://{broker.DEFAULT_HOST}:{broker.DEFAULT_PORT}/mcp"
     built = {(p.system, machine): p.name for p in build.PLATFORMS for machine in p.machines}
     assert plugin.BROKER_PLATFORMS == built
+
+
+@pytest.mark.parametrize("xdg_data_home", [None, "/somewhere/data"])
+def test_the_doctor_knows_where_install_keeps_the_tokens(tmp_path, xdg_data_home):
+    env = {"HOME": str(tmp_path)} | ({"XDG_DATA_HOME": xdg_data_home} if xdg_data_home else {})
+    assert plugin.installed_tokens(env) == str(broker.Layout.for_user(env=env).tokens)
