@@ -131,6 +131,13 @@ def figures_table(r: dict[str, Any]) -> str:
             f"{soak['fds_first']} → {soak['fds_last']}; {soak['cpu_pct_mean']}%; {soak['fanout_min_received']}")
         row("soak", "sessions live at the end; links rebuilt by the sessions (reconnects)",
             f"{soak.get('live_at_end')} of {soak['sessions']}; {soak.get('reconnects')}")
+    ways = r.get("ways", {})
+    for way, label in (("channel", "channel (the development flag)"), ("socket", "session inbox (no flag)")):
+        if way in ways:
+            w = ways[way]
+            row("ways", f"Claude Code {ways.get('claude_code', '')}, idle, {label}: send → model request p50 / max "
+                        f"(n); a typed prompt → its request p50", f"{ms(w['send_to_model_ms'])} / "
+                f"{ms(w['send_to_model_ms'], 'max')} ({w['send_to_model_ms']['n']}); {ms(w['typed_to_model_ms'])}")
     st = r.get("startup", {})
     if st:
         row("startup", "`python3 -I -c pass` spawn → exit (p50, max)",
