@@ -2221,8 +2221,10 @@ SystemCallFilter=~@privileged @resources
 SystemCallErrorNumber=EPERM
 UMask=0077
 """
-#: The line that starts a session with the plugin installed from this repository's marketplace.
-CLAUDE_LINE = "claude --dangerously-load-development-channels plugin:dispatch@dispatch"
+#: What to run once the broker is up: the plugin from a clone of this repository, then Claude Code
+#: as usual (mail reaches an idle session through its own inbox; no flag is needed).
+CLAUDE_LINE = ("claude plugin marketplace add /path/to/dispatch && claude plugin install dispatch@dispatch\n"
+               "  claude")
 
 
 def plugin_config_file(env=os.environ) -> Path:
@@ -2635,7 +2637,8 @@ def install(layout: Layout, manager: Systemd | Launchd | None, why_not: str, bas
     for variable in ("DISPATCH_URL", "DISPATCH_TOKEN", "DISPATCH_TOKEN_COMMAND"):
         if os.environ.get(variable):
             print(f"Note: {variable} is set in this shell, and wins over config.toml for the plugin.")
-    print(f"\nStart Claude Code with Dispatch (the plugin installed from this repository's marketplace):\n  {CLAUDE_LINE}")
+    print(f"\nThen install the plugin from a clone of this repository, once, and start Claude Code as usual:\n"
+          f"  {CLAUDE_LINE}")
 
 
 def uninstall(layout: Layout, manager: Systemd | Launchd | None, purge: bool) -> None:

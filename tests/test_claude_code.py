@@ -16,17 +16,20 @@ import contextlib
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 import claude_session as cs
 from claude_session import CLAUDE, isolated_env
-from harness import db_query, plugin_env, run_cli, wait_for
+from harness import db_query, free_port, plugin_env, run_cli, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = [".claude-plugin", ".mcp.json", "hooks", "commands", "dispatch_plugin.py"]  # what the plugin package runs
@@ -503,3 +506,83 @@ def test_a_plugin_configured_only_by_its_options_gets_mail_and_its_hooks_work(br
             assert cs.first_seen(body, session.transcript_lines())[1] == "hook", \
                 delivery_report(session, broker, [body])
             wait_for(lambda: acks(broker)[body] is not None, 15, interval=0.25, what="the ack")
+
+
+# ---------------------------------------------------------------------------------------------
+# README's one-machine quick start, as written
+# ---------------------------------------------------------------------------------------------
+
+ONE_MACHINE = re.compile(r"<!-- quick-start: one machine -->\s*```sh\n(.*?)```", re.S)
+
+
+def run_line(line: str, cwd: Path, env: dict[str, str]) -> str:
+    done = subprocess.run(["bash", "-c", line], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"{line!r} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
+    return done.stdout + done.stderr
+
+
+def serve_line(printed: str) -> str:
+    """The `serve` command `install` prints where no service manager answers."""
+    lines = printed.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("Run the broker yourself"))
+    return lines[at + 1].strip()
+
+
+@needs_claude_in_tmux
+def test_readme_one_machine_quick_start_as_written_gets_mail_live_in_a_clean_home(tmp_path):
+    """README's one-machine path, line by line, in a clean HOME and a clone of this repository:
+    build, `install`, the plugin from the clone, then `claude` with no flag and nothing in the
+    environment. Mail sent from the shell reaches the model before anything is typed. Two
+    departures, both README's own: no service manager answers here (no user bus is given), so
+    the test runs the `serve` command `install` prints; and `--port` keeps off this machine's 8765."""
+    lines = ONE_MACHINE.search((ROOT / "README.md").read_text()).group(1).strip().splitlines()
+    assert lines[-1] == "claude" and any(line.endswith(" install") for line in lines), lines
+    home, clone = tmp_path / "home", tmp_path / "dispatch"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True, timeout=120)
+    cs.prepare_home(home, clone)
+    path = f"{cs.python3_shim(tmp_path / 'bin', sys.executable)}{os.pathsep}{Path(CLAUDE).parent}{os.pathsep}" \
+           f"{os.environ['PATH']}"
+    env = {k: v for k, v in isolated_env(home, {"PATH": path, **INBOX_ENV}).items()
+           if k not in ("XDG_RUNTIME_DIR", "DBUS_SESSION_BUS_ADDRESS", "XDG_DATA_HOME")}
+    port = free_port()
+    broker = None
+    try:
+        for line in lines[:-1]:
+            if line.endswith(" install"):
+                printed = run_line(f"{line} --port {port}", clone, env)
+                assert "Not started" in printed, f"install must not load a service on the test machine:\n{printed}"
+                broker = subprocess.Popen(shlex.split(serve_line(printed)), env=env, stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL)
+                wait_for(lambda: healthy(port), 60, interval=0.2, what="the installed broker's /healthz")
+            else:
+                run_line(line, clone, env)
+        mailbox = SimpleNamespace(db=home / ".local" / "share" / "dispatch" / "dispatch.db")
+        api = cs.MessagesStandIn()
+        session = cs.ClaudeSession(home, clone, [], api, {"PATH": path, **INBOX_ENV})
+        session.env.pop("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", None)
+        try:
+            session.start()
+            session.submit("first prompt")
+            sys.path.insert(0, str(ROOT))
+            import dispatch_plugin
+
+            name = f"{dispatch_plugin.user_base()}-{session.session_id.replace('-', '')[:8]}"
+            wait_for(lambda: db_query(mailbox, "SELECT 1 FROM participants WHERE name = ?", name), 30,
+                     what=f"{name} known to the broker")
+            body = f"dispatch-e2e-quick-start-{os.urandom(3).hex()}"
+            run_line(f"python3 dispatch_plugin.py send --to {name} {body}", clone, env)
+            check_live(session, mailbox, [body], "one machine")
+        finally:
+            session.close()
+            api.close()
+    finally:
+        if broker:
+            broker.terminate()
+            broker.wait(10)
+
+
+def healthy(port: int) -> bool:
+    with contextlib.suppress(OSError):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as answer:
+            return answer.status == 200
+    return False
