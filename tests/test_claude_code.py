@@ -532,14 +532,17 @@ def serve_line(printed: str) -> str:
 def test_readme_one_machine_quick_start_as_written_gets_mail_live_in_a_clean_home(tmp_path):
     """README's one-machine path, line by line, in a clean HOME and a clone of this repository:
     build, `install`, the plugin from the clone, then `claude` with no flag and nothing in the
-    environment. Mail sent from the shell reaches the model before anything is typed. Two
+    environment, in a project of the user's. Mail sent from the shell reaches the model before
+    anything is typed. Two
     departures, both README's own: no service manager answers here (no user bus is given), so
     the test runs the `serve` command `install` prints; and `--port` keeps off this machine's 8765."""
     lines = ONE_MACHINE.search((ROOT / "README.md").read_text()).group(1).strip().splitlines()
-    assert lines[-1] == "claude" and any(line.endswith(" install") for line in lines), lines
+    start = re.fullmatch(r"cd ~/(\S+) && claude\b.*", lines[-1])
+    assert start and any(line.endswith(" install") for line in lines), lines
     home, clone = tmp_path / "home", tmp_path / "dispatch"
+    project = home / start.group(1)
     subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True, timeout=120)
-    cs.prepare_home(home, clone)
+    cs.prepare_home(home, project)
     path = f"{cs.python3_shim(tmp_path / 'bin', sys.executable)}{os.pathsep}{Path(CLAUDE).parent}{os.pathsep}" \
            f"{os.environ['PATH']}"
     env = {k: v for k, v in isolated_env(home, {"PATH": path, **INBOX_ENV}).items()
@@ -558,7 +561,7 @@ def test_readme_one_machine_quick_start_as_written_gets_mail_live_in_a_clean_hom
                 run_line(line, clone, env)
         mailbox = SimpleNamespace(db=home / ".local" / "share" / "dispatch" / "dispatch.db")
         api = cs.MessagesStandIn()
-        session = cs.ClaudeSession(home, clone, [], api, {"PATH": path, **INBOX_ENV})
+        session = cs.ClaudeSession(home, project, [], api, {"PATH": path, **INBOX_ENV})
         session.env.pop("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", None)
         try:
             session.start()
