@@ -92,3 +92,10 @@ def test_the_plugins_link_id_is_one_the_broker_keeps():
     config = plugin.Config("http://127.0.0.1:8765/mcp", "dsp_backend_" + "0" * 48, "backend", "backend-1", "test")
     for _ in range(100):
         assert broker.LINK_ID_RE.fullmatch(plugin.BrokerClient(config).link_id)
+
+
+def test_the_postmasters_name_and_the_longest_send_wait_match():
+    assert plugin.POSTMASTER == broker.POSTMASTER
+    assert broker.BASE_RE.fullmatch(broker.POSTMASTER)  # a name's shape: the plugin shows it like any sender
+    assert plugin.MAX_SEND_WAIT == broker.MAX_SEND_WAIT
+    assert plugin.STATUS_LAST <= broker.STATUS_MAX_LIMIT
