@@ -2,7 +2,9 @@
 
 Several Claude Code sessions talk to one broker through the Dispatch plugin. The broker knows
 who is connected, pushes mail to live receivers, keeps mail for offline ones until a TTL, and
-counts mail as delivered only when the receiver acknowledges it::
+counts mail as delivered only when the receiver acknowledges it. Mail that waits out the TTL
+unacked is deleted and its sender told so (a bounce from `postmaster`, in its own mailbox);
+`status` tells a sender what became of each message::
 
     sender plugin ──send(to, body)──▶ tools ──INSERT + COMMIT──▶ SQLite mailbox (WAL, FULL)
                                         │                              │
