@@ -2,7 +2,9 @@
 
 Several Claude Code sessions talk to one broker through the Dispatch plugin. The broker knows
 who is connected, pushes mail to live receivers, keeps mail for offline ones until a TTL, and
-counts mail as delivered only when the receiver acknowledges it::
+counts mail as delivered only when the receiver acknowledges it. Mail that waits out the TTL
+unacked is deleted and its sender told so (a bounce from `postmaster`, in its own mailbox);
+`status` tells a sender what became of each message::
 
     sender plugin ──send(to, body)──▶ tools ──INSERT + COMMIT──▶ SQLite mailbox (WAL, FULL)
                                         │                              │
@@ -53,7 +55,7 @@ import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Callable, Literal
 
 import h11
 import uvicorn
@@ -67,7 +69,7 @@ from mcp.server.transport_security import TransportSecuritySettings
 from mcp_types import CallToolResult, TextContent
 from pydantic import BaseModel, Field
 from starlette.responses import JSONResponse, PlainTextResponse
-from typing_extensions import TypedDict  # pydantic needs this one on Python < 3.12 for nested dicts
+from typing_extensions import NotRequired, TypedDict  # pydantic needs this one on Python < 3.12 for nested dicts
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 __version__ = "0.1.0"
@@ -235,9 +237,21 @@ LINK_ID_RE = re.compile(rf"[\x21-\x7e]{{1,{LINK_ID_MAX}}}")
 LINK_PROTOCOL = "2026-07-28"
 #: Tools whose call is answered once, with nothing on its stream before the answer: every tool
 #: but `listen`. Their 2026-07-28 calls are answered as JSON (`by_tool`).
-ANSWERED_TOOLS = frozenset({b"identify", b"send", b"reply", b"ping", b"mail.ack", b"who", b"inbox"})
+ANSWERED_TOOLS = frozenset({b"identify", b"send", b"reply", b"ping", b"mail.ack", b"who", b"inbox", b"status"})
 #: The most messages one `inbox` call returns.
 INBOX_MAX_LIMIT = 1000
+#: The broker's own name, the sender of its delivery notices (bounces). A base like any other by
+#: its shape, but reserved: no token is minted for it and no participant may take it, so nobody
+#: can pass for the broker; mail to it is refused, never stored for nobody.
+POSTMASTER = "postmaster"
+#: The longest a send may wait for its live recipients' acks (`wait_s`): the answer is held open
+#: meanwhile, and the plugin waits for a call this much longer than usual.
+MAX_SEND_WAIT = 30.0
+#: A bounce quotes this many characters of the message it reports, and a receipt keeps as many:
+#: enough for the sender to know which message it was, never the whole body.
+QUOTE_CHARS = 80
+#: The most messages one `status` call reports.
+STATUS_MAX_LIMIT = 200
 MAIL_METHOD = "notifications/dispatch/mail"
 
 
@@ -316,6 +330,14 @@ def check_name(name: str) -> str:
             f"bad name {name!r}: use a base like 'backend' ([a-z0-9]{{1,32}}) or base-suffix like "
             "'backend-a8b3c1d2' (suffix [a-z0-9-]{1,31})", "bad_name")
     return name
+
+
+def check_not_postmaster(name: str) -> None:
+    """POSTMASTER (and its base) is the broker's own: nobody may take it, and nobody reads mail to it."""
+    if base_of(name) == POSTMASTER:
+        raise Refused(f"{name!r} is reserved: {POSTMASTER!r} is the Dispatch broker's own name for its delivery "
+                      "notices (bounces), and nobody reads mail to it. To try an unread message again, send it to "
+                      "its recipient anew", "reserved_name")
 
 
 def check_client_msg_id(client_msg_id: str) -> str:
@@ -454,6 +476,26 @@ MIGRATIONS: list[tuple[str, str]] = [
             PRIMARY KEY (base, client_msg_id)
         );
         CREATE INDEX sent_ids_expiry ON sent_ids (expires_at);
+        """,
+    ),
+    (
+        "keep what became of each message for its sender once the message is deleted (receipts)",
+        """
+        CREATE TABLE receipts (
+            id          TEXT PRIMARY KEY,
+            chat_id     TEXT NOT NULL,
+            sender      TEXT NOT NULL,
+            recipient   TEXT NOT NULL,
+            begins      TEXT NOT NULL,
+            sent_at     REAL NOT NULL,
+            expires_at  REAL NOT NULL,
+            attempt     INTEGER NOT NULL,
+            pushed_at   REAL,
+            acked_at    REAL,
+            kept_until  REAL NOT NULL
+        );
+        CREATE INDEX receipts_sender ON receipts (sender, sent_at);
+        CREATE INDEX receipts_expiry ON receipts (kept_until);
         """,
     ),
 ]
@@ -595,6 +637,51 @@ WHERE last_seen <= :cutoff
 SQL_GET_META = "SELECT value FROM meta WHERE key = ?"
 SQL_SET_META = "INSERT INTO meta (key, value) VALUES (?, ?)"
 
+# -- receipts and bounces: what became of a sender's mail -------------------------------------
+
+#: Mail past its TTL that nobody acked and that has no receipt yet (a receipt is kept in the same
+#: commit as the bounce, so none is bounced twice), with both parties' last sign of life: why it
+#: was never read, and whether its sender is still there to be told. A bounce never bounces.
+SQL_EXPIRED_TO_BOUNCE = """
+SELECT m.id, m.chat_id, m.sender, m.recipient, substr(m.body, 1, :quote + 1), m.sent_at, m.attempt,
+       r.last_seen, s.last_seen
+FROM messages AS m
+LEFT JOIN participants AS r ON r.name = m.recipient
+LEFT JOIN participants AS s ON s.name = m.sender
+WHERE m.expires_at <= :now AND m.acked_at IS NULL AND m.sender != :postmaster
+  AND NOT EXISTS (SELECT 1 FROM receipts WHERE receipts.id = m.id)
+ORDER BY m.sent_at, m.id
+"""
+#: A receipt for each message the purge is about to delete (the same two conditions as
+#: SQL_PURGE_EXPIRED and SQL_PURGE_ACKED): its state outlives its body for `status`.
+SQL_KEEP_RECEIPTS = """
+INSERT OR IGNORE INTO receipts (id, chat_id, sender, recipient, begins, sent_at, expires_at, attempt, pushed_at,
+                                acked_at, kept_until)
+SELECT id, chat_id, sender, recipient, substr(body, 1, :quote), sent_at, expires_at, attempt, pushed_at,
+       acked_at, :kept_until
+FROM messages
+WHERE sender != :postmaster
+  AND (expires_at <= :now OR (acked_at IS NOT NULL AND acked_at <= :cutoff))
+"""
+SQL_PURGE_RECEIPTS = """
+DELETE FROM receipts
+WHERE kept_until <= :now
+"""
+#: One sender's mail, newest first: what is still stored, then what only its receipt remembers
+#: (a message and its receipt are both there only until the purge that made the receipt commits).
+SQL_RECEIPTS_OF_SENDER = """
+SELECT id, chat_id, recipient, substr(body, 1, :quote), sent_at, expires_at, attempt, pushed_at, acked_at
+FROM messages
+WHERE sender = :sender AND (:chat_id IS NULL OR chat_id = :chat_id) AND (:id IS NULL OR id = :id)
+UNION ALL
+SELECT id, chat_id, recipient, begins, sent_at, expires_at, attempt, pushed_at, acked_at
+FROM receipts
+WHERE sender = :sender AND (:chat_id IS NULL OR chat_id = :chat_id) AND (:id IS NULL OR id = :id)
+  AND NOT EXISTS (SELECT 1 FROM messages WHERE messages.id = receipts.id)
+ORDER BY sent_at DESC, id
+LIMIT :limit
+"""
+
 
 # --------------------------------------------------------------------------------------------
 # Storage
@@ -628,6 +715,21 @@ class Mail:
             "sent_at": iso_time(self.sent_at),
             "attempt": self.attempt,
         }
+
+
+@dataclass
+class Unread:
+    """A message that expired before its recipient acked it, as its bounce tells its sender."""
+
+    id: str
+    chat_id: str
+    sender: str
+    recipient: str
+    begins: str  #: its first QUOTE_CHARS characters, and one more when it went on
+    sent_at: float
+    attempt: int  #: pushes made: more than none, and the recipient was there to take it
+    recipient_seen: float | None  #: the recipient's last sign of life; None: forgotten
+    sender_seen: float | None  #: the sender's; None: forgotten
 
 
 #: SQLite keeps at most this many bound parameters a statement (999 in older builds).
@@ -846,6 +948,37 @@ class Store:
             db.execute(SQL_PURGE_PARTICIPANTS, {"cutoff": now - participant_ttl})
         return expired
 
+    # -- receipts and bounces -----------------------------------------------------------------
+
+    def settle_expired(self, now: float, kept_until: float,
+                       notices: Callable[[list[Unread]], list[dict[str, Any]]]) -> list[dict[str, Any]]:
+        """Before the purge deletes mail (`purge_expired`, same `now`): store the rows
+        `notices(unread mail)` makes of the mail that expired unacked, and a receipt of every
+        message the purge will delete, in one commit. A receipt marks its message bounced, so a
+        crash before the purge commits bounces nothing twice. Returns the notices stored."""
+        with self.transaction(durable=False) as db:
+            rows = db.execute(SQL_EXPIRED_TO_BOUNCE, {"now": now, "quote": QUOTE_CHARS, "postmaster": POSTMASTER})
+            stored = notices([Unread(*row) for row in rows])
+            db.executemany(SQL_INSERT_MESSAGE, stored)
+            db.execute(SQL_KEEP_RECEIPTS, {"now": now, "cutoff": now - ACKED_KEEP, "kept_until": kept_until,
+                                           "quote": QUOTE_CHARS, "postmaster": POSTMASTER})
+            db.execute(SQL_PURGE_RECEIPTS, {"now": now})
+        return stored
+
+    def receipts(self, sender: str, chat_id: str | None, message_id: str | None, limit: int) -> list[tuple]:
+        """`sender`'s mail, newest first: (id, chat_id, recipient, begins, sent_at, expires_at,
+        attempt, pushed_at, acked_at), from the mailbox or, once deleted, from its receipt."""
+        return self.db.execute(SQL_RECEIPTS_OF_SENDER, {"sender": sender, "chat_id": chat_id, "id": message_id,
+                                                        "quote": QUOTE_CHARS, "limit": limit}).fetchall()
+
+    def acked_among(self, ids: list[str]) -> set[str]:
+        """Those of `ids` whose recipient acked them."""
+        acked = set()
+        for chunk in chunks(ids):
+            sql = SQL_OWNERS_OF.format(placeholders=",".join("?" * len(chunk)))
+            acked.update(message_id for message_id, _, acked_at in self.db.execute(sql, chunk) if acked_at is not None)
+        return acked
+
 
 # --------------------------------------------------------------------------------------------
 # Tokens and auth
@@ -923,6 +1056,8 @@ def mint_token(path: Path, base: str) -> tuple[Token, str]:
     """Append a new token for `base` and return it with its plaintext (shown once)."""
     if not BASE_RE.fullmatch(base):
         raise ConfigError(f"bad base {base!r}: use [a-z0-9]{{1,32}}, no hyphen")
+    if base == POSTMASTER:
+        raise ConfigError(f"base {POSTMASTER!r} is the broker's own name for its delivery notices: choose another")
     plaintext = f"{TOKEN_PREFIX}{base}_{secrets.token_hex(TOKEN_BYTES)}"
     token = Token(secrets.token_hex(4), base, hash_token(plaintext), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     write_tokens(path, read_tokens(path) + [token])
@@ -1120,6 +1255,9 @@ class Metrics:
         self.redeliveries = 0  #: pushes of attempt 2 and later
         self.acks = 0  #: messages newly acked
         self.expired = 0  #: unacked mail purged at its TTL
+        self.bounces = 0  #: notices stored for senders of mail that expired unread (one a send)
+        self.bounces_unsent = 0  #: such notices not stored: the sender was gone
+        self.receipts = 0  #: message states `status` reported
         self.refusals: collections.Counter = collections.Counter()  #: reason -> refused tool calls
         self.dropped: collections.Counter = collections.Counter()  #: reason -> copies not stored
 
@@ -1207,6 +1345,46 @@ async def written(listener: Listener, what: str, write) -> bool:
     return True
 
 
+def why_unread(unread: Unread) -> str:
+    """Why a message was never read, as its bounce says it."""
+    if unread.attempt:
+        return (f"connected, and was pushed it {unread.attempt} time(s), but never proved it: its session's "
+                "transcript never showed it (no ack)")
+    if unread.recipient_seen is not None and unread.recipient_seen > unread.sent_at:
+        return "connected again, but never proved it: it never read it (no ack)"
+    return "never connected again"
+
+
+def bounce_body(send: list[Unread], ttl: float) -> str:
+    """A bounce: which message (the copies of one send), when it was sent, that it was never
+    read and why, and its first words."""
+    first = send[0]
+    words = first.begins[:QUOTE_CHARS] + ("…" if len(first.begins) > QUOTE_CHARS else "")
+    return "\n".join([
+        f"Never read: your Dispatch message of {iso_time(first.sent_at)} (chat_id {first.chat_id}) waited the whole "
+        f"mail TTL ({format_duration(ttl)}) unacked, and was deleted unread. Its recipients:",
+        *(f"- {u.recipient} ({u.id}): {why_unread(u)}" for u in send),
+        f"It began: {json.dumps(words, ensure_ascii=False)}",
+        f"This notice is from the Dispatch broker itself ({POSTMASTER}): nobody reads replies to it. To try again, "
+        "send the message anew.",
+    ])
+
+
+def receipt(row: tuple, now: float) -> dict[str, Any]:
+    """A `status` entry from a Store.receipts row: stored, pushed, delivered or expired."""
+    message_id, chat_id, recipient, begins, sent_at, expires_at, attempt, pushed_at, acked_at = row
+    if acked_at is not None:
+        state = "delivered"
+    elif expires_at <= now:
+        state = "expired"
+    else:
+        state = "pushed" if attempt else "stored"
+    return {"id": message_id, "chat_id": chat_id, "to": recipient, "state": state, "sent_at": iso_time(sent_at),
+            "attempts": attempt, "last_pushed_at": iso_time(pushed_at) if pushed_at else None,
+            "delivered_at": iso_time(acked_at) if acked_at else None, "expires_at": iso_time(expires_at),
+            "begins": begins}
+
+
 class Broker:
     """Routing and delivery. Owns the Store, the links and the live listeners."""
 
@@ -1236,6 +1414,8 @@ class Broker:
         self.token_ids: set[str] | None = None
         self.metrics = Metrics()
         self.started = time.time()
+        #: message id -> futures of sends waiting for its ack (`await_acks`)
+        self.ack_waiters: dict[str, list[asyncio.Future]] = {}
 
     # -- identity -----------------------------------------------------------------------------
 
@@ -1284,6 +1464,7 @@ class Broker:
 
     def identify(self, link: Link, name: str) -> None:
         check_name(name)
+        check_not_postmaster(name)
         if base_of(name) != link.base:
             log.warning("refused identify: token of base %r asked for name %r", link.base, name)
             raise Refused(f"your token is for base {link.base!r}; it cannot identify as {name!r}", "wrong_base")
@@ -1365,6 +1546,7 @@ class Broker:
                               "no_recipient")
             return names
         check_name(to)
+        check_not_postmaster(to)
         if BASE_RE.fullmatch(to):
             members = self.store.participants_of_base(to)
             names = [n for n in members if n != sender]
@@ -1413,7 +1595,8 @@ class Broker:
             for name in accepted
         ]
         result = {"chat_id": chat_id, "delivered_to": list(live), "dropped": sorted(dropped),
-                  "queued": len(live) < len(accepted), "reasons": dropped}
+                  "queued": len(live) < len(accepted), "reasons": dropped,
+                  "live_ids": {row["recipient"]: row["id"] for row in rows if row["recipient"] in live}}
         sent_id = None if client_msg_id is None else {
             "base": base_of(sender), "client_msg_id": client_msg_id, "answer": json.dumps(result),
             "expires_at": now + self.ttl}
@@ -1582,7 +1765,88 @@ class Broker:
                           "foreign_ack")
         log.info("ack %s: %d of %d", name, acked, len(ids))
         self.metrics.acks += acked
+        self.wake_ack_waiters(ids)
         return acked
+
+    # -- receipts and bounces -----------------------------------------------------------------
+
+    def receipts(self, sender: str, chat_id: str | None, message_id: str | None, last: int) -> list[dict[str, Any]]:
+        """`status`: what became of `sender`'s own mail, newest first, at most `last` messages."""
+        if chat_id is not None:
+            self.chats.parties(chat_id)  # refuses an id the broker never made (and a lone surrogate)
+        if message_id is not None and not MESSAGE_ID_RE.fullmatch(message_id):
+            raise Refused(f"bad message_id {message_id!r}: a message id reads m_ and 16 hex digits", "bad_message_id")
+        now = time.time()
+        found = [receipt(row, now) for row in self.store.receipts(sender, chat_id, message_id, last)]
+        self.metrics.receipts += len(found)
+        return found
+
+    async def await_acks(self, live_ids: dict[str, str], wait_s: float) -> dict[str, list[str]]:
+        """After a send with `wait_s`: wait until every live recipient acked its copy (its
+        transcript holds it) or wait_s passes; who did and who did not, as the mailbox says."""
+        loop = asyncio.get_running_loop()
+        futures = {message_id: loop.create_future() for message_id in live_ids.values()}
+        for message_id, future in futures.items():
+            self.ack_waiters.setdefault(message_id, []).append(future)
+        try:
+            acked = self.store.acked_among(list(futures))  # some may have been acked before we asked
+            waiting = [future for message_id, future in futures.items() if message_id not in acked]
+            if waiting:
+                await asyncio.wait(waiting, timeout=wait_s)
+        finally:
+            for message_id, future in futures.items():
+                self.forget_ack_waiter(message_id, future)
+        acked = self.store.acked_among(list(futures))
+        return {"acked_by": sorted(n for n, i in live_ids.items() if i in acked),
+                "not_acked_by": sorted(n for n, i in live_ids.items() if i not in acked)}
+
+    def wake_ack_waiters(self, ids: list[str]) -> None:
+        for message_id in ids:
+            for future in self.ack_waiters.pop(message_id, []):
+                if not future.done():
+                    future.set_result(None)
+
+    def forget_ack_waiter(self, message_id: str, future: asyncio.Future) -> None:
+        waiters = self.ack_waiters.get(message_id, [])
+        if future in waiters:
+            waiters.remove(future)
+        if not waiters:
+            self.ack_waiters.pop(message_id, None)
+
+    def bounce_expired(self, now: float) -> None:
+        """Tell each sender of mail that expired unread, through its own mailbox: one notice a
+        send, from POSTMASTER, stored and pushed like any mail (a bounce never bounces). A sender
+        that is gone (forgotten, or not seen for a TTL: the purge forgets it now) is not told;
+        counted. Runs just before the purge deletes that mail."""
+        unsent = []
+
+        def notices(unread: list[Unread]) -> list[dict[str, Any]]:
+            sends: dict[tuple, list[Unread]] = collections.defaultdict(list)
+            for u in unread:
+                sends[u.sender, u.chat_id, u.sent_at].append(u)
+            rows = []
+            for (sender, chat_id, _), send in sends.items():
+                if send[0].sender_seen is None or send[0].sender_seen <= now - self.ttl:
+                    unsent.append((sender, chat_id))
+                else:
+                    rows.append(self.notice(sender, bounce_body(send, self.ttl), now))
+            return rows
+
+        stored = self.store.settle_expired(now, now + self.ttl, notices)
+        for sender, chat_id in unsent:
+            log.info("no bounce for %s (%s): its sender is gone (not seen for the TTL)", chat_id, sender)
+        self.metrics.bounces += len(stored)
+        self.metrics.bounces_unsent += len(unsent)
+        for row in stored:
+            log.info("bounce %s to %s: mail of theirs expired unread", row["id"], row["recipient"])
+            if row["recipient"] in self.listeners:
+                self.listeners[row["recipient"]].offer(row["id"])
+
+    def notice(self, to: str, body: str, now: float) -> dict[str, Any]:
+        """A message from the broker itself to `to`, in a chat of its own (a reply to it is refused)."""
+        return {"id": "m_" + secrets.token_hex(MESSAGE_ID_BYTES), "chat_id": self.chats.new(POSTMASTER, to),
+                "sender": POSTMASTER, "recipient": to, "body": body, "sent_at": now, "expires_at": now + self.ttl,
+                "attempt": 0, "pushed_at": None}
 
     # -- housekeeping -------------------------------------------------------------------------
 
@@ -1599,6 +1863,7 @@ class Broker:
         now = time.time()
         for name in list(self.listeners):  # a long listen is a sign of life too
             self.store.touch(name, now)
+        self.bounce_expired(now)
         for message_id, sender, recipient in self.store.purge_expired(now, self.ttl):
             log.info("expiry %s (%s -> %s): not acked within the TTL", message_id, sender, recipient)
             self.metrics.expired += 1
@@ -1651,6 +1916,8 @@ class SendResult(TypedDict):
     delivered_to: list[str]
     dropped: list[str]
     queued: bool
+    acked_by: NotRequired[list[str]]  #: with wait_s: live recipients whose transcript holds it
+    not_acked_by: NotRequired[list[str]]  #: with wait_s: live recipients that did not ack within it
 
 
 class PingResult(TypedDict):
@@ -1686,8 +1953,26 @@ class ListenResult(TypedDict):
     ended: str
 
 
+class Receipt(TypedDict):
+    id: str
+    chat_id: str
+    to: str
+    state: Literal["stored", "pushed", "delivered", "expired"]
+    sent_at: str
+    attempts: int
+    last_pushed_at: str | None
+    delivered_at: str | None
+    expires_at: str
+    begins: str
+
+
+class StatusResult(TypedDict):
+    messages: list[Receipt]
+
+
 INSTRUCTIONS = """Dispatch broker: cross-session messaging between Claude Code agents.
-Call identify(name) first on every connection; then send/reply/listen/inbox/mail.ack/who/ping."""
+Call identify(name) first on every connection; then send/reply/listen/inbox/mail.ack/who/ping/status.
+Mail from postmaster is the broker's notice that mail of yours expired unread; it takes no reply."""
 
 
 class DispatchServer(MCPServer):
@@ -1849,6 +2134,11 @@ def metrics_text(broker: Broker, failures: AuthFailures) -> str:
          {(): m.redeliveries}),
         ("dispatch_acks_total", "counter", "Messages acked.", {(): m.acks}),
         ("dispatch_expired_total", "counter", "Unacked messages purged at their TTL.", {(): m.expired}),
+        ("dispatch_bounces_total", "counter", "Notices sent to senders of mail that expired unread, one a send.",
+         {(): m.bounces}),
+        ("dispatch_bounces_unsent_total", "counter", "Such notices not sent: the sender was gone (not seen for the TTL).",
+         {(): m.bounces_unsent}),
+        ("dispatch_receipts_total", "counter", "Message states reported by status.", {(): m.receipts}),
         ("dispatch_refusals_total", "counter", "Refused tool calls, by reason.",
          {(("reason", r),): n for r, n in sorted(m.refusals.items())}),
         ("dispatch_dropped_total", "counter", "Copies of a send not stored for one recipient, by reason.",
@@ -1876,6 +2166,21 @@ def describe_send(result: dict[str, Any]) -> str:
         parts.append("Queued for offline recipients; they get it when they next listen.")
     for name, why in result["reasons"].items():
         parts.append(f"Dropped for {name}: {why}.")
+    if "acked_by" in result:
+        parts.append(describe_acks(result))
+    return " ".join(parts)
+
+
+def describe_acks(result: dict[str, Any]) -> str:
+    """What a send's wait_s saw: whose transcript holds the message, and whose did not in time."""
+    if not result["acked_by"] and not result["not_acked_by"]:
+        return "No live recipient to wait for."
+    parts = []
+    if result["acked_by"]:
+        parts.append(f"In the transcript of {', '.join(result['acked_by'])} (acked).")
+    if result["not_acked_by"]:
+        parts.append(f"Not acked within wait_s by {', '.join(result['not_acked_by'])}: it stays pending for them "
+                     "(see status).")
     return " ".join(parts)
 
 
@@ -1902,16 +2207,20 @@ def build_app(broker: Broker, verifier: TokenVerifier, allowed_hosts: list[str],
             raise Refused(f"no session: use a stateful MCP session or send a {LINK_HEADER} header", "no_session")
         return broker.link(key, token.client_id, (token.claims or {})["base"], create)
 
-    async def sent(ctx: Context, send, *args, client_msg_id: str | None) -> CallToolResult:
+    async def sent(ctx: Context, send, *args, client_msg_id: str | None, wait_s: float | None = None) -> CallToolResult:
         """send and reply: `send` (broker.send or broker.reply) from this link's caller, answered
-        as text and structured result; a rate-limited send is refused after RATE_LIMITED_PAUSE."""
+        as text and structured result; a rate-limited send is refused after RATE_LIMITED_PAUSE.
+        With wait_s, answered once every live recipient acked or wait_s passed."""
         sender = broker.caller(link_of(ctx))
         try:
             result = await send(sender, *args, client_msg_id=client_msg_id)
         except RateLimited:
             await asyncio.sleep(RATE_LIMITED_PAUSE)
             raise
-        structured = {k: result[k] for k in ("chat_id", "delivered_to", "dropped", "queued")}
+        if wait_s:
+            result = {**result, **await broker.await_acks(result.get("live_ids", {}), wait_s)}
+        structured = {k: result[k] for k in ("chat_id", "delivered_to", "dropped", "queued", "acked_by", "not_acked_by")
+                      if k in result}
         return CallToolResult(content=[TextContent(type="text", text=describe_send(result))],
                               structured_content=structured)
 
@@ -1919,6 +2228,10 @@ def build_app(broker: Broker, verifier: TokenVerifier, allowed_hosts: list[str],
     ClientMsgId = Annotated[str | None, Field(description=(
         "Optional: your own id for this message (1-64 of A-Z a-z 0-9 _ -). Sending again with the same id "
         "(from your base, within the mail TTL) returns the first answer and stores nothing: retry safely."))]
+    WaitS = Annotated[float | None, Field(description=(
+        f"Optional: wait up to this many seconds (at most {MAX_SEND_WAIT:g}) until every live recipient's "
+        "transcript holds the message (its ack); the result then says who acked (acked_by) and who did not "
+        "(not_acked_by). Without it the call returns at once."), ge=0, le=MAX_SEND_WAIT)]
 
     @server.tool()
     async def identify(
@@ -1937,10 +2250,12 @@ def build_app(broker: Broker, verifier: TokenVerifier, allowed_hosts: list[str],
         body: Body,
         ctx: Context,
         client_msg_id: ClientMsgId = None,
+        wait_s: WaitS = None,
     ) -> Annotated[CallToolResult, SendResult]:
         """Send a message. Returns chat_id, delivered_to (pushed to a live listener now),
-        queued (stored for an offline recipient) and dropped (will not get it; reason in the text)."""
-        return await sent(ctx, broker.send, to, body, client_msg_id=client_msg_id)
+        queued (stored for an offline recipient) and dropped (will not get it; reason in the text);
+        with wait_s, also acked_by and not_acked_by."""
+        return await sent(ctx, broker.send, to, body, client_msg_id=client_msg_id, wait_s=wait_s)
 
     @server.tool()
     async def reply(
@@ -1948,9 +2263,10 @@ def build_app(broker: Broker, verifier: TokenVerifier, allowed_hosts: list[str],
         body: Body,
         ctx: Context,
         client_msg_id: ClientMsgId = None,
+        wait_s: WaitS = None,
     ) -> Annotated[CallToolResult, SendResult]:
         """Reply into a chat: goes to the other party of `chat_id`. Same result as send."""
-        return await sent(ctx, broker.reply, chat_id, body, client_msg_id=client_msg_id)
+        return await sent(ctx, broker.reply, chat_id, body, client_msg_id=client_msg_id, wait_s=wait_s)
 
     @server.tool()
     async def ping(ctx: Context) -> PingResult:
@@ -2014,6 +2330,21 @@ def build_app(broker: Broker, verifier: TokenVerifier, allowed_hosts: list[str],
         """Pull mode: your pending (unacked) mail, oldest first, at most `limit` messages and about
         1 MB (`pending` counts them all). Ack what you handled with mail.ack, then ask again."""
         return broker.inbox(broker.caller(link_of(ctx)), peek, limit)
+
+    @server.tool()
+    async def status(
+        ctx: Context,
+        chat_id: Annotated[str | None, Field(description="Only the messages of this chat.")] = None,
+        message_id: Annotated[str | None, Field(description="Only this message (m_ and 16 hex digits).")] = None,
+        last: Annotated[int, Field(description="At most this many messages, newest first.", ge=1,
+                                   le=STATUS_MAX_LIMIT)] = 20,
+    ) -> StatusResult:
+        """What became of mail you sent (yours only), newest first, one entry a recipient: state
+        `stored` (waiting for an offline recipient), `pushed` (written to its session `attempts`
+        times, not acked yet), `delivered` (its transcript holds it: acked at delivered_at) or
+        `expired` (deleted unread at expires_at; you were sent a bounce). A message's state is
+        kept for the mail TTL after it was delivered or expired. Read-only."""
+        return {"messages": broker.receipts(broker.caller(link_of(ctx)), chat_id, message_id, last)}
 
     @server.custom_route("/healthz", methods=["GET"])
     async def healthz(request):

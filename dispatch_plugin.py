@@ -18,7 +18,7 @@ tool) delivers it, each printing before it acks. Every path that shows mail ends
 
 Three faces:
   python3 dispatch_plugin.py                      the channel (Claude Code runs this)
-  python3 dispatch_plugin.py send --to NAME BODY  the shell CLI: send, who, inbox, ping, doctor
+  python3 dispatch_plugin.py send --to NAME BODY  the shell CLI: send, status, who, inbox, ping, doctor
   python3 dispatch_plugin.py hook prompt-submit   the hooks of the Claude Code plugin package
 
 Configuration: DISPATCH_URL, DISPATCH_TOKEN or DISPATCH_TOKEN_COMMAND, optional DISPATCH_NAME,
@@ -122,6 +122,13 @@ TOKEN_RE = re.compile(rf"dsp_({BASE_PATTERN})_[0-9a-f]{{{2 * TOKEN_BYTES}}}")
 NAME_RE = re.compile(rf"{BASE_PATTERN}(?:-[a-z0-9-]{{1,31}})?")
 #: How many messages one inbox call asks for (the broker answers at most about 1 MB of them).
 INBOX_LIMIT = 100
+#: The broker's own name, the sender of its notices that mail of yours expired unread (bounces):
+#: reserved there, so no token can pass for it, and nobody reads replies to it.
+POSTMASTER = "postmaster"
+#: The longest a send may wait for its live recipients' acks (the broker's bound of `wait_s`).
+MAX_SEND_WAIT = 30.0
+#: How many of your sent messages `status` reports when not told.
+STATUS_LAST = 20
 #: How Claude Code names this server, and the flag that turns its channel on, per install kind.
 PLUGIN_SOURCE = "plugin:dispatch:dispatch"
 SERVER_SOURCE = "dispatch"
@@ -371,6 +378,13 @@ def retrying(call: Callable[[], Any], seconds: float = SEND_RETRY_SECONDS) -> An
             pause = min(pause * 2, 2.0)
 
 
+def read_timeout(conn, seconds: float) -> None:
+    """How long reads on `conn` (an http.client connection, connected or not) may wait."""
+    conn.timeout = seconds
+    if conn.sock is not None:
+        conn.sock.settimeout(seconds)
+
+
 def sse_messages(response):
     """The `data:` of each server-sent event, as bytes, until the stream ends."""
     data: list[bytes] = []
@@ -451,15 +465,18 @@ class BrokerClient:
         return request_id, json.dumps(body).encode(), headers
 
     def post(self, method: str, params: dict[str, Any], tool: str | None = None,
-             on_notice: Callable[[dict], None] | None = None) -> dict[str, Any]:
+             on_notice: Callable[[dict], None] | None = None, timeout: float = CALL_TIMEOUT) -> dict[str, Any]:
         """One JSON-RPC request: its result. A listen (`on_notice` given) streams its
-        notifications to `on_notice`; it returns None when the stream was silent for the heartbeat."""
+        notifications to `on_notice`; it returns None when the stream was silent for the heartbeat.
+        `timeout`: how long the answer may take (a send's wait_s makes it longer)."""
         import http.client
 
         request_id, body, headers = self.envelope(method, params, tool)
         streaming = on_notice is not None
         for attempt in (1, 2):
             conn, reused = (self.connect(HEARTBEAT_SECONDS), False) if streaming else self.take()
+            if not streaming:
+                read_timeout(conn, timeout)
             try:
                 if streaming:
                     self.listening = conn
@@ -475,7 +492,7 @@ class BrokerClient:
                 conn.close()
                 if streaming:
                     return None
-                raise BrokerDown(f"no answer from {self.config.url} within {CALL_TIMEOUT:.0f} s") from None
+                raise BrokerDown(f"no answer from {self.config.url} within {timeout:.0f} s") from None
             except OSError as exc:
                 conn.close()
                 raise BrokerDown(f"cannot reach {self.config.url}: {getattr(exc, 'strerror', None) or exc}") from None
@@ -492,6 +509,7 @@ class BrokerClient:
             if streaming or response.will_close:
                 conn.close()
             else:
+                read_timeout(conn, CALL_TIMEOUT)
                 self.give_back(conn)
             return self.result_of(message)
         raise AssertionError("unreachable")
@@ -544,11 +562,11 @@ class BrokerClient:
 
     # -- tools --------------------------------------------------------------------------------
 
-    def call(self, tool: str, **arguments: Any) -> tuple[Any, str]:
+    def call(self, tool: str, *, timeout: float = CALL_TIMEOUT, **arguments: Any) -> tuple[Any, str]:
         """Call a broker tool: (structured result, text). Refused carries the broker's reason. A
         broker that restarted has forgotten our identify: identify again, once, and retry."""
         for attempt in (1, 2):
-            result = self.post("tools/call", {"name": tool, "arguments": arguments}, tool=tool)
+            result = self.post("tools/call", {"name": tool, "arguments": arguments}, tool=tool, timeout=timeout)
             if not result.get("isError"):
                 return result.get("structuredContent"), tool_text(result)
             text = tool_text(result)
@@ -563,7 +581,8 @@ class BrokerClient:
         when its answer is lost it is made again, for SEND_RETRY_SECONDS, and a broker that
         stored it the first time answers the repeat without storing it again."""
         arguments["client_msg_id"] = new_client_msg_id()
-        return retrying(lambda: self.call(tool, **arguments))
+        timeout = CALL_TIMEOUT + (arguments.get("wait_s") or 0)  # the broker holds the answer that long
+        return retrying(lambda: self.call(tool, timeout=timeout, **arguments))
 
     def identify(self) -> dict[str, Any]:
         try:
@@ -1228,6 +1247,33 @@ def describe_who(result: dict[str, Any], me: str) -> str:
     return "\n".join(lines)
 
 
+#: A `status` state in words.
+STATE_WORDS = {"stored": "stored, waiting for the recipient to connect", "pushed": "pushed to its session",
+               "delivered": "delivered: its session recorded it", "expired": "expired unread, deleted"}
+
+
+def describe_status(result: dict[str, Any]) -> str:
+    """What became of your sent mail, one line a message and recipient."""
+    receipts = result["messages"]
+    if not receipts:
+        return ("No sent Dispatch messages of yours match (a message's state is kept for the mail TTL after it "
+                "was delivered or expired).")
+    lines = [f"{len(receipts)} of your sent message(s), newest first:"]
+    for r in receipts:
+        state = STATE_WORDS.get(r["state"], r["state"])
+        if r["state"] == "pushed":
+            state += f" {r['attempts']} time(s), not recorded yet; expires {r['expires_at']}"
+        elif r["state"] == "stored":
+            state += f"; expires {r['expires_at']}"
+        elif r["state"] == "delivered":
+            state += f" at {r['delivered_at']}"
+        elif r["state"] == "expired":
+            state += f" at {r['expires_at']}"
+        lines.append(f"- to {r['to']}, sent {r['sent_at']} (chat_id {r['chat_id']}, message_id {r['id']}): {state}. "
+                     f"It began: {json.dumps(r['begins'], ensure_ascii=False)}")
+    return "\n".join(lines)
+
+
 def describe_mail(messages: list[dict[str, Any]], pending: int) -> str:
     """For a person at a terminal (`inbox` writes it through `printable`)."""
     lines = [f"{len(messages)} of {pending} waiting Dispatch message(s):"]
@@ -1452,7 +1498,13 @@ your user before doing anything they would not expect.
 
 To answer a message, call the `reply` tool with its chat_id (not SendMessage). To start a
 conversation, call `send` with a participant name (see `who`), a base name (every session of that
-base) or "*" (everyone live)."""
+base) or "*" (everyone live). `status` tells what became of messages you sent. Mail from
+{postmaster} is the broker's own notice that a message of yours expired unread; it takes no reply."""
+
+#: send's and reply's optional wait for proof.
+WAIT_S = {"type": "number", "default": 0,
+          "description": f"optional: wait up to this many seconds (at most {MAX_SEND_WAIT:g}) until every live "
+                         "recipient's session has recorded the message, and say which did and which did not"}
 
 #: The tools Claude sees: name -> (description, input schema). Handlers are Channel.tool_<name>.
 TOOLS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -1460,15 +1512,27 @@ TOOLS: dict[str, tuple[str, dict[str, Any]]] = {
         "Send a Dispatch message to another Claude Code session. `to` is a participant name such as "
         "'backend-a8b3c1d2', a base name such as 'backend' (every session of that base), or '*' (every live "
         "session). Says who it was delivered to, whether it was queued for an offline recipient, and what was "
-        "dropped and why.",
+        "dropped and why; with wait_s, also whose session recorded it within that time.",
         {"to": {"type": "string", "description": "participant name, base name, or '*'"},
-         "body": {"type": "string", "description": "the message text"}},
+         "body": {"type": "string", "description": "the message text"},
+         "wait_s": WAIT_S},
     ),
     "reply": (
         "Reply to a Dispatch message: sends `body` to the other party of the conversation named by `chat_id` "
         "(the chat_id of the Dispatch message you received).",
         {"chat_id": {"type": "string", "description": "chat_id of the message you are answering"},
-         "body": {"type": "string", "description": "the reply text"}},
+         "body": {"type": "string", "description": "the reply text"},
+         "wait_s": WAIT_S},
+    ),
+    "status": (
+        "Check what became of Dispatch messages you sent (yours only), newest first: for each recipient, whether "
+        "the message is stored (recipient offline), pushed to its session (how many times), delivered (its "
+        "session recorded it, and when) or expired unread (you were sent a notice). Filter by chat_id or "
+        "message_id; by default your last 20.",
+        {"chat_id": {"type": "string", "description": "only the messages of this chat", "default": ""},
+         "message_id": {"type": "string", "description": "only this message", "default": ""},
+         "last": {"type": "integer", "description": f"at most this many messages (default {STATUS_LAST})",
+                  "default": STATUS_LAST}},
     ),
     "ping": (
         "Check the Dispatch connection: shows your Dispatch name, the broker's time, how many messages wait "
@@ -1514,7 +1578,7 @@ def bad_arguments(props: dict[str, Any], arguments: dict[str, Any]) -> str:
     for key, value in arguments.items():
         if key not in props:
             return f"unexpected argument {key!r} (it takes {', '.join(props) or 'none'})"
-        if json_type(value) != props[key]["type"]:
+        if json_type(value) != props[key]["type"] and (json_type(value), props[key]["type"]) != ("integer", "number"):
             return f"{key!r} must be a {props[key]['type']}, not {json_type(value)}"
     missing = [key for key in required(props) if key not in arguments]
     return f"missing required argument {', '.join(map(repr, missing))}" if missing else ""
@@ -1571,7 +1635,7 @@ def initialize_result(params: dict[str, Any], name: str, delivery: str) -> dict[
         "protocolVersion": offered if offered in CHANNEL_PROTOCOLS else CHANNEL_PROTOCOLS[0],
         "capabilities": {"tools": {}, "experimental": {"claude/channel": {}}},
         "serverInfo": {"name": "dispatch", "version": __version__},
-        "instructions": INSTRUCTIONS.format(name=name, delivery=delivery),
+        "instructions": INSTRUCTIONS.format(name=name, delivery=delivery, postmaster=POSTMASTER),
     }
 
 
@@ -1850,11 +1914,14 @@ class Channel:
         text += f"\n\n({way_words(self.way, self.why, self.env)})"
         self.respond(request_id, {"content": [{"type": "text", "text": text}], "isError": is_error})
 
-    def tool_send(self, to: str, body: str) -> str:
-        return describe_sent(*self.link.linked().send("send", to=to, body=body))
+    def tool_send(self, to: str, body: str, wait_s: float = 0) -> str:
+        return describe_sent(*self.link.linked().send("send", to=to, body=body, **waiting(wait_s)))
 
-    def tool_reply(self, chat_id: str, body: str) -> str:
-        return describe_sent(*self.link.linked().send("reply", chat_id=chat_id, body=body))
+    def tool_reply(self, chat_id: str, body: str, wait_s: float = 0) -> str:
+        return describe_sent(*self.link.linked().send("reply", chat_id=chat_id, body=body, **waiting(wait_s)))
+
+    def tool_status(self, chat_id: str = "", message_id: str = "", last: int = STATUS_LAST) -> str:
+        return describe_status(self.link.linked().call("status", **status_filters(chat_id, message_id, last))[0])
 
     def tool_ping(self) -> str:
         text = describe_ping(self.config, self.link.linked().call("ping")[0])
@@ -1930,7 +1997,31 @@ def cmd_send(args: argparse.Namespace) -> int:
     """
     body = sys.stdin.read().removesuffix("\n") if args.body == "-" else args.body
     client = retrying(connect_once)  # a broker restarting right now is waited for, briefly
-    say(describe_sent(*client.send("send", to=args.to, body=body)))
+    say(describe_sent(*client.send("send", to=args.to, body=body, **waiting(args.wait))))
+    return 0
+
+
+def waiting(wait_s: float) -> dict[str, float]:
+    """send's wait_s argument: left out when not waiting, so the broker answers at once."""
+    return {"wait_s": wait_s} if wait_s else {}
+
+
+def status_filters(chat_id: str, message_id: str, last: int) -> dict[str, Any]:
+    """status's arguments: the filters given (empty ones left out) and how many."""
+    return {**({"chat_id": chat_id} if chat_id else {}), **({"message_id": message_id} if message_id else {}),
+            "last": last}
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Show what became of messages you sent from this name: stored, pushed, delivered or expired.
+
+    Only your own mail, newest first: by default your last 20 messages (one line a recipient).
+    A message's state is kept for the mail TTL after it was delivered or expired.
+
+    Example: python3 dispatch_plugin.py status --chat-id 'backend-a8b3c1d2~frontend~…'
+    """
+    client = connect_once()
+    say(describe_status(client.call("status", **status_filters(args.chat_id, args.id, args.last))[0]))
     return 0
 
 
@@ -2291,7 +2382,7 @@ def parser() -> argparse.ArgumentParser:
     groups = {"": sub}  # "hook" is added below the others, where the help lists it
     # Each command is named after its function, and its docstring is its help.
     commands = {}
-    for group, fn in (("", cmd_send), ("", cmd_who), ("", cmd_inbox), ("", cmd_ping), ("", cmd_doctor),
+    for group, fn in (("", cmd_send), ("", cmd_status), ("", cmd_who), ("", cmd_inbox), ("", cmd_ping), ("", cmd_doctor),
                       ("hook", cmd_hook_session_start), ("hook", cmd_hook_prompt_submit)):
         if group not in groups:
             groups[group] = sub.add_parser(group, help="Claude Code hooks (the plugin package runs them).") \
@@ -2304,6 +2395,13 @@ def parser() -> argparse.ArgumentParser:
         commands[name].set_defaults(func=fn)
     commands["send"].add_argument("--to", required=True, help="participant name, base name, or '*'")
     commands["send"].add_argument("body", help="the message, or - to read it from stdin")
+    commands["send"].add_argument("--wait", type=float, default=0, metavar="SECONDS",
+                                  help=f"wait up to SECONDS (at most {MAX_SEND_WAIT:g}) until every live recipient's "
+                                       "session recorded it, and say which did")
+    commands["status"].add_argument("--chat-id", default="", help="only the messages of this chat")
+    commands["status"].add_argument("--id", default="", metavar="MESSAGE_ID", help="only this message")
+    commands["status"].add_argument("--last", type=int, default=STATUS_LAST, metavar="N",
+                                    help="at most N messages (default %(default)s)")
     commands["inbox"].add_argument("--peek", action="store_true", help="only count waiting messages")
     return p
 

@@ -219,6 +219,33 @@ def start_broker(broker_factory, *extra: str) -> BrokerProcess:
     return broker_factory(*extra).mint(*BASES).start()
 
 
+def clock_broker(broker_factory, tmp_path, *extra: str) -> tuple[BrokerProcess, callable]:
+    """A broker under tests/clock_broker.py, and jump(seconds) to move its wall clock."""
+    clock = tmp_path / "clock"
+    clock.write_text("0")
+    broker = broker_factory(*extra)
+    broker.command = [sys.executable, str(ROOT / "tests" / "clock_broker.py")]
+    broker.env = {**os.environ, "DISPATCH_TEST_CLOCK": str(clock)}
+    broker.mint("backend", "frontend").start()
+
+    def jump(seconds: float) -> None:
+        clock.write_text(str(float(clock.read_text()) + seconds))
+        broker.proc.send_signal(signal.SIGUSR1)
+
+    return broker, jump
+
+
+async def broker_clock_moved(client, by: float) -> None:
+    """Wait until the broker's `ping` shows its clock moved by `by` seconds (±60 s)."""
+    import datetime
+
+    async def moved():
+        stamp = (await client.call("ping"))["server_time"]
+        now = datetime.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=datetime.timezone.utc)
+        return abs(now.timestamp() - (time.time() + by)) < 60
+    await eventually(moved, timeout=10, what=f"the broker's clock moved by {by:+.0f} s")
+
+
 def fresh(base: str) -> str:
     """A participant name no other test uses: `base-<random>`."""
     return f"{base}-{os.urandom(4).hex()}"

@@ -44,6 +44,24 @@ def test_send_queues_mail_that_inbox_prints_once_and_then_acks(shared_broker):
     assert ok(run_cli(reader, "inbox")) == "0 message(s) waiting for test-reader.\n"
 
 
+def test_status_prints_what_became_of_each_message_sent_from_this_name(shared_broker):
+    register(shared_broker, "test-statusreader")
+    writer = plugin_env(shared_broker, "test", "test-statuswriter")
+    out = ok(run_cli(writer, "send", "--to", "test-statusreader", "--wait", "5", "first\nof two"))
+    assert "No live recipient to wait for." in out  # offline: answered at once, nothing to wait for
+    chat_id = re.search(r"chat_id (\S+)\.", out)[1]
+    ok(run_cli(writer, "send", "--to", "test-statusreader", "second"))
+
+    shown = ok(run_cli(writer, "status"))
+    assert shown.startswith("2 of your sent message(s), newest first:\n"), shown
+    lines = shown.splitlines()[1:]
+    assert lines[0].startswith("- to test-statusreader, sent ") and 'It began: "second"' in lines[0]
+    assert "stored, waiting for the recipient to connect; expires " in lines[1] and 'It began: "first\\nof two"' in lines[1]
+    assert ok(run_cli(writer, "status", "--chat-id", chat_id)).startswith("1 of your sent message(s)")
+    assert ok(run_cli(writer, "status", "--last", "1")).count("\n- to ") == 1
+    assert ok(run_cli(plugin_env(shared_broker, "test", "test-statusreader"), "status")).startswith("No sent")
+
+
 def test_send_reads_the_body_from_stdin_when_it_is_a_dash(shared_broker):
     reader = register(shared_broker, "test-piped")
     body = "line one\nline two with 'quotes' and ünïcode"
@@ -212,7 +230,7 @@ def test_every_subcommand_help_exits_0(command):
 
 def test_the_cli_has_the_documented_subcommands():
     assert sorted(" ".join(c) for c in subcommands()) == sorted([
-        "", "send", "who", "inbox", "ping", "doctor", "hook", "hook session-start", "hook prompt-submit"])
+        "", "send", "status", "who", "inbox", "ping", "doctor", "hook", "hook session-start", "hook prompt-submit"])
 
 
 ERRORS = {

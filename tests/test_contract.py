@@ -118,3 +118,10 @@ def test_the_doctor_looks_for_the_broker_where_it_listens_by_default_and_under_t
 def test_the_doctor_knows_where_install_keeps_the_tokens(tmp_path, xdg_data_home):
     env = {"HOME": str(tmp_path)} | ({"XDG_DATA_HOME": xdg_data_home} if xdg_data_home else {})
     assert plugin.installed_tokens(env) == str(broker.Layout.for_user(env=env).tokens)
+
+
+def test_the_postmasters_name_and_the_longest_send_wait_match():
+    assert plugin.POSTMASTER == broker.POSTMASTER
+    assert broker.BASE_RE.fullmatch(broker.POSTMASTER)  # a name's shape: the plugin shows it like any sender
+    assert plugin.MAX_SEND_WAIT == broker.MAX_SEND_WAIT
+    assert plugin.STATUS_LAST <= broker.STATUS_MAX_LIMIT

@@ -10,8 +10,8 @@ import uuid
 
 import pytest
 
-from harness import (NOT_A_BROKER, PLUGIN, closed_url, connected, db_query, impostor, plugin_env, record_channel_event,
-                    run_cli, seal, unknown_token)
+from harness import (NOT_A_BROKER, PLUGIN, clock_broker, closed_url, connected, db_query, impostor, plugin_env,
+                    record_channel_event, run_cli, seal, unknown_token, wait_for)
 
 
 def hook(env: dict[str, str], event: str, session_id: str, **fields) -> tuple[dict | None, str]:
@@ -256,3 +256,28 @@ def test_prompt_submit_frames_each_body_as_json_so_a_body_cannot_forge_a_sender(
     context = context_of(hook(env, "prompt-submit", session_id)[0], "UserPromptSubmit")
     [message] = [json.loads(line) for line in context.splitlines()[1:]]
     assert message["from"] == "test-forger" and message["body"] == forged
+
+
+def test_prompt_submit_shows_a_bounce_from_postmaster_like_any_mail_and_only_once(broker_factory, tmp_path):
+    broker, jump = clock_broker(broker_factory, tmp_path, "--ttl", "30s")
+    session_id = str(uuid.uuid4())
+    env = session_env(broker)
+    assert hook(env, "prompt-submit", session_id)[0] is None  # now the broker knows the session's name
+    assert run_cli(plugin_env(broker, "test", "test-gone"), "ping").returncode == 0  # known, then never again
+    sent = run_cli(plugin_env(broker, "test", f"test-{session_id[:8]}"), "send", "--to", "test-gone", "see you at 10")
+    assert sent.returncode == 0, sent.stderr
+    jump(25)
+    assert hook(env, "prompt-submit", session_id)[0] is None  # a prompt within the TTL: the session is still there
+    jump(10)  # the mail's TTL has passed
+    wait_for(lambda: db_query(broker, "SELECT id FROM messages WHERE sender = 'postmaster'"), timeout=20,
+             what="the bounce stored")
+
+    output, _ = hook(env, "prompt-submit", session_id)
+
+    context = context_of(output, "UserPromptSubmit")
+    [mail] = [json.loads(line) for line in context.splitlines()[1:]]
+    assert mail["from"] == "postmaster" and mail["chat_id"].startswith(f"postmaster~test-{session_id[:8]}~")
+    assert "- test-gone (m_" in mail["body"] and "never connected again" in mail["body"]
+    assert 'It began: "see you at 10"' in mail["body"]
+    assert hook(env, "prompt-submit", session_id) == (None, "")  # acked: shown once
+    broker.kill()

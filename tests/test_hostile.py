@@ -188,7 +188,10 @@ def strings(plausible: st.SearchStrategy) -> st.SearchStrategy:
 MSG_IDS = st.from_regex(dispatch_broker.CLIENT_MSG_ID_RE, fullmatch=True)
 TOOLS = {
     "identify": {"name": strings(names(["backend", "backend-fuzz", "frontend-sink", "backend-a8b3c1d2"]))},
-    "send": {"to": strings(names(KNOWN)), "body": strings(texts), "client_msg_id": strings(MSG_IDS)},
+    # A valid wait_s waits for live recipients' acks: keep those short, as listen's below.
+    "send": {"to": strings(names(KNOWN)), "body": strings(texts), "client_msg_id": strings(MSG_IDS),
+             "wait_s": st.one_of(st.floats(0, 0.2), st.floats(-1e9, 0, exclude_max=True), st.floats(30, 1e300,
+                                                                                                 exclude_min=True))},
     "reply": {"chat_id": strings(st.sampled_from(["{chat}", "{chat}0", "{foreign}", "a~b~c~d"])), "body": strings(texts),
               "client_msg_id": strings(MSG_IDS)},
     "ping": {},
@@ -199,6 +202,9 @@ TOOLS = {
                                    st.floats(300, 1e300, exclude_min=True))},
     "who": {},
     "inbox": {"peek": st.one_of(st.booleans(), values), "limit": st.one_of(st.integers(-5, 1005), values)},
+    "status": {"chat_id": strings(st.sampled_from(["{chat}", "{foreign}", "a~b~c~d"])),
+               "message_id": strings(st.sampled_from(["{canary}", "m_0000000000000000", "m_x"])),
+               "last": st.one_of(st.integers(-5, 205), values)},
 }
 
 
@@ -289,6 +295,7 @@ STRING_ARGUMENTS = {
     "send": {"to": "frontend-sink", "body": "a body", "client_msg_id": "nonascii-1"},
     "reply": {"chat_id": "{chat}", "body": "a reply", "client_msg_id": "nonascii-2"},
     "mail.ack": {"ids": ["{canary}"]},
+    "status": {"chat_id": "{chat}", "message_id": "{canary}"},
 }
 #: Where a non-ASCII character goes in a string: its start, its middle, its end.
 PLACES = (0, 0.5, 1)
@@ -440,7 +447,7 @@ def test_slow_header_connections_do_not_stop_the_broker_serving_others(target):
 
 
 @pytest.mark.anyio
-async def test_inbox_and_who_show_only_the_callers_own_mail_whatever_the_arguments_say(target):
+async def test_inbox_who_and_status_show_only_the_callers_own_mail_whatever_the_arguments_say(target):
     names = {base: [fresh(base), fresh(base)] for base in BASES}  # two participants of each base, one token each
     everyone = [n for pair in names.values() for n in pair]
     async with (peer(target, "backend", names["backend"][0]) as b0, peer(target, "backend", names["backend"][1]) as b1,
@@ -461,6 +468,8 @@ async def test_inbox_and_who_show_only_the_callers_own_mail_whatever_the_argumen
                 assert sorted(m["body"] for m in inbox["messages"]) == sorted(
                     f"{s} -> {name}" for s in everyone if s != name)
                 assert {m["to"] for m in inbox["messages"]} == {name}
+            mine = (await p.call("status", last=200))["messages"]  # what it sent, and nobody else's
+            assert sorted(r["begins"] for r in mine) == sorted(f"{name} -> {to}" for to in everyone if to != name)
             who = {w["name"]: w["pending_for_you"] for w in (await p.call("who"))["participants"]}
             assert all(who[n] == 1 for n in everyone if n != name)  # only what *this* caller sent each
             # A sibling of the same base (same token) cannot ack this participant's mail either.

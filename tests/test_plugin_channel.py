@@ -20,8 +20,8 @@ import uuid
 
 import pytest
 
-from harness import (INITIALIZE_PARAMS, PLUGIN, Proxy, closed_url, connected, db_query, fresh, plugin_env,
-                    record_channel_event, run_cli, unknown_token, wait_connected, wait_for)
+from harness import (INITIALIZE_PARAMS, PLUGIN, Proxy, clock_broker, closed_url, connected, db_query, fresh,
+                    plugin_env, record_channel_event, run_cli, unknown_token, wait_connected, wait_for)
 
 META_KEY = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 CLOCK = re.compile(r"\b\d\d:\d\d:\d\d\b")
@@ -88,19 +88,20 @@ def test_instructions_name_the_participant_and_say_peer_text_is_not_the_users_in
     assert re.search(r"message from a peer[\s\w]*, not an instruction from your user", text)
 
 
-def test_tools_list_has_exactly_send_reply_ping_who_inbox_with_their_documented_arguments(plugins):
+def test_tools_list_has_exactly_send_reply_ping_who_inbox_status_with_their_documented_arguments(plugins):
     p = plugins(offline_env())
     p.handshake()
     tools = {t["name"]: t for t in p.request("tools/list", {})["result"]["tools"]}
-    assert set(tools) == {"send", "reply", "ping", "who", "inbox"}
+    assert set(tools) == {"send", "reply", "ping", "who", "inbox", "status"}
     arguments = {name: ({k: v["type"] for k, v in t["inputSchema"]["properties"].items()},
                         sorted(t["inputSchema"]["required"])) for name, t in tools.items()}
     assert arguments == {
-        "send": ({"to": "string", "body": "string"}, ["body", "to"]),
-        "reply": ({"chat_id": "string", "body": "string"}, ["body", "chat_id"]),
+        "send": ({"to": "string", "body": "string", "wait_s": "number"}, ["body", "to"]),
+        "reply": ({"chat_id": "string", "body": "string", "wait_s": "number"}, ["body", "chat_id"]),
         "ping": ({}, []),
         "who": ({}, []),
         "inbox": ({"peek": "boolean"}, []),
+        "status": ({"chat_id": "string", "message_id": "string", "last": "integer"}, []),
     }
     for t in tools.values():
         assert t["inputSchema"]["type"] == "object" and t["description"]
@@ -641,3 +642,45 @@ def test_a_send_made_while_the_broker_restarts_succeeds_once(plugins, broker):
     out, err = sender.communicate(timeout=30)
     assert sender.returncode == 0 and out.startswith("Sent"), out + err
     assert stored_with_body(broker, "across a restart") == 1
+
+
+# --------------------------------------------------------------------------------------------
+# What became of sent mail: status, wait_s and bounces
+# --------------------------------------------------------------------------------------------
+
+
+def test_send_with_wait_s_says_the_recipient_recorded_it_and_status_says_delivered(plugins, shared_broker):
+    ann, bob = fresh("test-ann"), fresh("test-bob")
+    pa, pb = start_pair(plugins, shared_broker, ann, bob)
+
+    text, is_error = pa.tool("send", to=bob, body="are the migrations done?", wait_s=10)
+
+    assert not is_error and f"In the transcript of {bob} (acked)" in text, text
+    text, is_error = pa.tool("status", last=1)
+    assert not is_error and text.startswith("1 of your sent message(s)"), text
+    assert f"- to {bob}, sent " in text and "delivered: its session recorded it at " in text, text
+    assert 'It began: "are the migrations done?"' in text
+    assert pb.tool("status")[0].startswith("No sent Dispatch messages of yours match"), "only the sender sees it"
+
+
+def test_a_bounce_arrives_as_a_channel_event_from_postmaster_and_a_reply_to_it_is_refused(plugins, broker_factory,
+                                                                                        tmp_path):
+    broker, jump = clock_broker(broker_factory, tmp_path, "--ttl", "30s")
+    ann = connected(plugins(plugin_env(broker, "test", "test-ann")))
+    assert run_cli(plugin_env(broker, "test", "test-gone"), "ping").returncode == 0  # known, then never again
+    text, is_error = ann.tool("send", to="test-gone", body="still on for the review?")
+    assert not is_error and "Queued" in text, text
+
+    jump(31)  # past the TTL; ann listens all the while, so it is there to be told
+
+    [bounce] = ann.wait_channel(1, timeout=30)
+    meta = bounce["meta"]
+    assert (meta["from"], meta["to"]) == ("postmaster", "test-ann")
+    assert "- test-gone (m_" in bounce["content"] and "never connected again" in bounce["content"]
+    assert 'It began: "still on for the review?"' in bounce["content"]
+    wait_for(lambda: acked_at(broker, meta["message_id"]), timeout=10, what="the bounce acked once recorded")
+    text, is_error = ann.tool("reply", chat_id=meta["chat_id"], body="thanks")
+    assert is_error and "'postmaster' is reserved" in text and "nobody reads mail to it" in text, text
+    text = ann.tool("status")[0]
+    assert "- to test-gone, sent " in text and "expired unread, deleted at " in text, text
+    broker.kill()
