@@ -4,12 +4,12 @@ Several Claude Code sessions talk to one broker through the Dispatch plugin. The
 who is connected, pushes mail to live receivers, keeps mail for offline ones until a TTL, and
 counts mail as delivered only when the receiver acknowledges it::
 
-    sender plugin ──send(to, body)──▶ tools ──INSERT + COMMIT──▶ SQLite mailbox (WAL, FULL)
-                                        │                              │
-                                        └──wake──▶ Listener queue ◀────┘ (pending, unacked rows)
-                                                       │
-    receiver plugin ◀── notifications/dispatch/mail ───┘ (rides the receiver's pending `listen` call)
-    receiver plugin ──mail.ack(ids)──▶ tools ──UPDATE acked_at──▶ SQLite (no more redelivery)
+    sender plugin ──send(to, body)──▶ tools ──INSERT job──▶ writer thread ──one COMMIT a batch──▶ SQLite
+                                        │   (event loop)      (group commit)        mailbox (WAL, FULL)
+                                        └──wake, once committed──▶ Listener queue    (reads: own connection)
+                                                                       │
+    receiver plugin ◀── notifications/dispatch/mail ───────────────────┘ (rides the pending `listen` call)
+    receiver plugin ──mail.ack(ids)──▶ tools ──UPDATE acked_at job──▶ writer thread (no more redelivery)
 
 Run it::
 
@@ -24,6 +24,7 @@ else ./tokens; the file holds SHA-256 hashes only and is re-read on SIGHUP.
 import argparse
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
 import contextvars
 import gc
@@ -33,6 +34,7 @@ import ipaddress
 import json
 import logging
 import os
+import queue
 import re
 import resource
 import secrets
@@ -40,6 +42,7 @@ import signal
 import sqlite3
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -511,8 +514,8 @@ WHERE id IN ({placeholders})
 """
 SQL_ACK = """
 UPDATE messages
-SET acked_at = :now
-WHERE id = :id AND recipient = :recipient AND acked_at IS NULL
+SET acked_at = ?
+WHERE recipient = ? AND acked_at IS NULL AND id IN ({placeholders})
 """
 SQL_EXPIRED_UNACKED = """
 SELECT id, sender, recipient
@@ -580,6 +583,10 @@ WHERE last_seen <= :cutoff
 """
 SQL_GET_META = "SELECT value FROM meta WHERE key = ?"
 SQL_SET_META = "INSERT INTO meta (key, value) VALUES (?, ?)"
+#: Each job of a group commit runs under its own savepoint: a job that raises is undone alone.
+SQL_JOB_BEGIN = "SAVEPOINT job"
+SQL_JOB_UNDO = "ROLLBACK TO job"
+SQL_JOB_END = "RELEASE job"
 
 
 # --------------------------------------------------------------------------------------------
@@ -648,38 +655,127 @@ def keep_private(path: str) -> None:
                 log.warning("mailbox file %s was mode %o, readable by others: now 0600", name, mode)
 
 
-class Store:
-    """The SQLite mailbox. One connection, used only from the event loop thread.
+class GroupCommit:
+    """The one writer: a thread of its own that owns the write connection (group commit).
 
-    Every tool is an `async def`, so the SDK runs it on the loop thread and Store calls never
-    overlap: no lock is needed. Writes happen inside `transaction()` and are committed before a
-    tool answers. Stored mail is committed durably (WAL, synchronous=FULL unless told
-    otherwise), so a `send` that returned survives SIGKILL and power loss. Bookkeeping (acks,
-    push stamps, last seen) is committed with synchronous=NORMAL: in WAL mode that survives a
-    broker crash but not a power cut, where the cost of a lost ack is one redelivery, which the
-    plugin drops by id. It saves an fsync on every push and ack, and the loop waits for each one.
+    Callers hand it jobs (`submit`): a function of the connection that writes a few rows and
+    returns what its caller needs. The thread takes every job that gathered while its previous
+    commit was syncing and runs them all in one transaction, each under a savepoint, then commits
+    once: N concurrent sends cost one fsync, not N, and the event loop never waits for one. Each
+    caller's future is settled only once that commit is done, so nothing is answered before its
+    rows are on disk. A job that raises (a refused ack) is undone alone and fails alone; a
+    failed commit or a write SQLite cannot make (disk full, read-only file) fails every job of
+    that transaction with Unavailable, as a lone write would, and the next batch starts clean.
+    """
+
+    def __init__(self, store: "Store"):
+        self.store = store
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()  #: (job, durable, future), or None: stop
+        self.thread = threading.Thread(target=self.run, name="dispatch-writer", daemon=True)
+        self.thread.start()
+
+    def submit(self, job, durable: bool) -> concurrent.futures.Future:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self.jobs.put((job, durable, future))
+        return future
+
+    def run(self) -> None:
+        while True:
+            batch = [self.jobs.get()]  # blocks while there is nothing to write
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    batch.append(self.jobs.get_nowait())
+            jobs = [item for item in batch if item is not None]
+            # A caller cancelled before its turn (its client went away) is skipped: never answered, never written.
+            jobs = [item for item in jobs if item[2].set_running_or_notify_cancel()]
+            if jobs:
+                self.commit(jobs)
+            if None in batch:
+                return
+
+    def commit(self, jobs: list) -> None:
+        outcomes = []
+        try:
+            with self.store.transaction(durable=any(durable for _, durable, _ in jobs)) as db:
+                for job, _, _ in jobs:
+                    outcomes.append(run_job(db, job))
+        except Unavailable as exc:
+            outcomes = [(None, Unavailable(*exc.args)) for _ in jobs]  # one exception each: each is raised on its own
+        except Exception as exc:  # a bug: fail the callers rather than the thread
+            log.exception("group commit failed")
+            outcomes = [(None, exc) for _ in jobs]
+        for (_, _, future), (result, error) in zip(jobs, outcomes):
+            if error is None:
+                future.set_result(result)
+            else:
+                future.set_exception(error)
+
+    def stop(self) -> None:
+        """Commit what was handed over, then end the thread."""
+        self.jobs.put(None)
+        self.thread.join()
+
+
+def run_job(db: sqlite3.Connection, job) -> tuple[Any, BaseException | None]:
+    """Run one job of a group commit under its savepoint: (its result, None) or (None, its
+    error), its rows undone. An OperationalError (the disk) is raised: the transaction is lost."""
+    db.execute(SQL_JOB_BEGIN)
+    try:
+        result = job(db)
+    except sqlite3.OperationalError:
+        raise
+    except Exception as exc:
+        db.execute(SQL_JOB_UNDO)
+        db.execute(SQL_JOB_END)
+        return None, exc
+    db.execute(SQL_JOB_END)
+    return result, None
+
+
+class Store:
+    """The SQLite mailbox: one connection for writes, in the GroupCommit thread, one for reads.
+
+    Every tool is an `async def` and runs on the event loop thread. Reads run there, on their
+    own connection: in WAL mode a reader sees the last commit and never waits for the writer or
+    its fsync, and the mailbox's pages are few and hot (--max-db). Writes are jobs handed to the
+    GroupCommit thread and awaited: the loop goes on serving while a commit syncs, and every
+    write that arrives meanwhile shares the next commit. Only the writer thread touches the
+    write connection once it runs (before it, migrations run on that connection directly).
+
+    Stored mail is committed durably (WAL, synchronous=FULL unless told otherwise), so a `send`
+    that returned survives SIGKILL and power loss. Bookkeeping alone (acks, push stamps, last
+    seen) is committed with synchronous=NORMAL: in WAL mode that survives a broker crash but not
+    a power cut, where the cost of a lost ack is one redelivery, which the plugin drops by id.
+    A batch with any stored mail in it commits at the durable level, and so syncs all of it.
+
+    Between a send's reads (room in the mailbox, --max-db) and its commit other sends may
+    commit: those limits are soft by the few sends of one batch. A client_msg_id is checked
+    again inside the send's own job, so a repeat is never stored twice.
     """
 
     def __init__(self, path: str, *, synchronous: str = DEFAULT_SYNCHRONOUS):
         self.path = path
         self.synchronous = synchronous  #: the level of durable commits, a keyword checked by argparse
-        self.level = ""  #: the level the connection is at now
+        self.level = ""  #: the level the write connection is at now
         try:
             keep_private(path)
             self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA busy_timeout=5000")
+            self.migrate()
+            self.reader = sqlite3.connect(path, isolation_level=None)
+            self.reader.execute("PRAGMA busy_timeout=5000")
         except (sqlite3.Error, OSError) as exc:  # SQLite's own text ("unable to open database file") names no file
             raise ConfigError(f"cannot open the mailbox {path}: {exc} (the file and its directory must be "
                               "writable: WAL mode keeps -wal and -shm files beside it)") from None
-        self.migrate()
+        self.writer = GroupCommit(self)
 
     @contextlib.contextmanager
     def transaction(self, durable: bool = True):
-        """All or nothing. A write SQLite cannot make (disk full, read-only file) is rolled back
-        and raised as Unavailable, so a tool says why instead of crashing, and the next
-        transaction starts clean once the disk has room again. `durable=False`: bookkeeping,
-        committed without an fsync (see the class docstring)."""
+        """All or nothing, on the write connection. A write SQLite cannot make (disk full,
+        read-only file) is rolled back and raised as Unavailable, so a tool says why instead of
+        crashing, and the next transaction starts clean once the disk has room again.
+        `durable=False`: bookkeeping, committed without an fsync (see the class docstring)."""
         level = self.synchronous if durable else "NORMAL"
         try:
             if level != self.level:  # WAL: a later FULL commit still syncs every earlier frame
@@ -697,6 +793,10 @@ class Store:
                                   "try again later") from exc
             raise
 
+    async def write(self, job, durable: bool = False) -> Any:
+        """Run `job(connection)` in the next group commit; its result once that commit is done."""
+        return await asyncio.wrap_future(self.writer.submit(job, durable))
+
     def migrate(self) -> None:
         version = self.db.execute("PRAGMA user_version").fetchone()[0]
         if version > len(MIGRATIONS):
@@ -713,124 +813,142 @@ class Store:
             log.info("schema step %d: %s", number, what)
 
     def close(self) -> None:
+        self.writer.stop()
+        self.reader.close()
         self.db.close()
 
     # -- meta ---------------------------------------------------------------------------------
 
     def secret(self, key: str) -> bytes:
-        """A random secret kept in the database (created on first use), e.g. the chat-id key."""
-        row = self.db.execute(SQL_GET_META, (key,)).fetchone()
-        if row:
-            return bytes.fromhex(row[0])
-        value = secrets.token_bytes(32)
-        with self.transaction() as db:
+        """A random secret kept in the database (created on first use), e.g. the chat-id key.
+        Blocks until committed: for the start, before the event loop runs."""
+        def job(db: sqlite3.Connection) -> bytes:
+            row = db.execute(SQL_GET_META, (key,)).fetchone()
+            if row:
+                return bytes.fromhex(row[0])
+            value = secrets.token_bytes(32)
             db.execute(SQL_SET_META, (key, value.hex()))
-        return value
+            return value
+        return self.writer.submit(job, durable=True).result()
 
     # -- participants -------------------------------------------------------------------------
 
-    def touch(self, name: str, now: float) -> None:
-        with self.transaction(durable=False) as db:
-            upsert_participant(db, name, now)
+    async def touch(self, name: str, now: float) -> None:
+        await self.write(lambda db: upsert_participant(db, name, now))
 
     def participant(self, name: str) -> tuple[str, str, float] | None:
-        return self.db.execute(SQL_PARTICIPANT, (name,)).fetchone()
+        return self.reader.execute(SQL_PARTICIPANT, (name,)).fetchone()
 
     def participants(self) -> list[tuple[str, str, float]]:
-        return self.db.execute(SQL_PARTICIPANTS).fetchall()
+        return self.reader.execute(SQL_PARTICIPANTS).fetchall()
 
     def participants_of_base(self, base: str) -> list[str]:
-        return [row[0] for row in self.db.execute(SQL_PARTICIPANTS_OF_BASE, (base,))]
+        return [row[0] for row in self.reader.execute(SQL_PARTICIPANTS_OF_BASE, (base,))]
 
     def count_names(self, base: str) -> int:
-        return self.db.execute(SQL_COUNT_PARTICIPANTS_OF_BASE, (base,)).fetchone()[0]
+        return self.reader.execute(SQL_COUNT_PARTICIPANTS_OF_BASE, (base,)).fetchone()[0]
 
     def size(self) -> int:
         """Bytes of database pages in use (WAL frames included)."""
-        return self.db.execute(SQL_DATABASE_BYTES).fetchone()[0]
+        return self.reader.execute(SQL_DATABASE_BYTES).fetchone()[0]
 
     # -- messages -----------------------------------------------------------------------------
 
     def count_pending(self, recipient: str, now: float) -> int:
-        return self.db.execute(SQL_COUNT_PENDING, {"recipient": recipient, "now": now}).fetchone()[0]
+        return self.reader.execute(SQL_COUNT_PENDING, {"recipient": recipient, "now": now}).fetchone()[0]
 
     def count_all_pending(self, now: float) -> int:
-        return self.db.execute(SQL_COUNT_ALL_PENDING, {"now": now}).fetchone()[0]
+        return self.reader.execute(SQL_COUNT_ALL_PENDING, {"now": now}).fetchone()[0]
 
     def count_pending_among(self, recipients: list[str], now: float) -> dict[str, int]:
         """Pending mail of each recipient, in one query per SQL_PARAMETERS names (a fan-out)."""
         counts: dict[str, int] = {}
         for chunk in chunks(recipients):
             sql = SQL_COUNT_PENDING_AMONG.format(placeholders=",".join("?" * len(chunk)))
-            counts.update(self.db.execute(sql, [*chunk, now]).fetchall())
+            counts.update(self.reader.execute(sql, [*chunk, now]).fetchall())
         return counts
 
     def pending_from(self, sender: str, now: float) -> dict[str, int]:
-        return dict(self.db.execute(SQL_COUNT_PENDING_FROM, {"sender": sender, "now": now}).fetchall())
+        return dict(self.reader.execute(SQL_COUNT_PENDING_FROM, {"sender": sender, "now": now}).fetchall())
 
-    def insert(self, sender: str, rows: list[dict[str, Any]], now: float, sent_id: dict[str, Any] | None = None) -> None:
+    async def insert(self, sender: str, rows: list[dict[str, Any]], now: float,
+                     sent_id: dict[str, Any] | None = None) -> dict[str, Any] | None:
         """Commit one message for each recipient, all or none, the sender's sign of life and the
-        answer to its client_msg_id (so stored and remembered go together): one durable commit a send."""
-        with self.transaction() as db:
+        answer to its client_msg_id (so stored and remembered go together), durably. None, or the
+        first answer when a send with the same client_msg_id committed meanwhile (nothing stored)."""
+        def job(db: sqlite3.Connection) -> dict[str, Any] | None:
+            if sent_id:
+                first = db.execute(SQL_GET_SENT_ID, {**sent_id, "now": now}).fetchone()
+                if first:
+                    return json.loads(first[0])
             upsert_participant(db, sender, now)
             db.executemany(SQL_INSERT_MESSAGE, rows)
             if sent_id:
                 db.execute(SQL_INSERT_SENT_ID, sent_id)
+            return None
+        return await self.write(job, durable=True)
 
     def sent_answer(self, base: str, client_msg_id: str, now: float) -> dict[str, Any] | None:
         """The answer a send with this base's client_msg_id got, while remembered."""
-        row = self.db.execute(SQL_GET_SENT_ID, {"base": base, "client_msg_id": client_msg_id, "now": now}).fetchone()
+        row = self.reader.execute(SQL_GET_SENT_ID, {"base": base, "client_msg_id": client_msg_id, "now": now}).fetchone()
         return json.loads(row[0]) if row else None
 
     def iter_pending(self, recipient: str, now: float, limit: int = -1):
         """Pending mail oldest first, one row at a time: a caller that stops early reads no more."""
-        rows = self.db.execute(SQL_PENDING_FOR, {"recipient": recipient, "now": now, "limit": limit})
+        rows = self.reader.execute(SQL_PENDING_FOR, {"recipient": recipient, "now": now, "limit": limit})
         return (Mail(*row) for row in rows)
 
     def pending_for(self, recipient: str, now: float, limit: int = -1) -> list[Mail]:
         return list(self.iter_pending(recipient, now, limit))
 
     def pending_ids(self, recipient: str, now: float) -> list[str]:
-        return [row[0] for row in self.db.execute(SQL_PENDING_IDS, {"recipient": recipient, "now": now})]
+        return [row[0] for row in self.reader.execute(SQL_PENDING_IDS, {"recipient": recipient, "now": now})]
 
-    def mark_pushed(self, message_id: str, now: float) -> Mail | None:
+    async def mark_pushed(self, message_id: str, now: float) -> Mail | None:
         """Count one more push attempt; None when the message was acked or purged meanwhile."""
-        with self.transaction(durable=False) as db:
+        def job(db: sqlite3.Connection):
             changed = db.execute(SQL_MARK_PUSHED, {"id": message_id, "now": now}).rowcount
-            row = db.execute(SQL_GET_MESSAGE, (message_id,)).fetchone()
+            return changed, db.execute(SQL_GET_MESSAGE, (message_id,)).fetchone()
+        changed, row = await self.write(job)
         if not changed or row is None or row[8] <= now:
             return None
         return Mail(*row[:7])
 
     def due_for_redelivery(self, cutoff: float, now: float) -> list[tuple[str, str]]:
-        return self.db.execute(SQL_DUE_FOR_REDELIVERY, {"cutoff": cutoff, "now": now}).fetchall()
+        return self.reader.execute(SQL_DUE_FOR_REDELIVERY, {"cutoff": cutoff, "now": now}).fetchall()
 
-    def ack(self, recipient: str, ids: list[str], now: float) -> tuple[int, list[str]]:
-        """Mark the caller's messages delivered. Returns (newly acked, ids owned by others).
+    async def ack(self, recipient: str, ids: list[str], now: float) -> tuple[int, list[str]]:
+        """Mark the caller's messages delivered, one statement per SQL_PARAMETERS ids. Returns
+        (newly acked, ids owned by others). When any id belongs to someone else nothing is
+        acked: the call is refused whole (owners are read in the same transaction)."""
+        def job(db: sqlite3.Connection) -> tuple[int, list[str]]:
+            owners = {}
+            for chunk in chunks(ids):
+                sql = SQL_OWNERS_OF.format(placeholders=",".join("?" * len(chunk)))
+                owners.update({row[0]: row[1] for row in db.execute(sql, chunk)})
+            foreign = [i for i in ids if i in owners and owners[i] != recipient]
+            if foreign:
+                return 0, foreign
+            acked = 0
+            for chunk in chunks(ids):
+                sql = SQL_ACK.format(placeholders=",".join("?" * len(chunk)))
+                acked += db.execute(sql, [now, recipient, *chunk]).rowcount
+            return acked, []
+        return await self.write(job)
 
-        When any id belongs to someone else nothing is acked: the call is refused whole.
-        """
-        owners = {}
-        for chunk in chunks(ids):
-            sql = SQL_OWNERS_OF.format(placeholders=",".join("?" * len(chunk)))
-            owners.update({row[0]: row[1] for row in self.db.execute(sql, chunk)})
-        foreign = [i for i in ids if i in owners and owners[i] != recipient]
-        if foreign:
-            return 0, foreign
-        with self.transaction(durable=False) as db:
-            acked = sum(db.execute(SQL_ACK, {"id": i, "recipient": recipient, "now": now}).rowcount for i in ids)
-        return acked, []
-
-    def purge_expired(self, now: float, participant_ttl: float) -> list[tuple[str, str, str]]:
-        """Delete expired and acked mail, forgotten client_msg_ids and long-gone participants;
-        return the unacked mail dropped."""
-        with self.transaction(durable=False) as db:
+    async def purge_expired(self, now: float, participant_ttl: float, alive: list[str]) -> list[tuple[str, str, str]]:
+        """Mark `alive` as seen now; delete expired and acked mail, forgotten client_msg_ids and
+        long-gone participants; return the unacked mail dropped."""
+        def job(db: sqlite3.Connection) -> list[tuple[str, str, str]]:
+            for name in alive:
+                upsert_participant(db, name, now)
             expired = db.execute(SQL_EXPIRED_UNACKED, {"now": now}).fetchall()
             db.execute(SQL_PURGE_EXPIRED, {"now": now})
             db.execute(SQL_PURGE_ACKED, {"cutoff": now - ACKED_KEEP})
             db.execute(SQL_PURGE_SENT_IDS, {"now": now})
             db.execute(SQL_PURGE_PARTICIPANTS, {"cutoff": now - participant_ttl})
-        return expired
+            return expired
+        return await self.write(job)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1254,7 +1372,7 @@ class Broker:
             log.warning("refused MCP session: token %s holds %d, its share (of %d, --max-links %d)", token_id, held,
                         MAX_SESSIONS, self.max_links)
 
-    def identify(self, link: Link, name: str) -> None:
+    async def identify(self, link: Link, name: str) -> None:
         check_name(name)
         if base_of(name) != link.base:
             log.warning("refused identify: token of base %r asked for name %r", link.base, name)
@@ -1266,7 +1384,7 @@ class Broker:
                 raise Refused(f"base {link.base!r} has {names} names, the limit (--max-names {self.max_names}): "
                               "use one of them; a name is forgotten a TTL after its last use", "too_many_names")
         link.name = name
-        self.seen(name)
+        await self.seen(name)
         log.info("identify %s", name)
 
     def tokens_changed(self, token_ids: set[str]) -> None:
@@ -1284,12 +1402,12 @@ class Broker:
     def token_valid(self, token_id: str) -> bool:
         return self.token_ids is None or token_id in self.token_ids
 
-    def seen(self, name: str) -> None:
+    async def seen(self, name: str) -> None:
         """Record a sign of life. Best effort: while the disk is full, a heartbeat or identify must
         still answer (a plugin takes a refused identify for a refused name and exits), and nothing
         can be sent to the name meanwhile anyway. The next sign of life after that records it."""
         with contextlib.suppress(Unavailable):
-            self.store.touch(name, time.time())
+            await self.store.touch(name, time.time())
 
     def caller(self, link: Link) -> str:
         """The identified name of this link, refusing links that never identified."""
@@ -1359,10 +1477,7 @@ class Broker:
         if client_msg_id is not None:
             first = self.store.sent_answer(base_of(sender), check_client_msg_id(client_msg_id), time.time())
             if first is not None:
-                self.metrics.repeats += 1
-                log.info("send %s: repeat of client_msg_id %s, answered as first (%s)", sender, client_msg_id,
-                         first["chat_id"])
-                return {**first, "repeat_of": client_msg_id}
+                return self.repeat(sender, client_msg_id, first)
         size = self.check_body(body)
         recipients = self.resolve(sender, to)
         # Charged per recipient, before the mailbox checks: a loop sending into full mailboxes
@@ -1389,15 +1504,38 @@ class Broker:
         sent_id = None if client_msg_id is None else {
             "base": base_of(sender), "client_msg_id": client_msg_id, "answer": json.dumps(result),
             "expires_at": now + self.ttl}
-        self.store.insert(sender, rows, now, sent_id)
+        first = await self.store.insert(sender, rows, now, sent_id)
+        if first is not None:  # the same client_msg_id committed while this one waited
+            return self.repeat(sender, client_msg_id, first)
         self.count_send(rows, dropped)
-        pushes = [live[row["recipient"]].offer(row["id"], Mail(row["id"], chat_id, sender, row["recipient"], body, now, 1))
-                  for row in rows if row["recipient"] in live]
+        pushes = self.offer_stored(rows, live)
         if pushes:
             await asyncio.wait(pushes, timeout=PUSH_FIRST_WAIT)
         log.info("send %s -> %s (%s): %d bytes, delivered_to=%s queued=%s dropped=%s",
                  sender, to, chat_id, size, result["delivered_to"], result["queued"], sorted(dropped))
         return result
+
+    def repeat(self, sender: str, client_msg_id: str, first: dict[str, Any]) -> dict[str, Any]:
+        """A send's answer when its client_msg_id was sent before: the first answer; nothing stored."""
+        self.metrics.repeats += 1
+        log.info("send %s: repeat of client_msg_id %s, answered as first (%s)", sender, client_msg_id, first["chat_id"])
+        return {**first, "repeat_of": client_msg_id}
+
+    def offer_stored(self, rows: list[dict[str, Any]], live: dict[str, Listener]) -> list[asyncio.Future]:
+        """Queue just-committed rows for their recipients' listeners as they are now: the commit
+        let other work run. A listener the rows were stamped for gets the mail without another
+        write, and a future its send awaits; one that began listening meanwhile may have read the
+        pending ids before the commit, so it is offered the id (stamped at push). No listener:
+        pending until the next listen, or pushed again after the ack timeout."""
+        waits = []
+        for row in rows:
+            name, listener = row["recipient"], self.listeners.get(row["recipient"])
+            if listener is not None and listener is live.get(name):
+                mail = Mail(row["id"], row["chat_id"], row["sender"], name, row["body"], row["sent_at"], row["attempt"])
+                waits.append(listener.offer(row["id"], mail))
+            elif listener is not None:
+                listener.offer(row["id"])
+        return waits
 
     def check_body(self, body: str) -> int:
         """The body's size in bytes, once it is known to be storable text."""
@@ -1469,7 +1607,7 @@ class Broker:
             old.stop("superseded")
         listener = Listener(name, link.key, link.token_id, push, keepalive)
         self.listeners[name] = listener
-        self.seen(name)
+        await self.seen(name)
         for message_id in self.store.pending_ids(name, time.time()):
             listener.offer(message_id)  # redelivered on every new listen until acked
         started = written = time.monotonic()
@@ -1525,7 +1663,7 @@ class Broker:
         return reason
 
     async def push_one(self, listener: Listener, message_id: str, fresh: Mail | None = None) -> bool:
-        mail = fresh or self.store.mark_pushed(message_id, time.time())
+        mail = fresh or await self.store.mark_pushed(message_id, time.time())
         if mail is None:
             return True  # acked or expired since it was queued: nothing to do
         # On failure the mail stays pending for the next listen.
@@ -1543,11 +1681,11 @@ class Broker:
         """Tell an idle listen's client its stream still works; False when the write is stuck."""
         return await written(listener, "keepalive", listener.keepalive(listened))
 
-    def ack(self, name: str, ids: list[str]) -> int:
+    async def ack(self, name: str, ids: list[str]) -> int:
         # An id of another shape was never made here, so it is nobody's: skipped, not looked up
         # (SQLite's encoder raises on a lone surrogate).
         ids = [i for i in ids if MESSAGE_ID_RE.fullmatch(i)]
-        acked, foreign = self.store.ack(name, ids, time.time())
+        acked, foreign = await self.store.ack(name, ids, time.time())
         if foreign:
             log.warning("refused ack: %s tried to ack %d messages addressed to others", name, len(foreign))
             raise Refused(f"refused: {len(foreign)} of these ids are not addressed to you ({name}); nothing acked",
@@ -1566,12 +1704,10 @@ class Broker:
                 log.info("redelivery %s to %s: not acked within %.0fs", message_id, recipient, self.ack_timeout)
                 listener.offer(message_id)
 
-    def purge(self) -> None:
+    async def purge(self) -> None:
         self.forget_idle_links()  # first: memory is freed even while the disk is full
-        now = time.time()
-        for name in list(self.listeners):  # a long listen is a sign of life too
-            self.store.touch(name, now)
-        for message_id, sender, recipient in self.store.purge_expired(now, self.ttl):
+        # A long listen is a sign of life too.
+        for message_id, sender, recipient in await self.store.purge_expired(time.time(), self.ttl, list(self.listeners)):
             log.info("expiry %s (%s -> %s): not acked within the TTL", message_id, sender, recipient)
             self.metrics.expired += 1
 
@@ -1595,7 +1731,7 @@ class Broker:
                 self.redeliver_due()
                 if time.monotonic() - last_purge >= purge_every:
                     last_purge = time.monotonic()
-                    self.purge()
+                    await self.purge()
             except Exception:  # keep the loop alive; the next round retries
                 log.exception("housekeeping failed")
 
@@ -1900,7 +2036,7 @@ def build_app(broker: Broker, verifier: TokenVerifier, allowed_hosts: list[str],
         """Bind this connection to participant `name` (first call on a connection). The name's base
         must be your token's base. When a newer session of the same name listens, it takes over
         receiving and the older listen ends as superseded."""
-        broker.identify(link_of(ctx, create=True), name)
+        await broker.identify(link_of(ctx, create=True), name)
         return broker.status(name)
 
     @server.tool()
@@ -1928,7 +2064,7 @@ def build_app(broker: Broker, verifier: TokenVerifier, allowed_hosts: list[str],
     async def ping(ctx: Context) -> PingResult:
         """Health probe and heartbeat: your name, base, the broker's time and your pending count."""
         name = broker.caller(link_of(ctx))
-        broker.seen(name)
+        await broker.seen(name)
         return broker.status(name)
 
     @server.tool(name="mail.ack")
@@ -1937,7 +2073,7 @@ def build_app(broker: Broker, verifier: TokenVerifier, allowed_hosts: list[str],
         ctx: Context,
     ) -> AckResult:
         """Mark messages addressed to you as delivered, so they are not pushed again."""
-        return {"acked": broker.ack(broker.caller(link_of(ctx)), ids)}
+        return {"acked": await broker.ack(broker.caller(link_of(ctx)), ids)}
 
     @server.tool()
     async def listen(
@@ -2252,7 +2388,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     max_links=args.max_links)
     verifier = TokenVerifier(tokens_path)
     broker.tokens_changed(verifier.ids())
-    broker.purge()  # mail whose TTL passed while the broker was down is never delivered late
     failures = AuthFailures()
     app = build_app(broker, verifier, args.allowed_host, args.port, failures, args.metrics_token)
     # log_config=None: uvicorn's records reach our handler (SafeFormatter) instead of its own.
@@ -2277,6 +2412,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, reload_tokens, verifier, broker)
         loop.set_exception_handler(exhausted_descriptors_logger())
+        await broker.purge()  # mail whose TTL passed while the broker was down is never delivered late
         housekeeping = asyncio.create_task(broker.housekeeping(failures.flush))
         log.info("durability: synchronous=%s (%s)", store.synchronous, DURABILITY[store.synchronous])
         log.info("dispatch broker %s serving on %s://%s:%d/mcp (db %s, ttl %.0fs, metrics %s, at most %d "
