@@ -637,6 +637,36 @@ def upsert_participant(db: sqlite3.Connection, name: str, now: float) -> None:
     db.execute(SQL_UPSERT_PARTICIPANT, {"name": name, "base": base_of(name), "now": now})
 
 
+def pending_among(db: sqlite3.Connection, recipients: list[str], now: float) -> dict[str, int]:
+    """Pending mail of each recipient, in one query per SQL_PARAMETERS names (a fan-out)."""
+    counts: dict[str, int] = {}
+    for chunk in chunks(recipients):
+        sql = SQL_COUNT_PENDING_AMONG.format(placeholders=",".join("?" * len(chunk)))
+        counts.update(db.execute(sql, [*chunk, now]).fetchall())
+    return counts
+
+
+def bytes_in_use(db: sqlite3.Connection) -> int:
+    """Bytes of database pages in use (WAL frames included; in a transaction, its own pages too)."""
+    return db.execute(SQL_DATABASE_BYTES).fetchone()[0]
+
+
+def first_answer(db: sqlite3.Connection, base: str, client_msg_id: str, now: float) -> dict[str, Any] | None:
+    """The answer a send with this base's client_msg_id got, while remembered."""
+    row = db.execute(SQL_GET_SENT_ID, {"base": base, "client_msg_id": client_msg_id, "now": now}).fetchone()
+    return json.loads(row[0]) if row else None
+
+
+def store_mail(db: sqlite3.Connection, sender: str, rows: list[dict[str, Any]], now: float,
+               sent_id: dict[str, Any] | None) -> None:
+    """One message for each recipient, the sender's sign of life and the answer to its
+    client_msg_id (so stored and remembered go together): all in the caller's transaction."""
+    upsert_participant(db, sender, now)
+    db.executemany(SQL_INSERT_MESSAGE, rows)
+    if sent_id:
+        db.execute(SQL_INSERT_SENT_ID, sent_id)
+
+
 #: What SQLite keeps beside the mailbox in WAL mode; both hold bodies too.
 SIDE_FILES = ("-wal", "-shm")
 
@@ -748,9 +778,9 @@ class Store:
     a power cut, where the cost of a lost ack is one redelivery, which the plugin drops by id.
     A batch with any stored mail in it commits at the durable level, and so syncs all of it.
 
-    Between a send's reads (room in the mailbox, --max-db) and its commit other sends may
-    commit: those limits are soft by the few sends of one batch. A client_msg_id is checked
-    again inside the send's own job, so a repeat is never stored twice.
+    A send's own job checks the mailbox cap, --max-db and its client_msg_id on the write
+    connection, inside the batch: the caps hold exactly and a repeat is never stored twice,
+    however many sends share a commit.
     """
 
     def __init__(self, path: str, *, synchronous: str = DEFAULT_SYNCHRONOUS):
@@ -849,8 +879,7 @@ class Store:
         return self.reader.execute(SQL_COUNT_PARTICIPANTS_OF_BASE, (base,)).fetchone()[0]
 
     def size(self) -> int:
-        """Bytes of database pages in use (WAL frames included)."""
-        return self.reader.execute(SQL_DATABASE_BYTES).fetchone()[0]
+        return bytes_in_use(self.reader)
 
     # -- messages -----------------------------------------------------------------------------
 
@@ -860,38 +889,11 @@ class Store:
     def count_all_pending(self, now: float) -> int:
         return self.reader.execute(SQL_COUNT_ALL_PENDING, {"now": now}).fetchone()[0]
 
-    def count_pending_among(self, recipients: list[str], now: float) -> dict[str, int]:
-        """Pending mail of each recipient, in one query per SQL_PARAMETERS names (a fan-out)."""
-        counts: dict[str, int] = {}
-        for chunk in chunks(recipients):
-            sql = SQL_COUNT_PENDING_AMONG.format(placeholders=",".join("?" * len(chunk)))
-            counts.update(self.reader.execute(sql, [*chunk, now]).fetchall())
-        return counts
-
     def pending_from(self, sender: str, now: float) -> dict[str, int]:
         return dict(self.reader.execute(SQL_COUNT_PENDING_FROM, {"sender": sender, "now": now}).fetchall())
 
-    async def insert(self, sender: str, rows: list[dict[str, Any]], now: float,
-                     sent_id: dict[str, Any] | None = None) -> dict[str, Any] | None:
-        """Commit one message for each recipient, all or none, the sender's sign of life and the
-        answer to its client_msg_id (so stored and remembered go together), durably. None, or the
-        first answer when a send with the same client_msg_id committed meanwhile (nothing stored)."""
-        def job(db: sqlite3.Connection) -> dict[str, Any] | None:
-            if sent_id:
-                first = db.execute(SQL_GET_SENT_ID, {**sent_id, "now": now}).fetchone()
-                if first:
-                    return json.loads(first[0])
-            upsert_participant(db, sender, now)
-            db.executemany(SQL_INSERT_MESSAGE, rows)
-            if sent_id:
-                db.execute(SQL_INSERT_SENT_ID, sent_id)
-            return None
-        return await self.write(job, durable=True)
-
     def sent_answer(self, base: str, client_msg_id: str, now: float) -> dict[str, Any] | None:
-        """The answer a send with this base's client_msg_id got, while remembered."""
-        row = self.reader.execute(SQL_GET_SENT_ID, {"base": base, "client_msg_id": client_msg_id, "now": now}).fetchone()
-        return json.loads(row[0]) if row else None
+        return first_answer(self.reader, base, client_msg_id, now)
 
     def iter_pending(self, recipient: str, now: float, limit: int = -1):
         """Pending mail oldest first, one row at a time: a caller that stops early reads no more."""
@@ -1488,25 +1490,33 @@ class Broker:
             raise RateLimited(f"rate limited: base {base_of(sender)!r} may send {self.limit.rate:g} messages a second "
                               f"(bursts of {self.limit.burst}; a send costs one per recipient, this one "
                               f"{len(recipients)}); not sent, try again in {wait:.2f} s")
-        now = time.time()
-        accepted, dropped = self.with_room(recipients, now)
-        self.check_storage(len(accepted) * (size + ROW_OVERHEAD))
         chat_id = chat_id or self.chats.new(sender, to)
-        live = {name: self.listeners[name] for name in accepted if name in self.listeners}
-        rows = [
-            {"id": "m_" + secrets.token_hex(MESSAGE_ID_BYTES), "chat_id": chat_id, "sender": sender, "recipient": name,
-             "body": body, "sent_at": now, "expires_at": now + self.ttl,
-             "attempt": 1 if name in live else 0, "pushed_at": now if name in live else None}
-            for name in accepted
-        ]
-        result = {"chat_id": chat_id, "delivered_to": list(live), "dropped": sorted(dropped),
-                  "queued": len(live) < len(accepted), "reasons": dropped}
-        sent_id = None if client_msg_id is None else {
-            "base": base_of(sender), "client_msg_id": client_msg_id, "answer": json.dumps(result),
-            "expires_at": now + self.ttl}
-        first = await self.store.insert(sender, rows, now, sent_id)
-        if first is not None:  # the same client_msg_id committed while this one waited
-            return self.repeat(sender, client_msg_id, first)
+        live = {name: self.listeners[name] for name in recipients if name in self.listeners}
+        now = time.time()
+
+        def job(db: sqlite3.Connection) -> tuple[dict[str, Any], list[dict[str, Any]] | None]:
+            """Runs in the writer's transaction: the mailbox and size caps count every row committed
+            or batched before this send's, so they hold exactly however many sends share a commit."""
+            if client_msg_id is not None and (first := first_answer(db, base_of(sender), client_msg_id, now)):
+                return first, None  # a send with the same id committed while this one waited
+            accepted, dropped = self.with_room(recipients, pending_among(db, recipients, now))
+            self.check_storage(len(accepted) * (size + ROW_OVERHEAD), bytes_in_use(db))
+            rows = [{"id": "m_" + secrets.token_hex(MESSAGE_ID_BYTES), "chat_id": chat_id, "sender": sender,
+                     "recipient": name, "body": body, "sent_at": now, "expires_at": now + self.ttl,
+                     "attempt": 1 if name in live else 0, "pushed_at": now if name in live else None}
+                    for name in accepted]
+            result = {"chat_id": chat_id, "delivered_to": [n for n in accepted if n in live], "dropped": sorted(dropped),
+                      "queued": any(n not in live for n in accepted), "reasons": dropped}
+            sent_id = None if client_msg_id is None else {
+                "base": base_of(sender), "client_msg_id": client_msg_id, "answer": json.dumps(result),
+                "expires_at": now + self.ttl}
+            store_mail(db, sender, rows, now, sent_id)
+            return result, rows
+
+        result, rows = await self.store.write(job, durable=True)
+        if rows is None:
+            return self.repeat(sender, client_msg_id, result)
+        dropped = result["reasons"]
         self.count_send(rows, dropped)
         pushes = self.offer_stored(rows, live)
         if pushes:
@@ -1546,10 +1556,10 @@ class Broker:
             raise Refused("body contains a NUL or an unpaired surrogate; send valid UTF-8 text", "bad_body")
         return size
 
-    def with_room(self, recipients: list[str], now: float) -> tuple[list[str], dict[str, str]]:
-        """(recipients whose mailbox has room, {recipient: why not} for the others); refused when none has."""
+    def with_room(self, recipients: list[str], pending: dict[str, int]) -> tuple[list[str], dict[str, str]]:
+        """(recipients whose mailbox has room, {recipient: why not} for the others), from each
+        recipient's `pending` count; refused when none has."""
         accepted, dropped = [], {}
-        pending = self.store.count_pending_among(recipients, now)
         for name in recipients:
             if pending.get(name, 0) >= self.max_pending:
                 dropped[name] = f"mailbox full ({pending[name]} unacked messages, limit {self.max_pending})"
@@ -1560,10 +1570,9 @@ class Broker:
             raise Refused(f"not sent: {reasons}", "mailbox_full")
         return accepted, dropped
 
-    def check_storage(self, incoming: int) -> None:
-        """Refuse mail that would take the database past --max-db. Only new mail is refused:
-        nothing stored is ever deleted to make room."""
-        used = self.database_bytes()
+    def check_storage(self, incoming: int, used: int) -> None:
+        """Refuse mail that would take the database past --max-db (`used` bytes now). Only new
+        mail is refused: nothing stored is ever deleted to make room."""
         if used + incoming > self.max_db:
             log.warning("storage full: %d bytes in use, %d more asked, limit %d", used, incoming, self.max_db)
             raise StorageFull(f"mailbox storage full: the broker's database holds {used / 2**20:.1f} MiB of its "

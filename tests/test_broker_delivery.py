@@ -606,6 +606,19 @@ async def test_concurrent_sends_are_each_answered_only_once_their_rows_are_commi
 
 
 @pytest.mark.anyio
+async def test_the_mailbox_cap_holds_exactly_when_concurrent_sends_share_commits(broker_factory):
+    broker = start_broker(broker_factory, "--max-pending", "10", "--rate", "0")
+    async with contextlib.AsyncExitStack() as stack:
+        receiver = await stack.enter_async_context(peer(broker, "frontend", "frontend-1"))
+        senders = [await stack.enter_async_context(peer(broker, "backend", f"backend-{i}")) for i in range(6)]
+        outcomes = await asyncio.gather(*(s.call("send", to="frontend-1", body=f"{s.name} {n}")
+                                          for s in senders for n in range(5)), return_exceptions=True)
+        refused = [o for o in outcomes if isinstance(o, ToolFailed)]
+        assert len(refused) == 20 and all("mailbox full (10 unacked messages, limit 10)" in str(o) for o in refused)
+        assert (await receiver.call("inbox", peek=True))["pending"] == 10
+
+
+@pytest.mark.anyio
 async def test_concurrent_acks_are_each_answered_only_once_their_rows_are_committed(module_broker):
     async with fresh_peers(module_broker, "backend", "frontend") as (b, f):
         for n in range(20):
