@@ -6,12 +6,12 @@ counts mail as delivered only when the receiver acknowledges it. Mail that waits
 unacked is deleted and its sender told so (a bounce from `postmaster`, in its own mailbox);
 `status` tells a sender what became of each message::
 
-    sender plugin ──send(to, body)──▶ tools ──INSERT + COMMIT──▶ SQLite mailbox (WAL, FULL)
-                                        │                              │
-                                        └──wake──▶ Listener queue ◀────┘ (pending, unacked rows)
-                                                       │
-    receiver plugin ◀── notifications/dispatch/mail ───┘ (rides the receiver's pending `listen` call)
-    receiver plugin ──mail.ack(ids)──▶ tools ──UPDATE acked_at──▶ SQLite (no more redelivery)
+    sender plugin ──send(to, body)──▶ tools ──INSERT job──▶ writer thread ──one COMMIT a batch──▶ SQLite
+                                        │   (event loop)      (group commit)        mailbox (WAL, FULL)
+                                        └──wake, once committed──▶ Listener queue    (reads: own connection)
+                                                                       │
+    receiver plugin ◀── notifications/dispatch/mail ───────────────────┘ (rides the pending `listen` call)
+    receiver plugin ──mail.ack(ids)──▶ tools ──UPDATE acked_at job──▶ writer thread (no more redelivery)
 
 Run it::
 
@@ -28,6 +28,7 @@ and the broker file, in ~/.local/share/dispatch (~/Library/Application Support/d
 import argparse
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
 import contextvars
 import gc
@@ -40,6 +41,7 @@ import json
 import logging
 import os
 import plistlib
+import queue
 import re
 import resource
 import secrets
@@ -51,6 +53,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import tomllib
 from dataclasses import dataclass, field
@@ -567,8 +570,8 @@ WHERE id IN ({placeholders})
 """
 SQL_ACK = """
 UPDATE messages
-SET acked_at = :now
-WHERE id = :id AND recipient = :recipient AND acked_at IS NULL
+SET acked_at = ?
+WHERE recipient = ? AND acked_at IS NULL AND id IN ({placeholders})
 """
 SQL_EXPIRED_UNACKED = """
 SELECT id, sender, recipient
@@ -636,6 +639,10 @@ WHERE last_seen <= :cutoff
 """
 SQL_GET_META = "SELECT value FROM meta WHERE key = ?"
 SQL_SET_META = "INSERT INTO meta (key, value) VALUES (?, ?)"
+#: Each job of a group commit runs under its own savepoint: a job that raises is undone alone.
+SQL_JOB_BEGIN = "SAVEPOINT job"
+SQL_JOB_UNDO = "ROLLBACK TO job"
+SQL_JOB_END = "RELEASE job"
 
 # -- receipts and bounces: what became of a sender's mail -------------------------------------
 
@@ -746,6 +753,36 @@ def upsert_participant(db: sqlite3.Connection, name: str, now: float) -> None:
     db.execute(SQL_UPSERT_PARTICIPANT, {"name": name, "base": base_of(name), "now": now})
 
 
+def pending_among(db: sqlite3.Connection, recipients: list[str], now: float) -> dict[str, int]:
+    """Pending mail of each recipient, in one query per SQL_PARAMETERS names (a fan-out)."""
+    counts: dict[str, int] = {}
+    for chunk in chunks(recipients):
+        sql = SQL_COUNT_PENDING_AMONG.format(placeholders=",".join("?" * len(chunk)))
+        counts.update(db.execute(sql, [*chunk, now]).fetchall())
+    return counts
+
+
+def bytes_in_use(db: sqlite3.Connection) -> int:
+    """Bytes of database pages in use (WAL frames included; in a transaction, its own pages too)."""
+    return db.execute(SQL_DATABASE_BYTES).fetchone()[0]
+
+
+def first_answer(db: sqlite3.Connection, base: str, client_msg_id: str, now: float) -> dict[str, Any] | None:
+    """The answer a send with this base's client_msg_id got, while remembered."""
+    row = db.execute(SQL_GET_SENT_ID, {"base": base, "client_msg_id": client_msg_id, "now": now}).fetchone()
+    return json.loads(row[0]) if row else None
+
+
+def store_mail(db: sqlite3.Connection, sender: str, rows: list[dict[str, Any]], now: float,
+               sent_id: dict[str, Any] | None) -> None:
+    """One message for each recipient, the sender's sign of life and the answer to its
+    client_msg_id (so stored and remembered go together): all in the caller's transaction."""
+    upsert_participant(db, sender, now)
+    db.executemany(SQL_INSERT_MESSAGE, rows)
+    if sent_id:
+        db.execute(SQL_INSERT_SENT_ID, sent_id)
+
+
 #: What SQLite keeps beside the mailbox in WAL mode; both hold bodies too.
 SIDE_FILES = ("-wal", "-shm")
 
@@ -764,38 +801,127 @@ def keep_private(path: str) -> None:
                 log.warning("mailbox file %s was mode %o, readable by others: now 0600", name, mode)
 
 
-class Store:
-    """The SQLite mailbox. One connection, used only from the event loop thread.
+class GroupCommit:
+    """The one writer: a thread of its own that owns the write connection (group commit).
 
-    Every tool is an `async def`, so the SDK runs it on the loop thread and Store calls never
-    overlap: no lock is needed. Writes happen inside `transaction()` and are committed before a
-    tool answers. Stored mail is committed durably (WAL, synchronous=FULL unless told
-    otherwise), so a `send` that returned survives SIGKILL and power loss. Bookkeeping (acks,
-    push stamps, last seen) is committed with synchronous=NORMAL: in WAL mode that survives a
-    broker crash but not a power cut, where the cost of a lost ack is one redelivery, which the
-    plugin drops by id. It saves an fsync on every push and ack, and the loop waits for each one.
+    Callers hand it jobs (`submit`): a function of the connection that writes a few rows and
+    returns what its caller needs. The thread takes every job that gathered while its previous
+    commit was syncing and runs them all in one transaction, each under a savepoint, then commits
+    once: N concurrent sends cost one fsync, not N, and the event loop never waits for one. Each
+    caller's future is settled only once that commit is done, so nothing is answered before its
+    rows are on disk. A job that raises (a refused ack) is undone alone and fails alone; a
+    failed commit or a write SQLite cannot make (disk full, read-only file) fails every job of
+    that transaction with Unavailable, as a lone write would, and the next batch starts clean.
+    """
+
+    def __init__(self, store: "Store"):
+        self.store = store
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()  #: (job, durable, future), or None: stop
+        self.thread = threading.Thread(target=self.run, name="dispatch-writer", daemon=True)
+        self.thread.start()
+
+    def submit(self, job, durable: bool) -> concurrent.futures.Future:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self.jobs.put((job, durable, future))
+        return future
+
+    def run(self) -> None:
+        while True:
+            batch = [self.jobs.get()]  # blocks while there is nothing to write
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    batch.append(self.jobs.get_nowait())
+            jobs = [item for item in batch if item is not None]
+            # A caller cancelled before its turn (its client went away) is skipped: never answered, never written.
+            jobs = [item for item in jobs if item[2].set_running_or_notify_cancel()]
+            if jobs:
+                self.commit(jobs)
+            if None in batch:
+                return
+
+    def commit(self, jobs: list) -> None:
+        outcomes = []
+        try:
+            with self.store.transaction(durable=any(durable for _, durable, _ in jobs)) as db:
+                for job, _, _ in jobs:
+                    outcomes.append(run_job(db, job))
+        except Unavailable as exc:
+            outcomes = [(None, Unavailable(*exc.args)) for _ in jobs]  # one exception each: each is raised on its own
+        except Exception as exc:  # a bug: fail the callers rather than the thread
+            log.exception("group commit failed")
+            outcomes = [(None, exc) for _ in jobs]
+        for (_, _, future), (result, error) in zip(jobs, outcomes):
+            if error is None:
+                future.set_result(result)
+            else:
+                future.set_exception(error)
+
+    def stop(self) -> None:
+        """Commit what was handed over, then end the thread."""
+        self.jobs.put(None)
+        self.thread.join()
+
+
+def run_job(db: sqlite3.Connection, job) -> tuple[Any, BaseException | None]:
+    """Run one job of a group commit under its savepoint: (its result, None) or (None, its
+    error), its rows undone. An OperationalError (the disk) is raised: the transaction is lost."""
+    db.execute(SQL_JOB_BEGIN)
+    try:
+        result = job(db)
+    except sqlite3.OperationalError:
+        raise
+    except Exception as exc:
+        db.execute(SQL_JOB_UNDO)
+        db.execute(SQL_JOB_END)
+        return None, exc
+    db.execute(SQL_JOB_END)
+    return result, None
+
+
+class Store:
+    """The SQLite mailbox: one connection for writes, in the GroupCommit thread, one for reads.
+
+    Every tool is an `async def` and runs on the event loop thread. Reads run there, on their
+    own connection: in WAL mode a reader sees the last commit and never waits for the writer or
+    its fsync, and the mailbox's pages are few and hot (--max-db). Writes are jobs handed to the
+    GroupCommit thread and awaited: the loop goes on serving while a commit syncs, and every
+    write that arrives meanwhile shares the next commit. Only the writer thread touches the
+    write connection once it runs (before it, migrations run on that connection directly).
+
+    Stored mail is committed durably (WAL, synchronous=FULL unless told otherwise), so a `send`
+    that returned survives SIGKILL and power loss. Bookkeeping alone (acks, push stamps, last
+    seen) is committed with synchronous=NORMAL: in WAL mode that survives a broker crash but not
+    a power cut, where the cost of a lost ack is one redelivery, which the plugin drops by id.
+    A batch with any stored mail in it commits at the durable level, and so syncs all of it.
+
+    A send's own job checks the mailbox cap, --max-db and its client_msg_id on the write
+    connection, inside the batch: the caps hold exactly and a repeat is never stored twice,
+    however many sends share a commit.
     """
 
     def __init__(self, path: str, *, synchronous: str = DEFAULT_SYNCHRONOUS):
         self.path = path
         self.synchronous = synchronous  #: the level of durable commits, a keyword checked by argparse
-        self.level = ""  #: the level the connection is at now
+        self.level = ""  #: the level the write connection is at now
         try:
             keep_private(path)
             self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA busy_timeout=5000")
+            self.migrate()
+            self.reader = sqlite3.connect(path, isolation_level=None)
+            self.reader.execute("PRAGMA busy_timeout=5000")
         except (sqlite3.Error, OSError) as exc:  # SQLite's own text ("unable to open database file") names no file
             raise ConfigError(f"cannot open the mailbox {path}: {exc} (the file and its directory must be "
                               "writable: WAL mode keeps -wal and -shm files beside it)") from None
-        self.migrate()
+        self.writer = GroupCommit(self)
 
     @contextlib.contextmanager
     def transaction(self, durable: bool = True):
-        """All or nothing. A write SQLite cannot make (disk full, read-only file) is rolled back
-        and raised as Unavailable, so a tool says why instead of crashing, and the next
-        transaction starts clean once the disk has room again. `durable=False`: bookkeeping,
-        committed without an fsync (see the class docstring)."""
+        """All or nothing, on the write connection. A write SQLite cannot make (disk full,
+        read-only file) is rolled back and raised as Unavailable, so a tool says why instead of
+        crashing, and the next transaction starts clean once the disk has room again.
+        `durable=False`: bookkeeping, committed without an fsync (see the class docstring)."""
         level = self.synchronous if durable else "NORMAL"
         try:
             if level != self.level:  # WAL: a later FULL commit still syncs every earlier frame
@@ -813,6 +939,10 @@ class Store:
                                   "try again later") from exc
             raise
 
+    async def write(self, job, durable: bool = False) -> Any:
+        """Run `job(connection)` in the next group commit; its result once that commit is done."""
+        return await asyncio.wrap_future(self.writer.submit(job, durable))
+
     def migrate(self) -> None:
         version = self.db.execute("PRAGMA user_version").fetchone()[0]
         if version > len(MIGRATIONS):
@@ -829,154 +959,140 @@ class Store:
             log.info("schema step %d: %s", number, what)
 
     def close(self) -> None:
+        self.writer.stop()
+        self.reader.close()
         self.db.close()
 
     # -- meta ---------------------------------------------------------------------------------
 
     def secret(self, key: str) -> bytes:
-        """A random secret kept in the database (created on first use), e.g. the chat-id key."""
-        row = self.db.execute(SQL_GET_META, (key,)).fetchone()
-        if row:
-            return bytes.fromhex(row[0])
-        value = secrets.token_bytes(32)
-        with self.transaction() as db:
+        """A random secret kept in the database (created on first use), e.g. the chat-id key.
+        Blocks until committed: for the start, before the event loop runs."""
+        def job(db: sqlite3.Connection) -> bytes:
+            row = db.execute(SQL_GET_META, (key,)).fetchone()
+            if row:
+                return bytes.fromhex(row[0])
+            value = secrets.token_bytes(32)
             db.execute(SQL_SET_META, (key, value.hex()))
-        return value
+            return value
+        return self.writer.submit(job, durable=True).result()
 
     # -- participants -------------------------------------------------------------------------
 
-    def touch(self, name: str, now: float) -> None:
-        with self.transaction(durable=False) as db:
-            upsert_participant(db, name, now)
+    async def touch(self, name: str, now: float) -> None:
+        await self.write(lambda db: upsert_participant(db, name, now))
 
     def participant(self, name: str) -> tuple[str, str, float] | None:
-        return self.db.execute(SQL_PARTICIPANT, (name,)).fetchone()
+        return self.reader.execute(SQL_PARTICIPANT, (name,)).fetchone()
 
     def participants(self) -> list[tuple[str, str, float]]:
-        return self.db.execute(SQL_PARTICIPANTS).fetchall()
+        return self.reader.execute(SQL_PARTICIPANTS).fetchall()
 
     def participants_of_base(self, base: str) -> list[str]:
-        return [row[0] for row in self.db.execute(SQL_PARTICIPANTS_OF_BASE, (base,))]
+        return [row[0] for row in self.reader.execute(SQL_PARTICIPANTS_OF_BASE, (base,))]
 
     def count_names(self, base: str) -> int:
-        return self.db.execute(SQL_COUNT_PARTICIPANTS_OF_BASE, (base,)).fetchone()[0]
+        return self.reader.execute(SQL_COUNT_PARTICIPANTS_OF_BASE, (base,)).fetchone()[0]
 
     def size(self) -> int:
-        """Bytes of database pages in use (WAL frames included)."""
-        return self.db.execute(SQL_DATABASE_BYTES).fetchone()[0]
+        return bytes_in_use(self.reader)
 
     # -- messages -----------------------------------------------------------------------------
 
     def count_pending(self, recipient: str, now: float) -> int:
-        return self.db.execute(SQL_COUNT_PENDING, {"recipient": recipient, "now": now}).fetchone()[0]
+        return self.reader.execute(SQL_COUNT_PENDING, {"recipient": recipient, "now": now}).fetchone()[0]
 
     def count_all_pending(self, now: float) -> int:
-        return self.db.execute(SQL_COUNT_ALL_PENDING, {"now": now}).fetchone()[0]
-
-    def count_pending_among(self, recipients: list[str], now: float) -> dict[str, int]:
-        """Pending mail of each recipient, in one query per SQL_PARAMETERS names (a fan-out)."""
-        counts: dict[str, int] = {}
-        for chunk in chunks(recipients):
-            sql = SQL_COUNT_PENDING_AMONG.format(placeholders=",".join("?" * len(chunk)))
-            counts.update(self.db.execute(sql, [*chunk, now]).fetchall())
-        return counts
+        return self.reader.execute(SQL_COUNT_ALL_PENDING, {"now": now}).fetchone()[0]
 
     def pending_from(self, sender: str, now: float) -> dict[str, int]:
-        return dict(self.db.execute(SQL_COUNT_PENDING_FROM, {"sender": sender, "now": now}).fetchall())
-
-    def insert(self, sender: str, rows: list[dict[str, Any]], now: float, sent_id: dict[str, Any] | None = None) -> None:
-        """Commit one message for each recipient, all or none, the sender's sign of life and the
-        answer to its client_msg_id (so stored and remembered go together): one durable commit a send."""
-        with self.transaction() as db:
-            upsert_participant(db, sender, now)
-            db.executemany(SQL_INSERT_MESSAGE, rows)
-            if sent_id:
-                db.execute(SQL_INSERT_SENT_ID, sent_id)
+        return dict(self.reader.execute(SQL_COUNT_PENDING_FROM, {"sender": sender, "now": now}).fetchall())
 
     def sent_answer(self, base: str, client_msg_id: str, now: float) -> dict[str, Any] | None:
-        """The answer a send with this base's client_msg_id got, while remembered."""
-        row = self.db.execute(SQL_GET_SENT_ID, {"base": base, "client_msg_id": client_msg_id, "now": now}).fetchone()
-        return json.loads(row[0]) if row else None
+        return first_answer(self.reader, base, client_msg_id, now)
 
     def iter_pending(self, recipient: str, now: float, limit: int = -1):
         """Pending mail oldest first, one row at a time: a caller that stops early reads no more."""
-        rows = self.db.execute(SQL_PENDING_FOR, {"recipient": recipient, "now": now, "limit": limit})
+        rows = self.reader.execute(SQL_PENDING_FOR, {"recipient": recipient, "now": now, "limit": limit})
         return (Mail(*row) for row in rows)
 
     def pending_for(self, recipient: str, now: float, limit: int = -1) -> list[Mail]:
         return list(self.iter_pending(recipient, now, limit))
 
     def pending_ids(self, recipient: str, now: float) -> list[str]:
-        return [row[0] for row in self.db.execute(SQL_PENDING_IDS, {"recipient": recipient, "now": now})]
+        return [row[0] for row in self.reader.execute(SQL_PENDING_IDS, {"recipient": recipient, "now": now})]
 
-    def mark_pushed(self, message_id: str, now: float) -> Mail | None:
+    async def mark_pushed(self, message_id: str, now: float) -> Mail | None:
         """Count one more push attempt; None when the message was acked or purged meanwhile."""
-        with self.transaction(durable=False) as db:
+        def job(db: sqlite3.Connection):
             changed = db.execute(SQL_MARK_PUSHED, {"id": message_id, "now": now}).rowcount
-            row = db.execute(SQL_GET_MESSAGE, (message_id,)).fetchone()
+            return changed, db.execute(SQL_GET_MESSAGE, (message_id,)).fetchone()
+        changed, row = await self.write(job)
         if not changed or row is None or row[8] <= now:
             return None
         return Mail(*row[:7])
 
     def due_for_redelivery(self, cutoff: float, now: float) -> list[tuple[str, str]]:
-        return self.db.execute(SQL_DUE_FOR_REDELIVERY, {"cutoff": cutoff, "now": now}).fetchall()
+        return self.reader.execute(SQL_DUE_FOR_REDELIVERY, {"cutoff": cutoff, "now": now}).fetchall()
 
-    def ack(self, recipient: str, ids: list[str], now: float) -> tuple[int, list[str]]:
-        """Mark the caller's messages delivered. Returns (newly acked, ids owned by others).
+    async def ack(self, recipient: str, ids: list[str], now: float) -> tuple[int, list[str]]:
+        """Mark the caller's messages delivered, one statement per SQL_PARAMETERS ids. Returns
+        (newly acked, ids owned by others). When any id belongs to someone else nothing is
+        acked: the call is refused whole (owners are read in the same transaction)."""
+        def job(db: sqlite3.Connection) -> tuple[int, list[str]]:
+            owners = {}
+            for chunk in chunks(ids):
+                sql = SQL_OWNERS_OF.format(placeholders=",".join("?" * len(chunk)))
+                owners.update({row[0]: row[1] for row in db.execute(sql, chunk)})
+            foreign = [i for i in ids if i in owners and owners[i] != recipient]
+            if foreign:
+                return 0, foreign
+            acked = 0
+            for chunk in chunks(ids):
+                sql = SQL_ACK.format(placeholders=",".join("?" * len(chunk)))
+                acked += db.execute(sql, [now, recipient, *chunk]).rowcount
+            return acked, []
+        return await self.write(job)
 
-        When any id belongs to someone else nothing is acked: the call is refused whole.
-        """
-        owners = {}
-        for chunk in chunks(ids):
-            sql = SQL_OWNERS_OF.format(placeholders=",".join("?" * len(chunk)))
-            owners.update({row[0]: row[1] for row in self.db.execute(sql, chunk)})
-        foreign = [i for i in ids if i in owners and owners[i] != recipient]
-        if foreign:
-            return 0, foreign
-        with self.transaction(durable=False) as db:
-            acked = sum(db.execute(SQL_ACK, {"id": i, "recipient": recipient, "now": now}).rowcount for i in ids)
-        return acked, []
-
-    def purge_expired(self, now: float, participant_ttl: float) -> list[tuple[str, str, str]]:
-        """Delete expired and acked mail, forgotten client_msg_ids and long-gone participants;
-        return the unacked mail dropped."""
-        with self.transaction(durable=False) as db:
+    async def purge_expired(self, now: float, participant_ttl: float, alive: list[str], receipts_ttl: float,
+                            notices: Callable[[list[Unread]], list[dict[str, Any]]]) -> tuple[list[dict], list[tuple]]:
+        """In one commit: mark `alive` as seen now; store the bounces `notices(mail that expired
+        unread)` makes and a receipt of every message about to go (kept `receipts_ttl`); delete
+        expired and acked mail, old receipts, forgotten client_msg_ids and long-gone
+        participants. (The bounces stored, the unacked mail dropped.) A receipt marks its message
+        bounced and goes in the same commit as the deletion: no crash bounces anything twice."""
+        def job(db: sqlite3.Connection) -> tuple[list[dict], list[tuple]]:
+            for name in alive:
+                upsert_participant(db, name, now)
+            rows = db.execute(SQL_EXPIRED_TO_BOUNCE, {"now": now, "quote": QUOTE_CHARS, "postmaster": POSTMASTER})
+            stored = notices([Unread(*row) for row in rows])
+            db.executemany(SQL_INSERT_MESSAGE, stored)
+            db.execute(SQL_KEEP_RECEIPTS, {"now": now, "cutoff": now - ACKED_KEEP, "kept_until": now + receipts_ttl,
+                                           "quote": QUOTE_CHARS, "postmaster": POSTMASTER})
+            db.execute(SQL_PURGE_RECEIPTS, {"now": now})
             expired = db.execute(SQL_EXPIRED_UNACKED, {"now": now}).fetchall()
             db.execute(SQL_PURGE_EXPIRED, {"now": now})
             db.execute(SQL_PURGE_ACKED, {"cutoff": now - ACKED_KEEP})
             db.execute(SQL_PURGE_SENT_IDS, {"now": now})
             db.execute(SQL_PURGE_PARTICIPANTS, {"cutoff": now - participant_ttl})
-        return expired
+            return stored, expired
+        return await self.write(job)
 
-    # -- receipts and bounces -----------------------------------------------------------------
-
-    def settle_expired(self, now: float, kept_until: float,
-                       notices: Callable[[list[Unread]], list[dict[str, Any]]]) -> list[dict[str, Any]]:
-        """Before the purge deletes mail (`purge_expired`, same `now`): store the rows
-        `notices(unread mail)` makes of the mail that expired unacked, and a receipt of every
-        message the purge will delete, in one commit. A receipt marks its message bounced, so a
-        crash before the purge commits bounces nothing twice. Returns the notices stored."""
-        with self.transaction(durable=False) as db:
-            rows = db.execute(SQL_EXPIRED_TO_BOUNCE, {"now": now, "quote": QUOTE_CHARS, "postmaster": POSTMASTER})
-            stored = notices([Unread(*row) for row in rows])
-            db.executemany(SQL_INSERT_MESSAGE, stored)
-            db.execute(SQL_KEEP_RECEIPTS, {"now": now, "cutoff": now - ACKED_KEEP, "kept_until": kept_until,
-                                           "quote": QUOTE_CHARS, "postmaster": POSTMASTER})
-            db.execute(SQL_PURGE_RECEIPTS, {"now": now})
-        return stored
+    # -- receipts -----------------------------------------------------------------------------
 
     def receipts(self, sender: str, chat_id: str | None, message_id: str | None, limit: int) -> list[tuple]:
         """`sender`'s mail, newest first: (id, chat_id, recipient, begins, sent_at, expires_at,
         attempt, pushed_at, acked_at), from the mailbox or, once deleted, from its receipt."""
-        return self.db.execute(SQL_RECEIPTS_OF_SENDER, {"sender": sender, "chat_id": chat_id, "id": message_id,
-                                                        "quote": QUOTE_CHARS, "limit": limit}).fetchall()
+        return self.reader.execute(SQL_RECEIPTS_OF_SENDER, {"sender": sender, "chat_id": chat_id, "id": message_id,
+                                                            "quote": QUOTE_CHARS, "limit": limit}).fetchall()
 
     def acked_among(self, ids: list[str]) -> set[str]:
         """Those of `ids` whose recipient acked them."""
         acked = set()
         for chunk in chunks(ids):
             sql = SQL_OWNERS_OF.format(placeholders=",".join("?" * len(chunk)))
-            acked.update(message_id for message_id, _, acked_at in self.db.execute(sql, chunk) if acked_at is not None)
+            acked.update(message_id for message_id, _, acked_at in self.reader.execute(sql, chunk)
+                         if acked_at is not None)
         return acked
 
 
@@ -1462,7 +1578,7 @@ class Broker:
             log.warning("refused MCP session: token %s holds %d, its share (of %d, --max-links %d)", token_id, held,
                         MAX_SESSIONS, self.max_links)
 
-    def identify(self, link: Link, name: str) -> None:
+    async def identify(self, link: Link, name: str) -> None:
         check_name(name)
         check_not_postmaster(name)
         if base_of(name) != link.base:
@@ -1475,7 +1591,7 @@ class Broker:
                 raise Refused(f"base {link.base!r} has {names} names, the limit (--max-names {self.max_names}): "
                               "use one of them; a name is forgotten a TTL after its last use", "too_many_names")
         link.name = name
-        self.seen(name)
+        await self.seen(name)
         log.info("identify %s", name)
 
     def tokens_changed(self, token_ids: set[str]) -> None:
@@ -1493,12 +1609,12 @@ class Broker:
     def token_valid(self, token_id: str) -> bool:
         return self.token_ids is None or token_id in self.token_ids
 
-    def seen(self, name: str) -> None:
+    async def seen(self, name: str) -> None:
         """Record a sign of life. Best effort: while the disk is full, a heartbeat or identify must
         still answer (a plugin takes a refused identify for a refused name and exits), and nothing
         can be sent to the name meanwhile anyway. The next sign of life after that records it."""
         with contextlib.suppress(Unavailable):
-            self.store.touch(name, time.time())
+            await self.store.touch(name, time.time())
 
     def caller(self, link: Link) -> str:
         """The identified name of this link, refusing links that never identified."""
@@ -1569,10 +1685,7 @@ class Broker:
         if client_msg_id is not None:
             first = self.store.sent_answer(base_of(sender), check_client_msg_id(client_msg_id), time.time())
             if first is not None:
-                self.metrics.repeats += 1
-                log.info("send %s: repeat of client_msg_id %s, answered as first (%s)", sender, client_msg_id,
-                         first["chat_id"])
-                return {**first, "repeat_of": client_msg_id}
+                return self.repeat(sender, client_msg_id, first)
         size = self.check_body(body)
         recipients = self.resolve(sender, to)
         # Charged per recipient, before the mailbox checks: a loop sending into full mailboxes
@@ -1583,32 +1696,63 @@ class Broker:
             raise RateLimited(f"rate limited: base {base_of(sender)!r} may send {self.limit.rate:g} messages a second "
                               f"(bursts of {self.limit.burst}; a send costs one per recipient, this one "
                               f"{len(recipients)}); not sent, try again in {wait:.2f} s")
-        now = time.time()
-        accepted, dropped = self.with_room(recipients, now)
-        self.check_storage(len(accepted) * (size + ROW_OVERHEAD))
         chat_id = chat_id or self.chats.new(sender, to)
-        live = {name: self.listeners[name] for name in accepted if name in self.listeners}
-        rows = [
-            {"id": "m_" + secrets.token_hex(MESSAGE_ID_BYTES), "chat_id": chat_id, "sender": sender, "recipient": name,
-             "body": body, "sent_at": now, "expires_at": now + self.ttl,
-             "attempt": 1 if name in live else 0, "pushed_at": now if name in live else None}
-            for name in accepted
-        ]
-        result = {"chat_id": chat_id, "delivered_to": list(live), "dropped": sorted(dropped),
-                  "queued": len(live) < len(accepted), "reasons": dropped,
-                  "live_ids": {row["recipient"]: row["id"] for row in rows if row["recipient"] in live}}
-        sent_id = None if client_msg_id is None else {
-            "base": base_of(sender), "client_msg_id": client_msg_id, "answer": json.dumps(result),
-            "expires_at": now + self.ttl}
-        self.store.insert(sender, rows, now, sent_id)
+        live = {name: self.listeners[name] for name in recipients if name in self.listeners}
+        now = time.time()
+
+        def job(db: sqlite3.Connection) -> tuple[dict[str, Any], list[dict[str, Any]] | None]:
+            """Runs in the writer's transaction: the mailbox and size caps count every row committed
+            or batched before this send's, so they hold exactly however many sends share a commit."""
+            if client_msg_id is not None and (first := first_answer(db, base_of(sender), client_msg_id, now)):
+                return first, None  # a send with the same id committed while this one waited
+            accepted, dropped = self.with_room(recipients, pending_among(db, recipients, now))
+            self.check_storage(len(accepted) * (size + ROW_OVERHEAD), bytes_in_use(db))
+            rows = [{"id": "m_" + secrets.token_hex(MESSAGE_ID_BYTES), "chat_id": chat_id, "sender": sender,
+                     "recipient": name, "body": body, "sent_at": now, "expires_at": now + self.ttl,
+                     "attempt": 1 if name in live else 0, "pushed_at": now if name in live else None}
+                    for name in accepted]
+            result = {"chat_id": chat_id, "delivered_to": [n for n in accepted if n in live], "dropped": sorted(dropped),
+                      "queued": any(n not in live for n in accepted), "reasons": dropped,
+                      "live_ids": {row["recipient"]: row["id"] for row in rows if row["recipient"] in live}}
+            sent_id = None if client_msg_id is None else {
+                "base": base_of(sender), "client_msg_id": client_msg_id, "answer": json.dumps(result),
+                "expires_at": now + self.ttl}
+            store_mail(db, sender, rows, now, sent_id)
+            return result, rows
+
+        result, rows = await self.store.write(job, durable=True)
+        if rows is None:
+            return self.repeat(sender, client_msg_id, result)
+        dropped = result["reasons"]
         self.count_send(rows, dropped)
-        pushes = [live[row["recipient"]].offer(row["id"], Mail(row["id"], chat_id, sender, row["recipient"], body, now, 1))
-                  for row in rows if row["recipient"] in live]
+        pushes = self.offer_stored(rows, live)
         if pushes:
             await asyncio.wait(pushes, timeout=PUSH_FIRST_WAIT)
         log.info("send %s -> %s (%s): %d bytes, delivered_to=%s queued=%s dropped=%s",
                  sender, to, chat_id, size, result["delivered_to"], result["queued"], sorted(dropped))
         return result
+
+    def repeat(self, sender: str, client_msg_id: str, first: dict[str, Any]) -> dict[str, Any]:
+        """A send's answer when its client_msg_id was sent before: the first answer; nothing stored."""
+        self.metrics.repeats += 1
+        log.info("send %s: repeat of client_msg_id %s, answered as first (%s)", sender, client_msg_id, first["chat_id"])
+        return {**first, "repeat_of": client_msg_id}
+
+    def offer_stored(self, rows: list[dict[str, Any]], live: dict[str, Listener]) -> list[asyncio.Future]:
+        """Queue just-committed rows for their recipients' listeners as they are now: the commit
+        let other work run. A listener the rows were stamped for gets the mail without another
+        write, and a future its send awaits; one that began listening meanwhile may have read the
+        pending ids before the commit, so it is offered the id (stamped at push). No listener:
+        pending until the next listen, or pushed again after the ack timeout."""
+        waits = []
+        for row in rows:
+            name, listener = row["recipient"], self.listeners.get(row["recipient"])
+            if listener is not None and listener is live.get(name):
+                mail = Mail(row["id"], row["chat_id"], row["sender"], name, row["body"], row["sent_at"], row["attempt"])
+                waits.append(listener.offer(row["id"], mail))
+            elif listener is not None:
+                listener.offer(row["id"])
+        return waits
 
     def check_body(self, body: str) -> int:
         """The body's size in bytes, once it is known to be storable text."""
@@ -1619,10 +1763,10 @@ class Broker:
             raise Refused("body contains a NUL or an unpaired surrogate; send valid UTF-8 text", "bad_body")
         return size
 
-    def with_room(self, recipients: list[str], now: float) -> tuple[list[str], dict[str, str]]:
-        """(recipients whose mailbox has room, {recipient: why not} for the others); refused when none has."""
+    def with_room(self, recipients: list[str], pending: dict[str, int]) -> tuple[list[str], dict[str, str]]:
+        """(recipients whose mailbox has room, {recipient: why not} for the others), from each
+        recipient's `pending` count; refused when none has."""
         accepted, dropped = [], {}
-        pending = self.store.count_pending_among(recipients, now)
         for name in recipients:
             if pending.get(name, 0) >= self.max_pending:
                 dropped[name] = f"mailbox full ({pending[name]} unacked messages, limit {self.max_pending})"
@@ -1633,10 +1777,9 @@ class Broker:
             raise Refused(f"not sent: {reasons}", "mailbox_full")
         return accepted, dropped
 
-    def check_storage(self, incoming: int) -> None:
-        """Refuse mail that would take the database past --max-db. Only new mail is refused:
-        nothing stored is ever deleted to make room."""
-        used = self.database_bytes()
+    def check_storage(self, incoming: int, used: int) -> None:
+        """Refuse mail that would take the database past --max-db (`used` bytes now). Only new
+        mail is refused: nothing stored is ever deleted to make room."""
         if used + incoming > self.max_db:
             log.warning("storage full: %d bytes in use, %d more asked, limit %d", used, incoming, self.max_db)
             raise StorageFull(f"mailbox storage full: the broker's database holds {used / 2**20:.1f} MiB of its "
@@ -1680,7 +1823,7 @@ class Broker:
             old.stop("superseded")
         listener = Listener(name, link.key, link.token_id, push, keepalive)
         self.listeners[name] = listener
-        self.seen(name)
+        await self.seen(name)
         for message_id in self.store.pending_ids(name, time.time()):
             listener.offer(message_id)  # redelivered on every new listen until acked
         started = written = time.monotonic()
@@ -1736,7 +1879,7 @@ class Broker:
         return reason
 
     async def push_one(self, listener: Listener, message_id: str, fresh: Mail | None = None) -> bool:
-        mail = fresh or self.store.mark_pushed(message_id, time.time())
+        mail = fresh or await self.store.mark_pushed(message_id, time.time())
         if mail is None:
             return True  # acked or expired since it was queued: nothing to do
         # On failure the mail stays pending for the next listen.
@@ -1754,11 +1897,11 @@ class Broker:
         """Tell an idle listen's client its stream still works; False when the write is stuck."""
         return await written(listener, "keepalive", listener.keepalive(listened))
 
-    def ack(self, name: str, ids: list[str]) -> int:
+    async def ack(self, name: str, ids: list[str]) -> int:
         # An id of another shape was never made here, so it is nobody's: skipped, not looked up
         # (SQLite's encoder raises on a lone surrogate).
         ids = [i for i in ids if MESSAGE_ID_RE.fullmatch(i)]
-        acked, foreign = self.store.ack(name, ids, time.time())
+        acked, foreign = await self.store.ack(name, ids, time.time())
         if foreign:
             log.warning("refused ack: %s tried to ack %d messages addressed to others", name, len(foreign))
             raise Refused(f"refused: {len(foreign)} of these ids are not addressed to you ({name}); nothing acked",
@@ -1813,13 +1956,11 @@ class Broker:
         if not waiters:
             self.ack_waiters.pop(message_id, None)
 
-    def bounce_expired(self, now: float) -> None:
-        """Tell each sender of mail that expired unread, through its own mailbox: one notice a
-        send, from POSTMASTER, stored and pushed like any mail (a bounce never bounces). A sender
-        that is gone (forgotten, or not seen for a TTL: the purge forgets it now) is not told;
-        counted. Runs just before the purge deletes that mail."""
-        unsent = []
-
+    def bounce_notices(self, now: float, gone: list[tuple[str, str]]) -> Callable[[list[Unread]], list[dict[str, Any]]]:
+        """For the purge's commit: of mail that expired unread, the notices to store, one a send,
+        from POSTMASTER, stored and pushed like any mail (a bounce never bounces). A sender that
+        is gone (forgotten, or not seen for a TTL: the purge forgets it now) is not told: added
+        to `gone`."""
         def notices(unread: list[Unread]) -> list[dict[str, Any]]:
             sends: dict[tuple, list[Unread]] = collections.defaultdict(list)
             for u in unread:
@@ -1827,16 +1968,18 @@ class Broker:
             rows = []
             for (sender, chat_id, _), send in sends.items():
                 if send[0].sender_seen is None or send[0].sender_seen <= now - self.ttl:
-                    unsent.append((sender, chat_id))
+                    gone.append((sender, chat_id))
                 else:
                     rows.append(self.notice(sender, bounce_body(send, self.ttl), now))
             return rows
+        return notices
 
-        stored = self.store.settle_expired(now, now + self.ttl, notices)
-        for sender, chat_id in unsent:
+    def bounced(self, stored: list[dict[str, Any]], gone: list[tuple[str, str]]) -> None:
+        """The bounces the purge committed: counted, and offered to their senders if live."""
+        for sender, chat_id in gone:
             log.info("no bounce for %s (%s): its sender is gone (not seen for the TTL)", chat_id, sender)
+        self.metrics.bounces_unsent += len(gone)
         self.metrics.bounces += len(stored)
-        self.metrics.bounces_unsent += len(unsent)
         for row in stored:
             log.info("bounce %s to %s: mail of theirs expired unread", row["id"], row["recipient"])
             if row["recipient"] in self.listeners:
@@ -1858,13 +2001,16 @@ class Broker:
                 log.info("redelivery %s to %s: not acked within %.0fs", message_id, recipient, self.ack_timeout)
                 listener.offer(message_id)
 
-    def purge(self) -> None:
+    async def purge(self) -> None:
         self.forget_idle_links()  # first: memory is freed even while the disk is full
         now = time.time()
-        for name in list(self.listeners):  # a long listen is a sign of life too
-            self.store.touch(name, now)
-        self.bounce_expired(now)
-        for message_id, sender, recipient in self.store.purge_expired(now, self.ttl):
+        # A long listen is a sign of life too; each sender of mail that expired unread is told
+        # (bounce_notices), in the commit that deletes that mail.
+        gone: list[tuple[str, str]] = []  #: (sender, chat_id) of mail whose sender is not there to be told
+        stored, expired = await self.store.purge_expired(now, self.ttl, list(self.listeners), self.ttl,
+                                                         self.bounce_notices(now, gone))
+        self.bounced(stored, gone)
+        for message_id, sender, recipient in expired:
             log.info("expiry %s (%s -> %s): not acked within the TTL", message_id, sender, recipient)
             self.metrics.expired += 1
 
@@ -1888,7 +2034,7 @@ class Broker:
                 self.redeliver_due()
                 if time.monotonic() - last_purge >= purge_every:
                     last_purge = time.monotonic()
-                    self.purge()
+                    await self.purge()
             except Exception:  # keep the loop alive; the next round retries
                 log.exception("housekeeping failed")
 
@@ -2241,7 +2387,7 @@ def build_app(broker: Broker, verifier: TokenVerifier, allowed_hosts: list[str],
         """Bind this connection to participant `name` (first call on a connection). The name's base
         must be your token's base. When a newer session of the same name listens, it takes over
         receiving and the older listen ends as superseded."""
-        broker.identify(link_of(ctx, create=True), name)
+        await broker.identify(link_of(ctx, create=True), name)
         return broker.status(name)
 
     @server.tool()
@@ -2272,7 +2418,7 @@ def build_app(broker: Broker, verifier: TokenVerifier, allowed_hosts: list[str],
     async def ping(ctx: Context) -> PingResult:
         """Health probe and heartbeat: your name, base, the broker's time and your pending count."""
         name = broker.caller(link_of(ctx))
-        broker.seen(name)
+        await broker.seen(name)
         return broker.status(name)
 
     @server.tool(name="mail.ack")
@@ -2281,7 +2427,7 @@ def build_app(broker: Broker, verifier: TokenVerifier, allowed_hosts: list[str],
         ctx: Context,
     ) -> AckResult:
         """Mark messages addressed to you as delivered, so they are not pushed again."""
-        return {"acked": broker.ack(broker.caller(link_of(ctx)), ids)}
+        return {"acked": await broker.ack(broker.caller(link_of(ctx)), ids)}
 
     @server.tool()
     async def listen(
@@ -3117,7 +3263,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     max_links=args.max_links)
     verifier = TokenVerifier(tokens_path)
     broker.tokens_changed(verifier.ids())
-    broker.purge()  # mail whose TTL passed while the broker was down is never delivered late
     failures = AuthFailures()
     app = build_app(broker, verifier, args.allowed_host, args.port, failures, args.metrics_token)
     # log_config=None: uvicorn's records reach our handler (SafeFormatter) instead of its own.
@@ -3142,6 +3287,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, reload_tokens, verifier, broker)
         loop.set_exception_handler(exhausted_descriptors_logger())
+        await broker.purge()  # mail whose TTL passed while the broker was down is never delivered late
         housekeeping = asyncio.create_task(broker.housekeeping(failures.flush))
         log.info("durability: synchronous=%s (%s)", store.synchronous, DURABILITY[store.synchronous])
         log.info("dispatch broker %s serving on %s://%s:%d/mcp (db %s, ttl %.0fs, metrics %s, at most %d "

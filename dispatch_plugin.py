@@ -886,9 +886,11 @@ class Prover:
             return self.waiting.get(message_id, (None,))[0]
 
     def shown(self, ids: list[str], way: str) -> None:
+        """`ids` were shown by `way`: wait for their proof. Claude Code may record an event before
+        this is called, and a look in between proves it: it is not waited for again."""
         with self.lock:
             now = time.monotonic()
-            self.waiting.update((i, (way, now)) for i in ids)
+            self.waiting.update((i, (way, now)) for i in ids if i not in self.proven)
             self.lock.notify()
 
     def ack_again(self, message_id: str) -> None:

@@ -61,7 +61,7 @@ class Plan:
         return 0.5 if self.quick else 1.5
 
 
-FULL = Plan(quick=False, latency_n=1000, latency_warmup=50, seq_n=1000, levels=((1, 1000), (10, 300), (50, 100)),
+FULL = Plan(quick=False, latency_n=1000, latency_warmup=50, seq_n=1000, levels=((1, 1000), (10, 300), (20, 200), (50, 100)),
             depth=8, fanout_reps=3, session_levels=(100, 1000), idle_window=20.0, plugin_warm_reps=20,
             broker_warm_reps=3, floor_n=1000, send_cpu_n=1000)
 QUICK = Plan(quick=True, latency_n=150, latency_warmup=20, seq_n=100, levels=((1, 100), (3, 40)), depth=8,

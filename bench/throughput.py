@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from context import Bench, BrokerProc, PluginProc, cpu_of
-from measure import now, say
+from measure import Threads, now, say
 
 
 async def throughput(bench: Bench, broker: BrokerProc, senders: list[PluginProc], receivers: list[PluginProc]) -> None:
@@ -71,6 +71,7 @@ async def run(bench: Bench, broker: BrokerProc, pairs: list[tuple[PluginProc, Pl
 
     prof = bench.profile_start(broker, profile, list(pairs[0])) if profile else None
     cpu0 = cpu_of(broker, pairs)
+    threads = Threads(broker.pid)
     wall0, t0 = time.time(), now()
     await asyncio.gather(*(sender(i, s, r) for i, (s, r) in enumerate(pairs)))
     t_sent = now()
@@ -87,6 +88,7 @@ async def run(bench: Bench, broker: BrokerProc, pairs: list[tuple[PluginProc, Pl
         await asyncio.sleep(0.05)
     bench.profile_stop(prof)
     cpu1 = cpu_of(broker, pairs)
+    broker_threads = threads.stop(total)
     await asyncio.sleep(0.5)  # room for a late duplicate to show
     for _, receiver in pairs:
         receiver.sink = None
@@ -104,9 +106,11 @@ async def run(bench: Bench, broker: BrokerProc, pairs: list[tuple[PluginProc, Pl
         "losses": len(accepted - seen_bodies.keys()), "errors": len(errors), "queued": queued,
         "pushes": pushes, "rows": rows,
         "cpu_ms_per_msg": {k: round((cpu1[k] - cpu0[k]) * 1000 / max(1, total), 3) for k in cpu0},
+        "broker_threads": broker_threads,
     }
     if errors:
         result["first_error"] = errors[0][:300]
     say(f"  sent {result['sent_per_s']}/s, delivered {result['delivered_per_s']}/s, acked {result['acked_per_s']}/s, "
-        f"dup {result['duplicates']}, lost {result['losses']}, errors {len(errors)}")
+        f"dup {result['duplicates']}, lost {result['losses']}, errors {len(errors)}; broker CPU a message "
+        f"{result['cpu_ms_per_msg']['broker']} ms, threads {broker_threads}")
     return result

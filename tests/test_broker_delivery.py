@@ -584,6 +584,60 @@ async def test_inbox_answers_at_most_about_1_mb_and_pending_still_counts_all(mod
         assert len(json.dumps(inbox)) <= dispatch_broker.INBOX_MAX_BYTES // 2
 
 
+# -- group commit: concurrent writes share commits, each answered once its own rows are in ----------
+
+
+@pytest.mark.anyio
+async def test_concurrent_sends_are_each_answered_only_once_their_rows_are_committed(module_broker):
+    async with contextlib.AsyncExitStack() as stack:
+        receiver = await stack.enter_async_context(peer(module_broker, "frontend", fresh("frontend")))
+        senders = [await stack.enter_async_context(peer(module_broker, "backend", fresh("backend"))) for _ in range(8)]
+
+        async def send_then_look(sender, n: int) -> list[tuple]:
+            body = f"{sender.name} #{n}"
+            await sender.call("send", to=receiver.name, body=body)
+            # Another connection to the mailbox: it sees committed rows only.
+            return await asyncio.to_thread(db_query, module_broker, "SELECT count(*) FROM messages WHERE body = ?",
+                                           body)
+
+        seen = await asyncio.gather(*(send_then_look(s, n) for s in senders for n in range(5)))
+        assert seen == [[(1,)]] * 40
+        assert (await receiver.call("inbox", peek=True))["pending"] == 40
+
+
+@pytest.mark.anyio
+async def test_the_mailbox_cap_holds_exactly_when_concurrent_sends_share_commits(broker_factory):
+    broker = start_broker(broker_factory, "--max-pending", "10", "--rate", "0")
+    async with contextlib.AsyncExitStack() as stack:
+        receiver = await stack.enter_async_context(peer(broker, "frontend", "frontend-1"))
+        senders = [await stack.enter_async_context(peer(broker, "backend", f"backend-{i}")) for i in range(6)]
+        outcomes = await asyncio.gather(*(s.call("send", to="frontend-1", body=f"{s.name} {n}")
+                                          for s in senders for n in range(5)), return_exceptions=True)
+        refused = [o for o in outcomes if isinstance(o, ToolFailed)]
+        assert len(refused) == 20 and all("mailbox full (10 unacked messages, limit 10)" in str(o) for o in refused)
+        assert (await receiver.call("inbox", peek=True))["pending"] == 10
+
+
+@pytest.mark.anyio
+async def test_concurrent_acks_are_each_answered_only_once_their_rows_are_committed(module_broker):
+    async with fresh_peers(module_broker, "backend", "frontend") as (b, f):
+        for n in range(20):
+            await b.call("send", to=f.name, body=f"to ack {n}")
+        ids = [m["id"] for m in (await f.call("inbox"))["messages"]]
+        assert len(ids) == 20
+
+        async def ack_then_look(some: list[str]) -> tuple[int, list[tuple]]:
+            acked = (await f.call("mail.ack", ids=some))["acked"]
+            marks = ",".join("?" * len(some))
+            return acked, await asyncio.to_thread(
+                db_query, module_broker, f"SELECT count(*) FROM messages WHERE acked_at IS NOT NULL AND id IN ({marks})",
+                *some)
+
+        seen = await asyncio.gather(*(ack_then_look(ids[i:i + 4]) for i in range(0, 20, 4)))
+        assert seen == [(4, [(4,)])] * 5
+        assert (await f.call("inbox", peek=True))["pending"] == 0
+
+
 # -- exactly once from the sender's side: client_msg_id (issue 12) ------------------------------------
 
 
@@ -609,6 +663,16 @@ async def test_a_repeated_client_msg_id_gets_the_first_answer_and_is_stored_once
         answers = [await f.call("reply", chat_id=chat_id, body="ok", client_msg_id="r-1") for _ in range(2)]
         assert answers[0] == answers[1]
         assert (await b.call("inbox"))["pending"] == 1
+
+
+@pytest.mark.anyio
+async def test_concurrent_sends_of_one_client_msg_id_are_stored_once_and_all_get_the_first_answer(module_broker):
+    async with fresh_peers(module_broker, "backend", "backend", "frontend") as (b, b2, f):
+        # Sends that reach the broker together share one group commit: the id is checked inside it.
+        answers = await asyncio.gather(*(p.call("send", to=f.name, body="once", client_msg_id="together-1")
+                                         for p in (b, b2) for _ in range(5)))
+        assert all(a["chat_id"] == answers[0]["chat_id"] for a in answers)
+        assert (await f.call("inbox"))["pending"] == 1
 
 
 @pytest.mark.anyio

@@ -93,20 +93,20 @@ def acked(broker: BrokerProcess, message_id: str) -> bool:
 # The broker is SIGKILLed while 10 senders push 1,000 messages
 # --------------------------------------------------------------------------------------------
 
-SENDERS = 10
-PER_SENDER = 100
 #: The broker is killed once this many sends were accepted: mid-flood, with mail still in flight.
 KILL_AFTER = 300
 
 
-def test_every_accepted_send_is_delivered_exactly_once_when_the_broker_is_sigkilled_mid_flood(plugins,
-                                                                                              broker_factory):
+#: (senders, messages each): 1,000 messages either way; with 50 senders most commits are shared.
+@pytest.mark.parametrize("senders, per_sender", [(10, 100), (50, 20)], ids=["10-senders", "50-senders"])
+def test_every_accepted_send_is_delivered_exactly_once_when_the_broker_is_sigkilled_mid_flood(plugins, broker_factory,
+                                                                                              senders, per_sender):
     broker = start_broker(broker_factory, "--rate", "0", "--ack-timeout", "2s")
     receivers = [f"frontend-r{i}" for i in range(2)]
     channels = {name: connected(plugins(plugin_env(broker, "frontend", name))) for name in receivers}
-    attempts: dict[str, list[Attempt]] = {f"backend-s{i}": [] for i in range(SENDERS)}
+    attempts: dict[str, list[Attempt]] = {f"backend-s{i}": [] for i in range(senders)}
     threads = [threading.Thread(target=push_messages, daemon=True,
-                                args=(oneshot(broker, "backend", name), receivers[i % 2], PER_SENDER, attempts[name]))
+                                args=(oneshot(broker, "backend", name), receivers[i % 2], per_sender, attempts[name]))
                for i, name in enumerate(attempts)]
     for t in threads:
         t.start()
@@ -153,7 +153,7 @@ def test_every_accepted_send_is_delivered_exactly_once_when_the_broker_is_sigkil
           f"duplicates {duplicates} (pushed again by the broker: {pushed_again}), delivered though reported "
           f"failed {len(delivered - ok)}")
 
-    assert len(everything) == SENDERS * PER_SENDER
+    assert len(everything) == senders * per_sender
     assert duplicates == 0
     assert ok <= delivered, f"accepted but never delivered: {sorted(ok - delivered)[:10]}"
     assert delivered - ok <= in_flight, f"delivered without being accepted: {sorted(delivered - ok - in_flight)}"
@@ -332,6 +332,42 @@ async def test_send_fails_with_a_clear_error_while_the_disk_is_full_and_works_ag
             await f.call("mail.ack", ids=[m["id"] for m in (await f.call("inbox"))["messages"]])
         bodies = [body for (body,) in db_query(broker, "SELECT body FROM messages ORDER BY sent_at")]
         assert bodies == ["before", "after"]  # not one refused send was stored
+        assert integrity(broker.db) == "ok"
+        broker.kill()
+
+
+@pytest.mark.anyio
+async def test_concurrent_sends_of_a_failed_group_commit_each_fail_with_the_disk_error_and_reads_still_answer(
+        broker_factory, tmp_path):
+    with small_tmpfs(tmp_path / "disk") as disk:
+        broker = broker_factory().mint("backend", "frontend")
+        broker.db = disk / "dispatch.db"
+        broker.start()
+        async with contextlib.AsyncExitStack() as stack:
+            f = await stack.enter_async_context(peer(broker, "frontend", "frontend-1"))
+            senders = [await stack.enter_async_context(peer(broker, "backend", f"backend-{i}")) for i in range(5)]
+            await senders[0].call("send", to="frontend-1", body="before")
+            checkpoint = sqlite3.connect(broker.db, timeout=5)
+            assert checkpoint.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
+            checkpoint.close()
+            fill(disk / "filler")
+
+            # Sends that arrive together share commits: each fails as a lone send would, with its own answer.
+            outcomes = await asyncio.gather(*(s.call("send", to="frontend-1", body=f"while full {s.name} {n}")
+                                              for s in senders for n in range(4)), return_exceptions=True)
+            assert all(isinstance(o, ToolFailed) for o in outcomes), outcomes
+            assert all("nothing was stored" in str(o) and "disk is full" in str(o) for o in outcomes), outcomes
+            # Reads use their own connection and are not in any commit: they answer meanwhile.
+            who, pending = await asyncio.gather(f.call("who"), f.call("inbox", peek=True))
+            assert {p["name"] for p in who["participants"]} >= {"frontend-1", "backend-0"}
+            assert pending["pending"] == 1
+
+            (disk / "filler").unlink()
+            after = await asyncio.gather(*(s.call("send", to="frontend-1", body=f"after {s.name}") for s in senders))
+            assert all(a["queued"] for a in after)
+        bodies = sorted(body for (body,) in db_query(broker, "SELECT body FROM messages"))
+        assert bodies == ["after backend-0", "after backend-1", "after backend-2", "after backend-3", "after backend-4",
+                          "before"]  # not one refused send was stored
         assert integrity(broker.db) == "ok"
         broker.kill()
 

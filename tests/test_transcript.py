@@ -283,6 +283,19 @@ def test_the_prover_recalls_only_the_asked_ids_from_a_whole_transcript(tmp_path)
     assert missing.state("m_1") is None
 
 
+def test_a_message_proven_before_it_is_marked_shown_is_never_overdue(tmp_path):
+    """The channel writes the event, Claude Code records it, and the prover's look reads the proof,
+    all before `deliver` marks it shown: it must not wait for a proof that already came (it would
+    turn the channel off after PROOF_SECONDS)."""
+    path = tmp_path / "t.jsonl"
+    path.write_text(retyped(ENQUEUE, content=tag("m_1")) + "\n")
+    prover = dispatch_plugin.Prover(None, PROOFS, TranscriptWatcher("", "", path=str(path)))
+    assert prover.look(ack=False) == [("channel", "m_1")]
+    prover.shown(["m_1"], "channel")
+    assert prover.overdue("channel", 0) == []
+    assert prover.state("m_1") == "proven"
+
+
 def test_the_watcher_reads_a_transcript_begun_beside_the_session_later_as_after_clear(tmp_path):
     """/clear gives the session a new id and file in the same directory; the server keeps its old id."""
     w = watcher(tmp_path)
