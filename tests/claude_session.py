@@ -298,10 +298,9 @@ def occurrences(needle: str, request: dict) -> int:
 
 def turn_request(api: "MessagesStandIn", prompt: str) -> dict | None:
     """The request of the turn `prompt` started: the first that holds it and offers the model
-    tools. Claude Code's side requests after a turn (a title, a suggestion) may hold the prompt too,
-    so "the newest request" is not the turn's."""
-    holding = [r for r in api.messages_requests() if occurrences(prompt, r)]
-    return next((r for r in holding if r.get("tools")), holding[0] if holding else None)
+    tools. Claude Code's side requests hold the prompt too, without tools or history (one comes
+    just before the turn's own), so neither the first nor the newest request holding it will do."""
+    return next((r for r in api.messages_requests() if occurrences(prompt, r) and r.get("tools")), None)
 
 
 def places(needle: str, request: dict) -> list[str]:
