@@ -508,9 +508,9 @@ def unknown_token(base: str) -> str:
 
 
 @contextlib.contextmanager
-def impostor(reply: bytes):
-    """A loopback server that is not a broker: it answers every connection with `reply` and closes.
-    Yields its URL."""
+def impostor(reply: bytes, received: list[bytes] | None = None):
+    """A loopback server that is not a broker: it answers every connection with `reply` and closes,
+    adding what it read to `received` if given. Yields its URL."""
     server = socket.create_server(("127.0.0.1", 0))
 
     def serve() -> None:
@@ -522,7 +522,9 @@ def impostor(reply: bytes):
             with conn:
                 conn.settimeout(5)
                 with contextlib.suppress(OSError):
-                    conn.recv(65536)
+                    request = conn.recv(65536)
+                    if received is not None:
+                        received.append(request)
                     conn.sendall(reply)
 
     threading.Thread(target=serve, daemon=True).start()

@@ -319,28 +319,8 @@ def test_a_config_toml_without_a_token_may_be_readable_by_others(shared_broker, 
     assert "as test-public " in ok(run_cli(env, "ping"))
 
 
-@contextlib.contextmanager
-def catcher():
-    """A loopback HTTP server that records each request it gets and answers 401. Yields (url, requests)."""
-    server = socket.create_server(("127.0.0.1", 0))
-    requests: list[bytes] = []
-
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                return
-            with conn, contextlib.suppress(OSError):
-                conn.settimeout(5)
-                requests.append(conn.recv(65536))
-                conn.sendall(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-
-    threading.Thread(target=serve, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.getsockname()[1]}/mcp", requests
-    finally:
-        server.close()
+#: What a server answers that wants a token it did not get.
+UNAUTHORIZED = b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 
 
 @pytest.mark.parametrize("file_mode, dir_mode, writable", [
@@ -351,7 +331,8 @@ def test_a_config_toml_others_can_write_is_refused_before_its_token_command_runs
     config = tmp_path / "dispatch" / "config.toml"
     config.parent.mkdir()
     ran = tmp_path / "token-command-ran"
-    with catcher() as (url, requests):
+    requests: list[bytes] = []
+    with impostor(UNAUTHORIZED, requests) as url:
         # No token in it: the token comes from the environment, and token_command is a planted one.
         config.write_text(f'url = "{url}"\ntoken_command = "touch {ran}; echo {unknown_token("test")}"\n')
         config.chmod(file_mode)
