@@ -17,15 +17,13 @@ installs the pinned one); without them the section says so and is "not run".
 import asyncio
 import os
 import subprocess
-import sys
 import time
 from typing import Any
 
-from context import ROOT, Bench, BrokerProc, dispatch_plugin
+from context import Bench, BrokerProc, dispatch_plugin
 from measure import say, stats
 
-sys.path.insert(0, str(ROOT / "tests"))
-import claude_session as cs  # noqa: E402  (the tests' driver of real Claude Code)
+import claude_session as cs  # the tests' driver of real Claude Code (context put tests/ on the path)
 
 #: Sends each way (after WARMUP), and the pause after each reached the model.
 N, QUICK_N, WARMUP, GAP_S = 20, 5, 2, 1.0
