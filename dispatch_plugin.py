@@ -448,6 +448,12 @@ class BrokerClient:
         with self.lock:
             self.idle.append(conn)
 
+    def drop_idle(self) -> None:
+        with self.lock:
+            stale, self.idle = self.idle, []
+        for conn in stale:
+            conn.close()
+
     # -- one request --------------------------------------------------------------------------
 
     def envelope(self, method: str, params: dict[str, Any], tool: str | None) -> tuple[int, bytes, dict[str, str]]:
@@ -486,7 +492,10 @@ class BrokerClient:
             except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as exc:
                 conn.close()
                 if reused and attempt == 1:
-                    continue  # the broker closed a kept-alive connection while it was idle: once more, fresh
+                    # The broker closed a kept-alive connection while it was idle: so it did every
+                    # one idle longer (the pool hands out the newest first). Once more, fresh.
+                    self.drop_idle()
+                    continue
                 raise BrokerDown(f"cannot reach {self.config.url}: {exc or type(exc).__name__}") from None
             except TimeoutError:
                 conn.close()

@@ -452,3 +452,32 @@ async def test_rate_limit_and_listen_deadline_run_on_the_monotonic_clock_when_th
         assert (await listening)["ended"] == "timeout"
         assert time.monotonic() - started >= wait_s - 0.5  # ran its full time, not cut short
     broker.kill()
+
+
+# --------------------------------------------------------------------------------------------
+# Kept-alive connections the broker closed
+# --------------------------------------------------------------------------------------------
+
+def test_a_client_whose_kept_alive_connections_all_went_stale_is_answered_at_its_next_call(broker):
+    """Calls made side by side leave the client one kept-alive connection each; the broker closes
+    every one of them once idle for its keep-alive. The next call, an ack say, which nothing
+    retries, is answered: not failed on a second closed connection after the first."""
+    import dispatch_broker
+
+    client = oneshot(broker, "backend", "backend-1")
+    client.identify()
+    barrier = threading.Barrier(6)
+
+    def side_by_side(_) -> None:
+        barrier.wait(10)
+        client.call("ping")
+
+    for _ in range(5):
+        threads = [threading.Thread(target=side_by_side, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert len(client.idle) >= 3, "the calls did not overlap: nothing to go stale"
+    time.sleep(dispatch_broker.KEEP_ALIVE_SECONDS + 1)
+    assert client.call("mail.ack", ids=[])[0]["acked"] == 0
