@@ -3,6 +3,8 @@ and a sender measuring its CPU per `send`. Standard library only, like the plugi
 
     python bench/plugin_client.py listeners PLUGIN URL TOKEN BASE START COUNT
     python bench/plugin_client.py send-loop PLUGIN URL TOKEN NAME TO N
+    python bench/plugin_client.py floor-receive PLUGIN URL TOKEN NAME
+    python bench/plugin_client.py floor-send PLUGIN URL TOKEN NAME
 
 PLUGIN is plugin.pyz (dispatch_plugin.py sits at its root, and imports from the zip) or a
 directory holding dispatch_plugin.py. Both write one JSON object a line on stdout.
@@ -15,6 +17,12 @@ few processes, where 1,000 plugin processes would not fit this machine.
 
 send-loop: identify as NAME, then N sends to TO, one after another; reports the CPU time of this
 process over the loop ({"n", "cpu_s", "wall_s"}).
+
+floor-receive and floor-send drive bench/sdk_floor_server.py (the SDK alone) as the throughput
+section's plugins drive the broker, without stdio or a transcript: a receiver listens, reports
+each message ({"m", "t"}) and acks what one PROOF_POLL look gathered in one call, as the plugin
+does; a sender reads one run a line on stdin, "TO N DEPTH PREFIX", makes N sends to TO with DEPTH
+in flight, and reports {"sent", "errors"}.
 """
 
 import json
@@ -111,6 +119,64 @@ def send_loop(plugin, url: str, token: str, name: str, to: str, n: int) -> None:
     out({"n": n, "cpu_s": time.process_time() - cpu0, "wall_s": time.monotonic() - wall0})
 
 
+def floor_receive(plugin, url: str, token: str, name: str) -> None:
+    link = client(plugin, url, token, name)
+    acks: list[int] = []
+    wake = threading.Condition()
+
+    def heard(message: dict) -> None:
+        mail = message.get("params") or {}
+        out({"m": str(mail.get("body", "")), "t": time.monotonic()})
+        with wake:
+            acks.append(mail["id"])
+            wake.notify()
+
+    def acker() -> None:
+        while True:
+            with wake:
+                while not acks:
+                    wake.wait()
+            time.sleep(plugin.PROOF_POLL)  # the plugin's look: what it proved meanwhile shares one ack
+            with wake:
+                batch = acks[:]
+                acks.clear()
+            try:
+                link.call("ack", ids=batch)
+            except plugin.DispatchError as exc:
+                out({"error": f"ack {name}: {exc}"})
+
+    threading.Thread(target=acker, daemon=True).start()
+    out({"ready": name})
+    plugin.HEARTBEAT_SECONDS = 3600.0  # the floor's listen sends no keepalives: one stream for the whole run
+    link.post("tools/call", {"name": "listen", "arguments": {"name": name}}, tool="listen", on_notice=heard)
+
+
+def floor_send(plugin, url: str, token: str, name: str) -> None:
+    link = client(plugin, url, token, name)
+    out({"ready": name})
+    for line in sys.stdin:
+        to, n, depth, prefix = line.split()
+        bodies, lock, errors = iter(range(int(n))), threading.Lock(), []
+
+        def lane() -> None:
+            while True:
+                with lock:
+                    i = next(bodies, None)
+                if i is None:
+                    return
+                try:
+                    link.call("send", to=to, body=f"{prefix}-{i}")
+                except plugin.DispatchError as exc:
+                    errors.append(str(exc))
+
+        lanes = [threading.Thread(target=lane) for _ in range(int(depth))]
+        for t in lanes:
+            t.start()
+        for t in lanes:
+            t.join()
+        out({"sent": int(n) - len(errors), "errors": errors[:1]})
+
+
 if __name__ == "__main__":
     role, where, *rest = sys.argv[1:]
     dispatch_plugin = load_plugin(where)
@@ -120,5 +186,9 @@ if __name__ == "__main__":
     elif role == "send-loop":
         url, token, name, to, n = rest
         send_loop(dispatch_plugin, url, token, name, to, int(n))
+    elif role == "floor-receive":
+        floor_receive(dispatch_plugin, *rest)
+    elif role == "floor-send":
+        floor_send(dispatch_plugin, *rest)
     else:
         raise SystemExit(f"unknown role {role!r}")

@@ -108,6 +108,13 @@ def figures_table(r: dict[str, Any]) -> str:
             f"{t['delivered_per_s']:.0f} / {t['acked_per_s']:.0f} msg/s")
         row("throughput", f"{label}: duplicates / losses / errors; broker CPU per message",
             f"{t['duplicates']} / {t['losses']} / {t['errors']}; {fmt_ms(t['cpu_ms_per_msg']['broker'])}")
+    for t in r.get("throughput_sdk", []):
+        label = ("1 sender → 1 receiver, sequential" if t["depth"] == 1 else
+                 f"{t['senders']} senders → {t['receivers']} receivers, {t['depth']} in flight each")
+        row("throughput", f"the SDK alone (send, push, ack; no fsync), {label}: delivered / acked; "
+            "dups / losses / errors; server CPU per message",
+            f"{t['delivered_per_s']:.0f} / {t['acked_per_s']:.0f} msg/s; {t['duplicates']} / {t['losses']} / "
+            f"{t['errors']}; {fmt_ms(t['cpu_ms_per_msg']['server'])}")
     for fo in r.get("fanout", []):
         row("fan-out", f"send(to=\"*\") → {fo['listeners']} {fo['kind']}: last write (first / p50)",
             f"{fmt_ms(fo['last_ms'])} ({fmt_ms(fo['first_ms'])} / {fmt_ms(fo['p50_ms'])}), missing {fo['missing']}")

@@ -1,17 +1,22 @@
 """The SDK's floor: the least the broker's mandated stack costs for one message, without Dispatch.
 
-    python bench/sdk_floor_server.py PORT DB TOKEN
+    python bench/sdk_floor_server.py PORT DB TOKEN [SYNCHRONOUS]
 
     stdlib client ──POST tools/call send──▶ MCPServer (the mcp SDK's streamable HTTP, bearer auth)
                                             on uvicorn ──▶ SQLite (WAL, FULL): one INSERT + COMMIT
     stdlib client ◀── notification on the stream of its pending tools/call listen ◀──┘
+    stdlib client ──POST tools/call ack (ids)──▶ one UPDATE + COMMIT
 
 What the broker does for a send, kept to what the SDK and a durable store need: the same SDK
 apps (MCPServer.streamable_http_app: a send answered as JSON, a listen as an event stream, routed
 by the broker's own `by_tool`), the same bearer auth through the SDK, the same 2026-07-28 POSTs
 from the plugin's own BrokerClient, one FULL commit, and the push as a notification related to
-the listen call, as the broker sends it. No names, no checks, no acks, no stdio.
-The latency section times it beside Dispatch's send → channel (bench/floor.py, SdkFloor).
+the listen call, as the broker sends it, and an ack that marks a batch of ids in one commit, as
+`mail.ack` does. No names, no checks, no stdio. SYNCHRONOUS is SQLite's level, FULL unless
+given: the throughput section runs it OFF, so that no commit waits on the disk and what is left is
+the stack's own ceiling. The latency section times a send → notification
+beside Dispatch's send → channel (bench/floor.py, SdkFloor); the throughput section runs the same
+crowds through it (bench/throughput.py, sdk_floor).
 """
 
 import asyncio
@@ -49,14 +54,18 @@ class OneToken:
         return AccessToken(token=token, client_id="bench", scopes=[])
 
 
-def app(db_path: str, token: str):
+def app(db_path: str, token: str, synchronous: str = "FULL"):
     db = sqlite3.connect(db_path, isolation_level=None)
     db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=FULL")
-    db.execute("CREATE TABLE IF NOT EXISTS m (id INTEGER PRIMARY KEY, recipient TEXT, body TEXT, sent_at REAL)")
+    db.execute(f"PRAGMA synchronous={synchronous}")
+    db.execute("CREATE TABLE IF NOT EXISTS m (id INTEGER PRIMARY KEY, recipient TEXT, body TEXT, sent_at REAL, "
+               "acked_at REAL)")
     server = MCPServer("sdk-floor", token_verifier=OneToken(token),
                        auth=AuthSettings(issuer_url="http://127.0.0.1", resource_server_url=None))
-    listening: dict[str, asyncio.Queue] = {}
+    listening: dict[str, asyncio.Queue] = {}  # by name: a send before its listen waits there
+
+    def queue_of(name: str) -> asyncio.Queue:
+        return listening.setdefault(name, asyncio.Queue())
 
     @server.tool()
     async def send(to: str, body: str) -> dict[str, Any]:
@@ -64,23 +73,31 @@ def app(db_path: str, token: str):
         db.execute("BEGIN IMMEDIATE")
         cursor = db.execute("INSERT INTO m (recipient, body, sent_at) VALUES (?, ?, ?)", (to, body, time.time()))
         db.execute("COMMIT")
-        listening[to].put_nowait({"id": cursor.lastrowid, "body": body})
+        queue_of(to).put_nowait({"id": cursor.lastrowid, "body": body})
         return {"id": cursor.lastrowid}
 
     @server.tool()
     async def listen(name: str, ctx: Context) -> dict[str, Any]:
         """Push each message for `name` on this call's stream, until the client goes away."""
-        queue = listening[name] = asyncio.Queue()
+        queue = queue_of(name)
         session, request_id = ctx.session, ctx.request_id
         while True:
             await session.send_notification(Mail(params=await queue.get()), related_request_id=request_id)
+
+    @server.tool()
+    async def ack(ids: list[int]) -> dict[str, Any]:
+        """Mark these messages acked, in one commit."""
+        db.execute("BEGIN IMMEDIATE")
+        cursor = db.execute(f"UPDATE m SET acked_at = ? WHERE id IN ({', '.join('?' * len(ids))})", (time.time(), *ids))
+        db.execute("COMMIT")
+        return {"acked": cursor.rowcount}
 
     return by_tool(server.streamable_http_app(), server.streamable_http_app(json_response=True))
 
 
 if __name__ == "__main__":
-    port, db_path, token = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-    served = app(db_path, token)
+    port, db_path, token, *synchronous = sys.argv[1:]
+    served = app(db_path, token, *synchronous)
     gc.collect()
     gc.freeze()  # as the broker does: no full collection walks the SDK's long-lived objects mid-run
-    uvicorn.run(served, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+    uvicorn.run(served, host="127.0.0.1", port=int(port), log_level="warning", access_log=False)
