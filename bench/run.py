@@ -8,6 +8,7 @@
     size, startup ──▶ floor ──▶ plugins (latency · send CPU · throughput · fan-out) ──▶ scale (· soak)
          └── the main broker, tokens minted by its CLI ─┘            a fresh broker ──┘
     (--only ways: a fresh broker, real Claude Code sessions: send → the model's request per way)
+    (throughput: Dispatch's crowds, then the same crowds through the SDK alone, their floor)
     results{section: figures} ──goals.judge()──▶ goal rows ──report.py──▶ stdout, --json
 
 One module a section (bench/startup.py, floor.py, plugins.py, latency.py, throughput.py,
