@@ -52,30 +52,46 @@ def client(plugin, url: str, token: str, name: str):
     return plugin.BrokerClient(config)
 
 
+class Acks:
+    """The plugin's batching of acks: what arrived while the previous ack was made (and, with
+    `look`, in the `look` seconds after the first of them) shares one call, on a thread of its own."""
+
+    def __init__(self, plugin, ack, name: str, look: float = 0.0):
+        self.plugin, self.ack, self.name, self.look = plugin, ack, name, look
+        self.ids: list = []
+        self.wake = threading.Condition()
+
+    def add(self, message_id) -> None:
+        with self.wake:
+            self.ids.append(message_id)
+            self.wake.notify()
+
+    def start(self) -> None:
+        threading.Thread(target=self.run, daemon=True).start()
+
+    def run(self) -> None:
+        while True:
+            with self.wake:
+                while not self.ids:
+                    self.wake.wait()
+            time.sleep(self.look)
+            with self.wake:
+                batch, self.ids = self.ids, []
+            try:
+                self.ack(batch)
+            except self.plugin.DispatchError as exc:
+                out({"error": f"ack {self.name}: {exc}"})
+
+
 def session(plugin, url: str, token: str, name: str, identified: list, count: int) -> None:
     backoff = 1.0
     while True:
         link = client(plugin, url, token, name)
-        acks: list[str] = []
-        wake = threading.Condition()
+        acks = Acks(plugin, lambda batch: link.call("mail.ack", ids=batch), name)
 
         def on_mail(mail: dict) -> None:
             out({"m": str(mail.get("body", "")), "n": name, "t": time.monotonic()})
-            with wake:
-                acks.append(str(mail["id"]))
-                wake.notify()
-
-        def acker() -> None:  # the plugin's batching: what arrived meanwhile shares one mail.ack
-            while True:
-                with wake:
-                    while not acks:
-                        wake.wait()
-                    batch = acks[:]
-                    acks.clear()
-                try:
-                    link.call("mail.ack", ids=batch)
-                except plugin.DispatchError as exc:
-                    out({"error": f"ack {name}: {exc}"})
+            acks.add(str(mail["id"]))
 
         try:
             link.identify()
@@ -84,7 +100,7 @@ def session(plugin, url: str, token: str, name: str, identified: list, count: in
                 if len(identified) == count:
                     out({"ready": count})
             backoff = 1.0
-            threading.Thread(target=acker, daemon=True).start()
+            acks.start()
             while True:
                 if link.listen(on_mail) == "superseded":
                     out({"error": f"{name} superseded"})
@@ -121,31 +137,15 @@ def send_loop(plugin, url: str, token: str, name: str, to: str, n: int) -> None:
 
 def floor_receive(plugin, url: str, token: str, name: str) -> None:
     link = client(plugin, url, token, name)
-    acks: list[int] = []
-    wake = threading.Condition()
+    # The plugin acks what one look at the transcript proved: the look's wait, then one call.
+    acks = Acks(plugin, lambda batch: link.call("ack", ids=batch), name, look=plugin.PROOF_POLL)
 
     def heard(message: dict) -> None:
         mail = message.get("params") or {}
         out({"m": str(mail.get("body", "")), "t": time.monotonic()})
-        with wake:
-            acks.append(mail["id"])
-            wake.notify()
+        acks.add(mail["id"])
 
-    def acker() -> None:
-        while True:
-            with wake:
-                while not acks:
-                    wake.wait()
-            time.sleep(plugin.PROOF_POLL)  # the plugin's look: what it proved meanwhile shares one ack
-            with wake:
-                batch = acks[:]
-                acks.clear()
-            try:
-                link.call("ack", ids=batch)
-            except plugin.DispatchError as exc:
-                out({"error": f"ack {name}: {exc}"})
-
-    threading.Thread(target=acker, daemon=True).start()
+    acks.start()
     out({"ready": name})
     plugin.HEARTBEAT_SECONDS = 3600.0  # the floor's listen sends no keepalives: one stream for the whole run
     link.post("tools/call", {"name": "listen", "arguments": {"name": name}}, tool="listen", on_notice=heard)
