@@ -178,6 +178,8 @@ class SdkCrowd(ServerProcess):
     def disconnect(self) -> None:
         for task in self.readers:
             task.cancel()
+        for sender in self.senders:
+            sender.stdin.close()  # its loop over stdin ends, and the process with it
 
     def acked(self, prefix: str) -> tuple[int, float | None]:
         with contextlib.closing(sqlite3.connect(f"file:{self.db}?mode=ro", uri=True)) as db:
