@@ -25,6 +25,7 @@ does; a sender reads one run a line on stdin, "TO N DEPTH PREFIX", makes N sends
 in flight, and reports {"sent", "errors"}.
 """
 
+import contextlib
 import json
 import os
 import sys
@@ -148,7 +149,8 @@ def floor_receive(plugin, url: str, token: str, name: str) -> None:
     acks.start()
     out({"ready": name})
     plugin.HEARTBEAT_SECONDS = 3600.0  # the floor's listen sends no keepalives: one stream for the whole run
-    link.post("tools/call", {"name": "listen", "arguments": {"name": name}}, tool="listen", on_notice=heard)
+    with contextlib.suppress(plugin.DispatchError):  # the server is ended with its section
+        link.post("tools/call", {"name": "listen", "arguments": {"name": name}}, tool="listen", on_notice=heard)
 
 
 def floor_send(plugin, url: str, token: str, name: str) -> None:

@@ -52,6 +52,10 @@ def test_quick_bench_reports_every_section(dist, tmp_path):
     assert any(run["depth"] > 1 for run in throughput), "no pipelined run"
     for run in throughput:
         assert {"delivered_per_s", "acked_per_s", "duplicates", "losses"} <= set(run)
+    # The same crowds through the SDK alone, the ratios' floor: every message delivered and acked, once.
+    floor = report["throughput_sdk"]
+    assert [(run["senders"], run["depth"]) for run in floor] == [(run["senders"], run["depth"]) for run in throughput]
+    assert all(run["delivered"] == run["acked"] == run["messages"] and not run["duplicates"] for run in floor), floor
 
     kinds = {run["kind"] for run in report["fanout"]}
     assert any("plugin processes" in kind for kind in kinds) and any("sessions" in kind for kind in kinds), kinds
