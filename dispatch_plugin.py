@@ -577,7 +577,11 @@ class BrokerClient:
         for attempt in (1, 2):
             result = self.post("tools/call", {"name": tool, "arguments": arguments}, tool=tool, timeout=timeout)
             if not result.get("isError"):
-                return result.get("structuredContent"), tool_text(result)
+                # Every broker tool answers with structured content; another JSON-RPC server does not.
+                if not isinstance(result.get("structuredContent"), dict):
+                    raise BrokerDown(f"{self.config.url} answered {tool} without a broker's result: is it the "
+                                     "broker's /mcp URL?")
+                return result["structuredContent"], tool_text(result)
             text = tool_text(result)
             if attempt == 1 and tool != "identify" and text.startswith("not identified"):
                 self.identify()

@@ -538,6 +538,8 @@ def impostor(reply: bytes, received: list[bytes] | None = None):
 NOT_A_BROKER = {
     "ssh server": b"SSH-2.0-OpenSSH_9.6\r\n",
     "json api": b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{\"hello\":1}",
+    "another json-rpc server": b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 48\r\n\r\n"
+                               b'{"jsonrpc":"2.0","id":1,"result":{"content":[]}}',
 }
 
 
