@@ -143,10 +143,10 @@ def log(level: str, text: str) -> None:
     """One line on stderr if `level` is at or above DISPATCH_LOG's (WARNING by default). The
     channel's stderr goes to Claude Code's debug log. Not the logging module: importing it is a
     fifth of the time the channel takes to answer `initialize` (BENCHMARKS.md). An unknown level
-    counts as WARNING."""
+    counts as WARNING. A line a record: `text` often holds a server's words, escaped whole."""
     wanted = os.environ.get(ENV_LOG, "WARNING").upper()
     if LOG_LEVELS.index(level) >= LOG_LEVELS.index(wanted if wanted in LOG_LEVELS else "WARNING"):
-        sys.stderr.write(f"dispatch {level} {text}\n")
+        sys.stderr.write(f"dispatch {level} {printable(text, keep='')}\n")
         sys.stderr.flush()
 
 
@@ -1219,12 +1219,12 @@ def neutralize(text: str) -> str:
     return "".join(pieces) + text[done:] if pieces else text
 
 
-def printable(text: str) -> str:
+def printable(text: str, keep: str = "\n\t") -> str:
     """Text for a terminal: control and format characters shown escaped (an escape sequence in a
-    body must not clear the screen, set the title or write the clipboard); newlines and tabs kept."""
+    body must not clear the screen, set the title or write the clipboard), but those in `keep`."""
     import unicodedata
 
-    return "".join(c if c in "\n\t" or unicodedata.category(c)[0] != "C" else repr(c)[1:-1] for c in text)
+    return "".join(c if c in keep or unicodedata.category(c)[0] != "C" else repr(c)[1:-1] for c in text)
 
 
 def say(text: str, file=None) -> None:

@@ -20,7 +20,7 @@ import uuid
 
 import pytest
 
-from harness import (INITIALIZE_PARAMS, PLUGIN, Proxy, clock_broker, closed_url, connected, db_query, fresh,
+from harness import (INITIALIZE_PARAMS, PLUGIN, Proxy, clock_broker, closed_url, connected, db_query, fresh, impostor,
                     plugin_env, record_channel_event, run_cli, unknown_token, wait_connected, wait_for)
 
 META_KEY = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
@@ -191,6 +191,21 @@ def test_a_link_that_fails_inside_the_plugin_is_logged_and_tried_again(plugins):
         wait_for(lambda: calls.count("identify") >= 2, 10, what="a second identify")
     assert p.close() == 0
     assert "broker link failed: KeyError: 'participants'" in p.stderr_text()
+
+
+def test_a_brokers_words_in_the_channels_log_cannot_start_a_line_of_their_own(plugins):
+    """The channel's stderr is Claude Code's debug log, a line a record: what the network said is
+    escaped there, so a server cannot write a line that reads as the plugin's, or an escape sequence."""
+    body = b"boom\ndispatch ERROR forged\x1b[2J"
+    received: list[bytes] = []
+    with impostor(b"HTTP/1.1 500 Oops\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body), received) as url:
+        p = plugins(offline_env(DISPATCH_URL=url))
+        p.handshake()
+        wait_for(lambda: len(received) >= 2, 10, what="a second try, after the first one's log line")
+    assert p.close() == 0
+    log = p.stderr_text()
+    assert "broker link down: HTTP 500" in log and "boom\\ndispatch ERROR forged\\x1b[2J" in log, log
+    assert not any(line.startswith("dispatch ERROR forged") for line in log.splitlines()) and "\x1b" not in log
 
 
 @pytest.mark.parametrize("params", [["send"], {"name": ["send"]}, {"name": "send", "arguments": ["to", "body"]}],
