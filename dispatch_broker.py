@@ -1631,7 +1631,7 @@ class Broker:
     def live_count(self) -> int:
         return sum(1 for name in set(self.listeners) | set(self.listen_ended) if self.is_live(name))
 
-    def status(self, name: str) -> dict[str, Any]:
+    def presence(self, name: str) -> dict[str, Any]:
         """identify's and ping's answer: the caller's name and base, the broker's time, its pending count."""
         now = time.time()
         return {"ok": True, "name": name, "base": base_of(name), "server_time": iso_time(now),
@@ -2388,7 +2388,7 @@ def build_app(broker: Broker, verifier: TokenVerifier, allowed_hosts: list[str],
         must be your token's base. When a newer session of the same name listens, it takes over
         receiving and the older listen ends as superseded."""
         await broker.identify(link_of(ctx, create=True), name)
-        return broker.status(name)
+        return broker.presence(name)
 
     @server.tool()
     async def send(
@@ -2419,7 +2419,7 @@ def build_app(broker: Broker, verifier: TokenVerifier, allowed_hosts: list[str],
         """Health probe and heartbeat: your name, base, the broker's time and your pending count."""
         name = broker.caller(link_of(ctx))
         await broker.seen(name)
-        return broker.status(name)
+        return broker.presence(name)
 
     @server.tool(name="mail.ack")
     async def mail_ack(
