@@ -762,6 +762,14 @@ def pending_among(db: sqlite3.Connection, recipients: list[str], now: float) -> 
     return counts
 
 
+def owners_of(db: sqlite3.Connection, ids: list[str]) -> list[tuple[str, str, float | None]]:
+    """(id, recipient, acked_at) of those of `ids` still stored, in one query per SQL_PARAMETERS ids."""
+    rows: list[tuple[str, str, float | None]] = []
+    for chunk in chunks(ids):
+        rows += db.execute(SQL_OWNERS_OF.format(placeholders=",".join("?" * len(chunk))), chunk).fetchall()
+    return rows
+
+
 def bytes_in_use(db: sqlite3.Connection) -> int:
     """Bytes of database pages in use (WAL frames included; in a transaction, its own pages too)."""
     return db.execute(SQL_DATABASE_BYTES).fetchone()[0]
@@ -1040,10 +1048,7 @@ class Store:
         (newly acked, ids owned by others). When any id belongs to someone else nothing is
         acked: the call is refused whole (owners are read in the same transaction)."""
         def job(db: sqlite3.Connection) -> tuple[int, list[str]]:
-            owners = {}
-            for chunk in chunks(ids):
-                sql = SQL_OWNERS_OF.format(placeholders=",".join("?" * len(chunk)))
-                owners.update({row[0]: row[1] for row in db.execute(sql, chunk)})
+            owners = {message_id: owner for message_id, owner, _ in owners_of(db, ids)}
             foreign = [i for i in ids if i in owners and owners[i] != recipient]
             if foreign:
                 return 0, foreign
@@ -1088,12 +1093,7 @@ class Store:
 
     def acked_among(self, ids: list[str]) -> set[str]:
         """Those of `ids` whose recipient acked them."""
-        acked = set()
-        for chunk in chunks(ids):
-            sql = SQL_OWNERS_OF.format(placeholders=",".join("?" * len(chunk)))
-            acked.update(message_id for message_id, _, acked_at in self.reader.execute(sql, chunk)
-                         if acked_at is not None)
-        return acked
+        return {message_id for message_id, _, acked_at in owners_of(self.reader, ids) if acked_at is not None}
 
 
 # --------------------------------------------------------------------------------------------
