@@ -254,12 +254,12 @@ def read_settings(env=os.environ) -> dict[str, str]:
     beats the command. Each value comes with `<key>_from`, where it came from."""
     path = config_file()
     data = read_config_file(path) if os.path.exists(path) else {}
+    places = ({key: (env.get(var), var) for key, var in SETTINGS},
+              {key: (plugin_option(key, env), f"the plugin's {key} option") for key, _ in SETTINGS},
+              {key: (data.get(key), f"{key} in {path}") for key, _ in SETTINGS})
     settings: dict[str, str] = {}
-    for place in ("environment", "options", "file"):
-        for key, var in SETTINGS:
-            value, source = {"environment": (env.get(var), var),
-                             "options": (plugin_option(key, env), f"the plugin's {key} option"),
-                             "file": (data.get(key), f"{key} in {path}")}[place]
+    for place in places:
+        for key, (value, source) in place.items():
             token_set = key in TOKEN_KEYS and any(k in settings for k in TOKEN_KEYS)
             if value not in (None, "") and key not in settings and not token_set:
                 settings[key], settings[f"{key}_from"] = str(value), source
