@@ -41,6 +41,12 @@ def goals_table(goal_rows: list[dict[str, Any]]) -> str:
                     [(g["goal"], g["target"], g["measured"], g["floor"], g["verdict"]) for g in goal_rows])
 
 
+def crowd_label(t: dict[str, Any]) -> str:
+    """A throughput run's senders and receivers, as its rows name them."""
+    return (f"{t['senders']} sender → {t['receivers']} receiver, sequential" if t["depth"] == 1 else
+            f"{t['senders']} senders → {t['receivers']} receivers, {t['depth']} in flight each")
+
+
 def figures_table(r: dict[str, Any]) -> str:
     """Every figure as one Markdown table: section, metric, measured."""
     rows: list[tuple[str, str, str]] = []
@@ -102,15 +108,13 @@ def figures_table(r: dict[str, Any]) -> str:
         row("send CPU", f"the plugin's BrokerClient, {sc['n']} sends in a loop: CPU / wall per send",
             f"{sc['cpu_ms_per_send']:.3f} / {sc['wall_ms_per_send']:.2f} ms")
     for t in r.get("throughput", []):
-        label = (f"{t['senders']} sender → {t['receivers']} receiver, sequential" if t["depth"] == 1 else
-                 f"{t['senders']} senders → {t['receivers']} receivers, {t['depth']} in flight each")
+        label = crowd_label(t)
         row("throughput", f"{label}: delivered / acked ({t['messages']} msgs)",
             f"{t['delivered_per_s']:.0f} / {t['acked_per_s']:.0f} msg/s")
         row("throughput", f"{label}: duplicates / losses / errors; broker CPU per message",
             f"{t['duplicates']} / {t['losses']} / {t['errors']}; {fmt_ms(t['cpu_ms_per_msg']['broker'])}")
     for t in r.get("throughput_sdk", []):
-        label = ("1 sender → 1 receiver, sequential" if t["depth"] == 1 else
-                 f"{t['senders']} senders → {t['receivers']} receivers, {t['depth']} in flight each")
+        label = crowd_label(t)
         row("throughput", f"the SDK alone (send, push, ack; no fsync), {label}: delivered / acked; "
             "dups / losses / errors; server CPU per message",
             f"{t['delivered_per_s']:.0f} / {t['acked_per_s']:.0f} msg/s; {t['duplicates']} / {t['losses']} / "

@@ -93,14 +93,9 @@ async def run(bench: Bench, broker: BrokerProc, pairs: list[tuple[PluginProc, Pl
     with contextlib.suppress(asyncio.TimeoutError):
         await asyncio.wait_for(complete.wait(), 60 + total / 50)
     # Acked = the broker's acked_at (the plugin acks after the channel write and flush).
-    deadline = now() + 60
-    while True:
-        count, last_ack = (await asyncio.to_thread(
-            broker.query, "SELECT count(*), max(acked_at) FROM messages WHERE acked_at IS NOT NULL AND body LIKE ?",
-            prefix + "%"))[0]
-        if count >= total - len(errors) or now() > deadline:
-            break
-        await asyncio.sleep(0.05)
+    count, last_ack = await until_acked(lambda: broker.query(
+        "SELECT count(*), max(acked_at) FROM messages WHERE acked_at IS NOT NULL AND body LIKE ?", prefix + "%")[0],
+        total - len(errors))
     bench.profile_stop(prof)
     cpu1 = cpu_of(broker, pairs)
     broker_threads = threads.stop(total)
@@ -129,6 +124,16 @@ async def run(bench: Bench, broker: BrokerProc, pairs: list[tuple[PluginProc, Pl
         f"dup {result['duplicates']}, lost {result['losses']}, errors {len(errors)}; broker CPU a message "
         f"{result['cpu_ms_per_msg']['broker']} ms, threads {broker_threads}")
     return result
+
+
+async def until_acked(acked, expected: int) -> tuple[int, float | None]:
+    """`acked()`'s (count, wall time of the last ack), read again until `expected` are acked or 60 s passed."""
+    deadline = now() + 60
+    while True:
+        count, last = await asyncio.to_thread(acked)
+        if count >= expected or now() > deadline:
+            return count, last
+        await asyncio.sleep(0.05)
 
 
 # --- the SDK alone, the same crowds ------------------------------------------------------------
@@ -224,12 +229,7 @@ async def sdk_run(crowd: SdkCrowd, senders: int, per_sender: int, depth: int, ta
     with contextlib.suppress(asyncio.TimeoutError):
         await asyncio.wait_for(complete.wait(), 60 + total / 50)
     errors = sum(total // senders - r["sent"] for r in reports)
-    deadline = now() + 60
-    while True:
-        count, last_ack = await asyncio.to_thread(crowd.acked, prefix)
-        if count >= total - errors or now() > deadline:
-            break
-        await asyncio.sleep(0.05)
+    count, last_ack = await until_acked(lambda: crowd.acked(prefix), total - errors)
     cpu1 = proc_sample(crowd.server.pid)["cpu_s"]
     await asyncio.sleep(0.5)  # room for a late duplicate to show
     crowd.sink = None
