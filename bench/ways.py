@@ -92,7 +92,6 @@ def measure(bench: Bench, broker: BrokerProc, way: str, n: int) -> dict[str, Any
 def reached(api: "cs.MessagesStandIn", needle: str, timeout: float = 30) -> float:
     """When the first /v1/messages request holding `needle` reached the stand-in (wall clock)."""
     def first():
-        with api.lock:
-            return next((r["time"] for r in api.requests if r["path"].split("?")[0] == "/v1/messages"
-                         and isinstance(r["body"], dict) and cs.occurrences(needle, r["body"])), None)
+        return next((r["time"] for r in api.messages_records()
+                     if isinstance(r["body"], dict) and cs.occurrences(needle, r["body"])), None)
     return cs.wait_for(first, timeout, 0.02, what=f"a request to the model with {needle!r}")

@@ -163,11 +163,14 @@ class MessagesStandIn:
             prompt = next((p for p in self.tool_plans if occurrences(p, newest)), None)
             return self.tool_plans.pop(prompt) if prompt else None
 
+    def messages_records(self) -> list[dict]:
+        """The POST /v1/messages requests so far, in order, as recorded (`time`, `body`, …)."""
+        with self.lock:
+            return [r for r in self.requests if r["method"] == "POST" and r["path"].split("?")[0] == "/v1/messages"]
+
     def messages_requests(self) -> list[dict]:
         """The bodies of POST /v1/messages requests so far, in order."""
-        with self.lock:
-            return [r["body"] for r in self.requests
-                    if r["method"] == "POST" and r["path"].split("?")[0] == "/v1/messages"]
+        return [r["body"] for r in self.messages_records()]
 
     def close(self) -> None:
         self.server.shutdown()
